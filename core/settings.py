@@ -1,0 +1,60 @@
+"""Configuration from the environment (``HOPTRACE_*``), with defaults that point at the local stack."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Repository root when running from a checkout (``core/`` lives directly under it).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+#: Local stack ports: non-default on purpose, so a system Postgres or Kafka never collides.
+LOCAL_PG_PORT = 55432
+LOCAL_KAFKA_PORT = 59092
+LOCAL_KAFKA_CONTROLLER_PORT = 59093
+
+
+class Settings(BaseSettings):
+    """Every knob hoptrace reads. Each field maps to ``HOPTRACE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="HOPTRACE_", extra="ignore")
+
+    database_url: str = Field(
+        default=f"postgresql://hoptrace:hoptrace@127.0.0.1:{LOCAL_PG_PORT}/hoptrace",
+        description="PostgreSQL for the span store and the reference pipeline's tables.",
+    )
+    dashboard_database_url: str | None = Field(
+        default=None,
+        description="Read-only role for the dashboard; defaults to the local hoptrace_ro role.",
+    )
+    kafka_bootstrap: str = Field(default=f"127.0.0.1:{LOCAL_KAFKA_PORT}")
+    pipeline: Path = Field(default=PROJECT_ROOT / "pipelines" / "payments.toml")
+    alert_webhook_url: str | None = None
+    alertmanager_url: str | None = None
+    ingest_token: str | None = None
+    jaeger_url: str = "http://127.0.0.1:16686"
+    dashboard_url: str = "http://127.0.0.1:8501"
+    retention: str = Field(default="7d", description="How long spans are kept, e.g. 7d, 36h.")
+    home: Path = Field(
+        default=PROJECT_ROOT / ".hoptrace",
+        description="Ignored folder for the local stack: binaries, data, logs, pids.",
+    )
+    bind_host: str = "127.0.0.1"
+    otlp_grpc_port: int = 4317
+    otlp_http_port: int = 4318
+    dashboard_port: int = 8501
+    payment_service_port: int = 8081
+    admin_service_port: int = 8082
+
+    def readonly_database_url(self) -> str:
+        if self.dashboard_database_url:
+            return self.dashboard_database_url
+        return self.database_url.replace("hoptrace:hoptrace@", "hoptrace_ro:hoptrace_ro@", 1)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
