@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     dashboard_port: int = 8501
     payment_service_port: int = 8081
     admin_service_port: int = 8082
+    # collector (write side)
+    span_topic: str | None = Field(default=None, description="Kafka topic of OTLP span records.")
+    span_group: str = "hoptrace-collector"
+    stall_scan_interval: float = Field(default=1.0, description="Seconds between stall scans.")
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, description="OTLP request size cap.")
+    queue_max_spans: int = Field(default=200_000, description="Receive->write queue bound.")
+    write_batch_spans: int = 5000
+    writers: int = 2
 
     def readonly_database_url(self) -> str:
         if self.dashboard_database_url:
