@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -21,7 +21,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-dev_app = typer.Typer(help="The local stack without Docker: PostgreSQL, Kafka and hoptrace's services.", no_args_is_help=True)
+dev_app = typer.Typer(
+    help="The local stack without Docker: PostgreSQL, Kafka and hoptrace's services.",
+    no_args_is_help=True,
+)
 topics_app = typer.Typer(help="Kafka topics of the pipeline.", no_args_is_help=True)
 check_app = typer.Typer(help="Checks before you deploy.", no_args_is_help=True)
 demo_app = typer.Typer(help="Demo traffic for the reference pipeline.", no_args_is_help=True)
@@ -30,7 +33,9 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(check_app, name="check")
 app.add_typer(demo_app, name="demo")
 
-DevName = Annotated[str | None, typer.Option("--dev-name", hidden=True, help="Set by `hoptrace dev`.")]
+DevName = Annotated[
+    str | None, typer.Option("--dev-name", hidden=True, help="Set by `hoptrace dev`.")
+]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -60,7 +65,9 @@ def _stack() -> Any:
 
 @dev_app.command("up")
 def dev_up(
-    infra_only: Annotated[bool, typer.Option("--infra-only", help="Only PostgreSQL and Kafka.")] = False,
+    infra_only: Annotated[
+        bool, typer.Option("--infra-only", help="Only PostgreSQL and Kafka.")
+    ] = False,
 ) -> None:
     """Start PostgreSQL, Kafka and hoptrace's services (idempotent; waits for real readiness)."""
     devstack, cfg = _stack()
@@ -85,7 +92,9 @@ def dev_status() -> None:
     any_down = False
     for st in devstack.status(cfg):
         any_down |= not st.up
-        typer.echo(f"{st.name:<18} {'up' if st.up else 'down':<5} pid {st.pid or '-':<8} port {st.port or '-'}")
+        typer.echo(
+            f"{st.name:<18} {'up' if st.up else 'down':<5} pid {st.pid or '-':<8} port {st.port or '-'}"
+        )
     raise typer.Exit(3 if any_down else 0)
 
 
@@ -111,7 +120,9 @@ def dev_start(
         p = devstack.part(cfg, name)
         env = {"HOPTRACE_FAULT": fault} if fault else {"HOPTRACE_FAULT": ""}
         if fault:
-            _component("hoptrace.workers.faults", "validate_fault", "reference pipeline")(name, fault)
+            _component("hoptrace.workers.faults", "validate_fault", "reference pipeline")(
+                name, fault
+            )
         if fault and p.pid() is not None:
             p.stop()
         started = p.start(env)
@@ -134,8 +145,15 @@ def collector(dev_name: DevName = None) -> None:
 
 @app.command("worker")
 def worker(
-    name: Annotated[str, typer.Argument(help="payment-service, purchase-worker, allocation-worker, session-worker, admin-service")],
-    fault: Annotated[str | None, typer.Option("--fault", envvar="HOPTRACE_FAULT", help="Fault switch.")] = None,
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="payment-service, purchase-worker, allocation-worker, session-worker, admin-service"
+        ),
+    ],
+    fault: Annotated[
+        str | None, typer.Option("--fault", envvar="HOPTRACE_FAULT", help="Fault switch.")
+    ] = None,
     dev_name: DevName = None,
 ) -> None:
     """Run one service of the reference pipeline."""
@@ -179,7 +197,7 @@ def demo_traffic(
 # ------------------------------------------------------------------------------------- read
 
 
-class TraceFormat(str, Enum):
+class TraceFormat(StrEnum):
     text = "text"
     json = "json"
     markdown = "markdown"
@@ -188,7 +206,9 @@ class TraceFormat(str, Enum):
 @app.command("trace")
 def trace(
     correlation_id: Annotated[str, typer.Argument(metavar="ID", help="Payment (correlation) id.")],
-    fmt: Annotated[TraceFormat, typer.Option("--format", help="text, json or markdown.")] = TraceFormat.text,
+    fmt: Annotated[
+        TraceFormat, typer.Option("--format", help="text, json or markdown.")
+    ] = TraceFormat.text,
 ) -> None:
     """Where did this payment stop, and why (with evidence)."""
     _component("hoptrace.collector.trace_cli", "trace_cli", "diagnosis")(correlation_id, fmt.value)

@@ -65,8 +65,21 @@ class StackConfig:
 
     @classmethod
     def from_env(cls) -> StackConfig:
-        home = Path(os.environ.get("HOPTRACE_HOME", PROJECT_ROOT / ".hoptrace"))
-        return cls(home=home)
+        """``HOPTRACE_HOME`` moves the whole folder; ``HOPTRACE_DEV_*`` move ports and the jar cache
+        (used by tests that run a second, private stack beside the shared one)."""
+        env = os.environ
+        home = Path(env.get("HOPTRACE_HOME", PROJECT_ROOT / ".hoptrace"))
+        cache = Path(env["HOPTRACE_DEV_CACHE"]) if env.get("HOPTRACE_DEV_CACHE") else None
+        return cls(
+            home=home,
+            cache=cache,
+            pg_port=int(env.get("HOPTRACE_DEV_PG_PORT", LOCAL_PG_PORT)),
+            kafka_port=int(env.get("HOPTRACE_DEV_KAFKA_PORT", LOCAL_KAFKA_PORT)),
+            controller_port=int(
+                env.get("HOPTRACE_DEV_CONTROLLER_PORT", LOCAL_KAFKA_CONTROLLER_PORT)
+            ),
+            timeout=float(env.get("HOPTRACE_DEV_TIMEOUT", 90)),
+        )
 
     @property
     def cache_dir(self) -> Path:
@@ -218,7 +231,9 @@ class Part:
         if user:
             cmd = ["runuser", "-u", user, "--", *cmd]
         with open(self.log_file, "ab") as log:
-            log.write(f"\n--- start {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n".encode())
+            log.write(
+                f"\n--- start {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n".encode()
+            )
             log.flush()
             proc = subprocess.Popen(
                 cmd,
@@ -294,7 +309,9 @@ def _pg_bin() -> Path:
 class PostgresPart(Part):
     def __init__(self, cfg: StackConfig) -> None:
         # SIGINT is PostgreSQL's "fast" shutdown (SIGTERM waits for every client to leave).
-        super().__init__("postgres", cfg, port=cfg.pg_port, marker="postgres", stop_signal=signal.SIGINT)
+        super().__init__(
+            "postgres", cfg, port=cfg.pg_port, marker="postgres", stop_signal=signal.SIGINT
+        )
 
     @property
     def data(self) -> Path:
@@ -318,7 +335,14 @@ class PostgresPart(Part):
             pwd.getpwnam(PG_SYSTEM_USER)
         except KeyError:
             subprocess.run(
-                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_SYSTEM_USER],
+                [
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    PG_SYSTEM_USER,
+                ],
                 check=True,
                 capture_output=True,
             )
@@ -366,8 +390,10 @@ class PostgresPart(Part):
                 self._as_user(
                     [
                         str(bin_dir / "initdb"),
-                        "-D", str(self.data),
-                        "-U", PG_ROLE,
+                        "-D",
+                        str(self.data),
+                        "-U",
+                        PG_ROLE,
                         f"--pwfile={pwfile}",
                         "--auth-local=trust",
                         "--auth-host=scram-sha-256",
@@ -419,7 +445,7 @@ class PostgresPart(Part):
           END IF;
         END $$;
         ALTER ROLE {PG_RO_ROLE} SET default_transaction_read_only = on;
-        """
+        """  # noqa: S608 -- constants only
         base = f"postgresql://{PG_ROLE}:{PG_PASSWORD}@127.0.0.1:{self.cfg.pg_port}"
 
         async def run() -> None:
@@ -477,7 +503,9 @@ class KafkaPart(Part):
     def _java(self) -> str:
         java = shutil.which("java")
         if not java:
-            raise StackError("`java` not found: install a Java 17+ runtime (e.g. apt-get install openjdk-17-jre-headless)")
+            raise StackError(
+                "`java` not found: install a Java 17+ runtime (e.g. apt-get install openjdk-17-jre-headless)"
+            )
         return java
 
     def fetch_jars(self) -> None:
@@ -486,7 +514,9 @@ class KafkaPart(Part):
             return
         mvn = shutil.which("mvn")
         if not mvn:
-            raise StackError("`mvn` not found: install Maven (apt-get install maven) so the Kafka jars can be resolved")
+            raise StackError(
+                "`mvn` not found: install Maven (apt-get install maven) so the Kafka jars can be resolved"
+            )
         self.cfg.logs.mkdir(parents=True, exist_ok=True)
         log = self.cfg.logs / "kafka-mvn.log"
         tmp = self.libs.parent / "libs.partial"
@@ -495,15 +525,22 @@ class KafkaPart(Part):
         with open(log, "wb") as out:
             res = subprocess.run(
                 [
-                    mvn, "-B", "-q", "-f", str(STACK_FILES / "kafka-pom.xml"),
+                    mvn,
+                    "-B",
+                    "-q",
+                    "-f",
+                    str(STACK_FILES / "kafka-pom.xml"),
                     "dependency:copy-dependencies",
-                    f"-DoutputDirectory={tmp}", "-DincludeScope=runtime",
+                    f"-DoutputDirectory={tmp}",
+                    "-DincludeScope=runtime",
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
         if res.returncode != 0:
-            raise StackError(f"resolving the Kafka {KAFKA_VERSION} jars with Maven failed; see {log}")
+            raise StackError(
+                f"resolving the Kafka {KAFKA_VERSION} jars with Maven failed; see {log}"
+            )
         shutil.rmtree(self.libs, ignore_errors=True)
         tmp.rename(self.libs)
         done.write_text(KAFKA_VERSION + "\n")
@@ -553,11 +590,18 @@ class KafkaPart(Part):
         with open(log, "wb") as out:
             res = subprocess.run(
                 [
-                    self._java(), "-cp", self._classpath(),
+                    self._java(),
+                    "-cp",
+                    self._classpath(),
                     f"-Dhoptrace.kafka.log={log}",
                     f"-Dlog4j2.configurationFile={STACK_FILES / 'log4j2.properties'}",
-                    "kafka.tools.StorageTool", "format", "--standalone",
-                    "-t", _kafka_cluster_id(), "-c", str(self.properties),
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--standalone",
+                    "-t",
+                    _kafka_cluster_id(),
+                    "-c",
+                    str(self.properties),
                     "--ignore-formatted",
                 ],
                 stdout=out,
@@ -569,11 +613,17 @@ class KafkaPart(Part):
 
     def command(self) -> list[str]:
         return [
-            self._java(), "-Xms256m", "-Xmx1g", "-XX:+UseG1GC",
+            self._java(),
+            "-Xms256m",
+            "-Xmx1g",
+            "-XX:+UseG1GC",
             "-Djava.awt.headless=true",
             f"-Dhoptrace.kafka.log={self.log_file}",
             f"-Dlog4j2.configurationFile={STACK_FILES / 'log4j2.properties'}",
-            "-cp", self._classpath(), "kafka.Kafka", str(self.properties),
+            "-cp",
+            self._classpath(),
+            "kafka.Kafka",
+            str(self.properties),
         ]
 
     def ready(self) -> bool:
@@ -607,7 +657,9 @@ async def _kafka_metadata(bootstrap: str) -> bool:
 class ServicePart(Part):
     """A hoptrace process (`hoptrace <args>`): ready when it touches its ready file."""
 
-    def __init__(self, name: str, cfg: StackConfig, args: Sequence[str], port: int | None = None) -> None:
+    def __init__(
+        self, name: str, cfg: StackConfig, args: Sequence[str], port: int | None = None
+    ) -> None:
         super().__init__(name, cfg, port=port, marker=f"--dev-name={name}")
         self.args = list(args)
 
@@ -687,7 +739,9 @@ def up(cfg: StackConfig, *, services: bool = True, echo: Callable[[str], None] =
         started = p.start()
         pid = p.pid()
         verb = "started" if started else "already up"
-        echo(f"{p.name:<18} {verb:<10} pid {pid}  port {p.port or '-'}  ({time.monotonic() - t:.1f}s)  log {p.log_file}")
+        echo(
+            f"{p.name:<18} {verb:<10} pid {pid}  port {p.port or '-'}  ({time.monotonic() - t:.1f}s)  log {p.log_file}"
+        )
     return time.monotonic() - t0
 
 

@@ -48,6 +48,14 @@ class Settings(BaseSettings):
     dashboard_port: int = 8501
     payment_service_port: int = 8081
     admin_service_port: int = 8082
+    payment_service_url: str | None = Field(
+        default=None,
+        description="payment-service base URL; default http://<bind_host>:<payment_service_port>.",
+    )
+    admin_service_url: str | None = Field(
+        default=None,
+        description="admin-service base URL; default http://<bind_host>:<admin_service_port>.",
+    )
     # collector (write side)
     span_topic: str | None = Field(default=None, description="Kafka topic of OTLP span records.")
     span_group: str = "hoptrace-collector"

@@ -77,7 +77,10 @@ def isolated_spec(tmp_dir: Path, suffix: str, source: Path = REFERENCE_SPEC) -> 
 
 
 async def wait_for(
-    check: Callable[[], Awaitable[object]], timeout: float = 20.0, interval: float = 0.1, what: str = "condition"
+    check: Callable[[], Awaitable[object]],
+    timeout: float = 20.0,
+    interval: float = 0.1,
+    what: str = "condition",
 ) -> object:
     """Await a condition with a timeout (never a bare sleep as synchronisation)."""
     deadline = time.monotonic() + timeout

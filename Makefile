@@ -1,0 +1,48 @@
+# hoptrace: two commands on a fresh machine.
+#   make demo   bring up the local stack (PostgreSQL, Kafka, collector, services) and run payments
+#   make test   lint + the whole test suite against the real stack
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint format bootstrap install up down status bench chaos clean-stack
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+demo: bootstrap install
+	@scripts/demo.sh
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: bootstrap install lint
+	$(BIN)/hoptrace dev up --infra-only
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+up: bootstrap install
+	$(BIN)/hoptrace dev up
+
+down:
+	$(BIN)/hoptrace dev down
+
+status:
+	$(BIN)/hoptrace dev status
+
+bench: install
+	$(BIN)/hoptrace dev up --infra-only
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -1,0 +1,159 @@
+"""`hoptrace dev up|status|down` on a private second stack (own folder, own ports, the shared jar
+cache), so the shared stack other tests use is never touched."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hoptrace import devstack
+from hoptrace.settings import PROJECT_ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _hoptrace(
+    env: dict[str, str], *args: str, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hoptrace.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _our_processes(home: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(home) in cmd:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def private_stack(stack: devstack.StackConfig) -> Iterator[tuple[dict[str, str], Path]]:
+    # Under the project's ignored folder: the non-root PostgreSQL user must be able to reach it.
+    home = PROJECT_ROOT / ".hoptrace" / "test-stacks" / os.urandom(4).hex()
+    env = {
+        **os.environ,
+        "HOPTRACE_HOME": str(home),
+        "HOPTRACE_DEV_CACHE": str(stack.cache_dir),
+        "HOPTRACE_DEV_PG_PORT": str(_free_port()),
+        "HOPTRACE_DEV_KAFKA_PORT": str(_free_port()),
+        "HOPTRACE_DEV_CONTROLLER_PORT": str(_free_port()),
+    }
+    yield env, home
+    _hoptrace(env, "dev", "down")
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _pids(status_out: str) -> dict[str, str]:
+    out = {}
+    for line in status_out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[2] == "pid":
+            out[parts[0]] = parts[3]
+    return out
+
+
+def test_up_twice_is_a_no_op_and_down_leaves_nothing(
+    private_stack: tuple[dict[str, str], Path],
+) -> None:
+    env, home = private_stack
+    first = _hoptrace(env, "dev", "up", "--infra-only")
+    assert first.returncode == 0, first.stderr
+    assert "postgres" in first.stdout and "started" in first.stdout
+    status1 = _hoptrace(env, "dev", "status")
+    assert status1.returncode == 0, status1.stdout
+    pids1 = _pids(status1.stdout)
+    assert set(pids1) >= {"postgres", "kafka"} and all(p.isdigit() for p in pids1.values())
+
+    second = _hoptrace(env, "dev", "up", "--infra-only")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("already up") == 2
+    assert _pids(_hoptrace(env, "dev", "status").stdout) == pids1
+
+    down = _hoptrace(env, "dev", "down")
+    assert down.returncode == 0
+    assert "kafka              stopped" in down.stdout
+    assert _our_processes(home) == []
+    status3 = _hoptrace(env, "dev", "status")
+    assert status3.returncode == 3 and "down" in status3.stdout
+    assert (home / "pg" / "PG_VERSION").exists(), "down must keep the data"
+
+
+def test_killed_broker_shows_down_and_up_brings_it_back(
+    private_stack: tuple[dict[str, str], Path],
+) -> None:
+    env, home = private_stack
+    assert _hoptrace(env, "dev", "up", "--infra-only").returncode == 0
+    kafka_pid = int(_pids(_hoptrace(env, "dev", "status").stdout)["kafka"])
+    os.killpg(kafka_pid, 9)
+    status = _hoptrace(env, "dev", "status")
+    assert status.returncode == 3
+    assert [ln for ln in status.stdout.splitlines() if ln.startswith("kafka")][0].split()[
+        1
+    ] == "down"
+    again = _hoptrace(env, "dev", "up", "--infra-only")
+    assert again.returncode == 0, again.stderr
+    assert _hoptrace(env, "dev", "status").returncode == 0
+
+
+def test_port_taken_is_one_clear_line(private_stack: tuple[dict[str, str], Path]) -> None:
+    env, _home = private_stack
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", int(env["HOPTRACE_DEV_PG_PORT"])))
+        squatter.listen()
+        res = _hoptrace(env, "dev", "up", "--infra-only")
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "port" in lines[0] and "already taken" in lines[0]
+
+
+def test_foreign_data_folder_is_refused_and_kept(
+    private_stack: tuple[dict[str, str], Path],
+) -> None:
+    env, home = private_stack
+    foreign = home / "pg"
+    foreign.mkdir(parents=True)
+    (foreign / "precious.txt").write_text("not yours")
+    res = _hoptrace(env, "dev", "up", "--infra-only")
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr and "will not delete it" in res.stderr
+    assert (foreign / "precious.txt").read_text() == "not yours"
+
+
+def test_missing_java_is_one_clear_line(
+    private_stack: tuple[dict[str, str], Path], tmp_path: Path
+) -> None:
+    env, _home = private_stack
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("runuser", "useradd"):  # keep what PostgreSQL needs, hide java
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    env = {**env, "PATH": str(bin_dir)}
+    res = _hoptrace(env, "dev", "up", "--infra-only")
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert "`java` not found" in res.stderr
