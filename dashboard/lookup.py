@@ -1,0 +1,106 @@
+"""Lookup page: one payment's steps, the stop marker, the timeline, the cause and the evidence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from hoptrace.dashboard import charts, frames
+from hoptrace.dashboard.frames import STOP_MARKER, first, get
+from hoptrace.dashboard.source import LookupError_, Source, get_source
+from hoptrace.dashboard.words import cause_words
+
+
+def render(source: Source | None = None) -> None:
+    source = source or get_source()
+    st.title("Lookup")
+    current = st.query_params.get("id", "")
+    with st.form("lookup"):
+        typed = st.text_input("Payment (correlation) id", value=current, key="lookup_id")
+        submitted = st.form_submit_button("Look up")
+    cid = (typed if submitted else current).strip()
+    if submitted and cid != current:
+        st.query_params["id"] = cid
+    if not cid:
+        st.info("Paste a payment id, or open a link such as `?id=<payment id>`.")
+        return
+    try:
+        diagnosis = source.diagnose(cid)
+    except LookupError_ as exc:
+        st.error(str(exc))
+        return
+    show(diagnosis, source)
+
+
+def show(diagnosis: Any, source: Source) -> None:
+    """Everything about one diagnosed correlation."""
+    cid = str(first(diagnosis, "correlation_id", "id"))
+    stopped_at = get(diagnosis, "stopped_at")
+    cause = get(diagnosis, "cause")
+    state = get(diagnosis, "state", "")
+    st.subheader(f"Payment `{cid}`")
+    if not stopped_at:
+        st.success(f"Completed — every step is done (cause `{cause}`).")
+    elif cause == "in_progress":
+        st.warning(f"{STOP_MARKER}: waiting at step **{stopped_at}** (still within its deadline).")
+    else:
+        st.error(f"{STOP_MARKER}: step **{stopped_at}** — cause `{cause}`")
+    st.caption(f"state: {state}" if state else "")
+
+    steps = frames.steps_frame(diagnosis)
+    st.markdown("#### Steps")
+    lines = []
+    for row in steps.itertuples():
+        marker = f"  ⟵ **{STOP_MARKER}**" if row.marker else ""
+        lines.append(f"1. {row.status} — **{row.step}** ({row.service or '—'}, {row.took}){marker}")
+    st.markdown("\n".join(lines))
+
+    st.markdown("#### Why")
+    st.markdown(f"**Cause:** `{cause}` — {cause_words(cause)}")
+    evidence = get(diagnosis, "evidence", []) or []
+    if evidence:
+        st.markdown("\n".join(f"- {line}" for line in evidence))
+    next_action = first(diagnosis, "next_action", "next_step_hint")
+    if next_action:
+        st.markdown(f"**What to do next:** {next_action}")
+
+    st.markdown("#### Timeline")
+    spans = frames.spans_frame(source.spans(cid))
+    if spans.empty:
+        st.caption("No spans recorded for this payment.")
+    else:
+        stop_time = None
+        if stopped_at:
+            stop_time = spans["end"].max()
+        st.plotly_chart(
+            charts.gantt(spans, steps["step"].tolist(), stopped_at, stop_time),
+            key="gantt",
+        )
+
+    kafka = first(diagnosis, "kafka", "kafka_facts")
+    db = first(diagnosis, "db", "db_facts", "database")
+    left, right = st.columns(2)
+    with left:
+        st.markdown("#### Kafka")
+        _facts(kafka, "No Kafka facts.")
+    with right:
+        st.markdown("#### Database")
+        _facts(db, "No database facts.")
+
+    st.markdown("#### Traces in Jaeger")
+    urls = get(diagnosis, "jaeger_urls") or [
+        frames.jaeger_link(source.jaeger_url(), t) for t in get(diagnosis, "trace_ids", []) or []
+    ]
+    if urls:
+        st.markdown("\n".join(f"- [{u.rsplit('/', 1)[-1]}]({u})" for u in urls))
+    else:
+        st.caption("No traces recorded.")
+
+
+def _facts(facts: Any, empty: str) -> None:
+    frame = frames.facts_frame(facts)
+    if frame.empty:
+        st.caption(empty)
+    else:
+        st.dataframe(frame, hide_index=True)

@@ -1,0 +1,5 @@
+"""Lookup page (see hoptrace.dashboard.lookup)."""
+
+from hoptrace.dashboard import lookup
+
+lookup.render()

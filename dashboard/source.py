@@ -1,0 +1,86 @@
+"""The dashboard's only way to data: ``hoptrace.collector.api``, through the read-only role.
+
+Async API functions run on one background event loop per process (database pools are bound to a
+loop). Pages get a :class:`Source`; tests may put their own in ``st.session_state[SOURCE_KEY]``."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+SOURCE_KEY = "hoptrace_source"
+
+
+class LookupError_(Exception):
+    """Base for lookup problems shown to the user as a clear message."""
+
+
+class MalformedId(LookupError_):
+    """The text is not a correlation id."""
+
+
+class UnknownId(LookupError_):
+    """A well-formed id the store has never seen."""
+
+
+class Source(Protocol):
+    """What the pages read. Every call is bounded (limits, time windows)."""
+
+    def diagnose(self, correlation_id: str) -> Any: ...
+    def spans(self, correlation_id: str) -> list[Any]: ...
+    def state_counts(self, since: datetime) -> Any: ...
+    def funnel(self, since: datetime) -> Any: ...
+    def hop_latencies(self, since: datetime) -> Any: ...
+    def stalled(self, limit: int) -> list[Any]: ...
+    def alerts(self, limit: int) -> list[Any]: ...
+    def step_order(self) -> list[str]: ...
+    def jaeger_url(self) -> str: ...
+
+
+class _Loop:
+    """One event loop in a daemon thread; coroutines from any Streamlit thread run on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(
+            target=self.loop.run_forever, name="hoptrace-dashboard-io", daemon=True
+        ).start()
+
+    def run(self, coro: Any, timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+_loop: _Loop | None = None
+_loop_lock = threading.Lock()
+
+
+def run(value: Any, timeout: float = 20.0) -> Any:
+    """The value, or the coroutine's result when ``value`` is awaitable."""
+    global _loop
+    if not inspect.isawaitable(value):
+        return value
+    with _loop_lock:
+        if _loop is None:
+            _loop = _Loop()
+    return _loop.run(value, timeout)
+
+
+def get_source() -> Source:
+    """The source in ``st.session_state[SOURCE_KEY]`` if a test put one there, else the API."""
+    import streamlit as st
+
+    override = st.session_state.get(SOURCE_KEY)
+    if override is not None:
+        return override
+    from hoptrace.dashboard.api_source import ApiSource
+
+    return ApiSource.shared()
+
+
+def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a sync or async API function and return its result."""
+    return run(fn(*args, **kwargs))

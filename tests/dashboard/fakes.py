@@ -1,0 +1,148 @@
+"""Small fixture objects in the agreed API shapes, for rendering tests without servers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hoptrace.dashboard.source import MalformedId, UnknownId
+
+T0 = datetime(2026, 11, 27, 1, 0, tzinfo=UTC)
+STEPS = ["payment.confirmed", "purchase.created", "trainer.allocated", "session.created"]
+SERVICES = ["payment-service", "purchase-worker", "allocation-worker", "session-worker"]
+
+
+@dataclass
+class Step:
+    id: str
+    status: str
+    service: str = ""
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    evidence: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Diagnosis:
+    correlation_id: str
+    state: str
+    steps: list[Step]
+    stopped_at: str | None
+    cause: str
+    evidence: list[str]
+    next_action: str | None
+    trace_ids: list[str]
+    jaeger_urls: list[str]
+    kafka: list[dict[str, Any]]
+    db: list[dict[str, Any]]
+
+
+def stalled_diagnosis(cid: str = "pay-stalled-1") -> Diagnosis:
+    steps = [
+        Step(s, "done", svc, T0 + timedelta(seconds=i), T0 + timedelta(seconds=i, milliseconds=80))
+        for i, (s, svc) in enumerate(zip(STEPS[:2], SERVICES[:2], strict=True))
+    ]
+    steps.append(Step(STEPS[2], "stalled", SERVICES[2]))
+    steps.append(Step(STEPS[3], "not_reached", SERVICES[3]))
+    return Diagnosis(
+        correlation_id=cid,
+        state="stalled",
+        steps=steps,
+        stopped_at="trainer.allocated",
+        cause="no_consumer",
+        evidence=["consumer group allocation-worker has no members"],
+        next_action="start allocation-worker",
+        trace_ids=["a" * 32],
+        jaeger_urls=[f"http://jaeger.test/trace/{'a' * 32}"],
+        kafka=[
+            {
+                "topic": "purchase-created",
+                "partition": 1,
+                "produced_offset": 41,
+                "committed_offset": 40,
+                "lag": 1,
+            }
+        ],
+        db=[{"table": "processed_events", "rows": 0}, {"table": "trainer_allocations", "rows": 0}],
+    )
+
+
+def spans_for(d: Diagnosis) -> list[dict[str, Any]]:
+    out = []
+    for s in d.steps:
+        if s.started_at:
+            out.append(
+                {
+                    "trace_id": "a" * 32,
+                    "name": s.id,
+                    "service": s.service,
+                    "step": s.id,
+                    "start_time": s.started_at,
+                    "end_time": s.ended_at,
+                    "outcome": "ok",
+                }
+            )
+    return out
+
+
+class FakeSource:
+    def __init__(self) -> None:
+        self.diagnoses = {"pay-stalled-1": stalled_diagnosis()}
+        self.calls: list[str] = []
+
+    def diagnose(self, correlation_id: str) -> Any:
+        if not correlation_id.startswith("pay-"):
+            raise MalformedId(f"'{correlation_id}' is not a payment id")
+        if correlation_id not in self.diagnoses:
+            raise UnknownId(f"No payment with id '{correlation_id}' is known")
+        return self.diagnoses[correlation_id]
+
+    def spans(self, correlation_id: str) -> list[Any]:
+        return spans_for(self.diagnoses[correlation_id])
+
+    def state_counts(self, since: datetime) -> Any:
+        self.calls.append("state_counts")
+        return {"completed": 7, "in_progress": 2, "stalled": 3}
+
+    def funnel(self, since: datetime) -> Any:
+        return [{"step": "session.created", "count": 7}, {"step": "purchase.created", "count": 3}]
+
+    def hop_latencies(self, since: datetime) -> Any:
+        return {"purchase.created": [0.1, 0.2, 0.3, 0.4], "trainer.allocated": [0.5, 1.5]}
+
+    def stalled(self, limit: int) -> list[Any]:
+        return [
+            {
+                "correlation_id": f"pay-s{i}",
+                "step": "trainer.allocated",
+                "overdue_by": timedelta(seconds=90 + i),
+            }
+            for i in range(3)
+        ]
+
+    def alerts(self, limit: int) -> list[Any]:
+        return [
+            {
+                "correlation_id": "pay-s0",
+                "step": "trainer.allocated",
+                "status": "firing",
+                "cause": "no_consumer",
+                "evidence": "group allocation-worker has no members",
+                "fired_at": T0,
+            },
+            {
+                "correlation_id": "pay-r1",
+                "step": "purchase.created",
+                "status": "resolved",
+                "cause": "consumer_lag",
+                "fired_at": T0,
+                "resolved_at": T0 + timedelta(minutes=2),
+            },
+        ]
+
+    def step_order(self) -> list[str]:
+        return list(STEPS)
+
+    def jaeger_url(self) -> str:
+        return "http://jaeger.test"

@@ -1,0 +1,80 @@
+"""Page rendering with small fixture objects in the API's shapes (no servers needed)."""
+
+from __future__ import annotations
+
+from streamlit.testing.v1 import AppTest
+
+from hoptrace.dashboard.frames import STOP_MARKER
+from hoptrace.dashboard.serve import APP
+from hoptrace.dashboard.source import SOURCE_KEY
+
+from .fakes import FakeSource
+
+
+def app(page: str | None = None, **query: str) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=30)
+    at.session_state[SOURCE_KEY] = FakeSource()
+    for k, v in query.items():
+        at.query_params[k] = v
+    if page:
+        at.switch_page(f"pages/{page}.py")
+    return at.run()
+
+
+def text(at: AppTest) -> str:
+    parts = (
+        [m.value for m in at.markdown] + [e.value for e in at.error] + [e.value for e in at.info]
+    )
+    parts += [e.value for e in at.success] + [e.value for e in at.warning]
+    return "\n".join(str(p) for p in parts)
+
+
+def test_lookup_by_query_param_marks_the_stopped_step() -> None:
+    at = app(id="pay-stalled-1")
+    assert not at.exception
+    steps = next(m.value for m in at.markdown if "payment.confirmed" in m.value)
+    marked = [line for line in steps.splitlines() if STOP_MARKER in line]
+    assert len(marked) == 1 and "trainer.allocated" in marked[0]
+    body = text(at)
+    assert "no_consumer" in body and "no running members" in body
+    assert "start allocation-worker" in body
+    assert "http://jaeger.test/trace/" in body
+    assert len(at.dataframe) == 2  # Kafka facts, DB facts
+
+
+def test_lookup_by_text_input() -> None:
+    at = app()
+    assert "Paste a payment id" in text(at)
+    at.text_input(key="lookup_id").input("pay-stalled-1")
+    at.button[0].click().run()
+    assert not at.exception
+    assert "trainer.allocated" in at.error[0].value
+    assert at.query_params["id"] in ("pay-stalled-1", ["pay-stalled-1"])
+
+
+def test_lookup_malformed_and_unknown_ids_get_clear_messages() -> None:
+    at = app(id="DROP TABLE")
+    assert not at.exception
+    assert "not a payment id" in at.error[0].value
+    at = app(id="pay-unknown")
+    assert "No payment with id 'pay-unknown'" in at.error[0].value
+
+
+def test_overview_counts_funnel_latency_and_stalled_links() -> None:
+    at = app("overview")
+    assert not at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics == {"completed": "7", "in progress": "2", "stalled": "3", "failed": "0"}
+    body = text(at)
+    assert "[pay-s0](/?id=pay-s0)" in body and "overdue by 1m 30s" in body
+    latency = at.dataframe[0].value
+    assert list(latency["hop"]) == ["purchase.created", "trainer.allocated"]
+    assert latency.loc[latency["hop"] == "trainer.allocated", "count"].item() == 2
+
+
+def test_alerts_page_splits_firing_and_resolved() -> None:
+    at = app("alerts")
+    assert not at.exception
+    body = text(at)
+    assert "Firing (1)" in body and "Resolved (1)" in body
+    assert "pay-s0" in body and "no_consumer" in body and "[lookup](/?id=pay-s0)" in body
