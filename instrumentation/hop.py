@@ -1,0 +1,647 @@
+"""The hop runtime: a worker registers a handler for its step; the runtime does the rest.
+
+Per record: consume (manual commits) -> one process span named after the step, child of the
+context in the record's headers -> correlation id from baggage, else header, else payload, else
+poison -> parse the envelope (poison -> ``<topic>.dlq`` at once) -> ONE database transaction:
+idempotency claim in ``processed_events`` (already there -> ``duplicate``: no handler call, the
+stored next event is re-emitted), the handler's writes, the effect check, the processed mark with
+the next event -> emit the next event (deterministic event id) -> commit the offset.
+Retryable failures back off and retry; after the last attempt the record is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import httpx
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import ConsumerRecord
+from opentelemetry import baggage, context, propagate
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from . import conventions as c
+from .envelope import (
+    BAGGAGE_KEY,
+    CORRELATION_HEADER,
+    Envelope,
+    PoisonRecord,
+    RetryableError,
+    next_event_id,
+)
+from .producer import HopProducer
+from .spec import PipelineSpec, Step
+from .tracing import flush_tracing, get_tracer
+
+log = logging.getLogger(__name__)
+
+_TRACE_HEADERS = {"traceparent", "tracestate", "baggage"}
+
+
+@dataclass(slots=True)
+class RecordInfo:
+    """Where the record in hand came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    group: str
+
+
+@dataclass(slots=True)
+class Emit:
+    """What a handler returns: the next event (type, payload, version)."""
+
+    type: str
+    payload: dict[str, Any]
+    version: int = 1
+
+
+@dataclass(slots=True)
+class HopContext:
+    """Given to a handler. ``conn`` is inside the open transaction where the handler writes its
+    rows (the processed mark is written in the same transaction after the effect check)."""
+
+    envelope: Envelope
+    correlation_id: str
+    record: RecordInfo
+    conn: asyncpg.Connection
+    span: Span
+    step: Step
+    spec: PipelineSpec
+    attempt: int = 1
+    headers: dict[str, bytes] = field(default_factory=dict)
+
+
+Handler = Callable[[HopContext], Awaitable[Emit | None]]
+EffectCheck = Callable[[asyncpg.Connection, Envelope], Awaitable[bool]]
+Hook = Callable[[HopContext], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class HopHooks:
+    """Failure-injection points (tests and fault switches). Each is awaited with the context.
+
+    ``before_handle``: inside the transaction, before the handler (e.g. ``slow``).
+    ``after_db_commit``: after the transaction committed, before the emit and the offset commit
+    (e.g. ``crash-after-write``: raise or ``os._exit``). ``after_emit``: after the next event was
+    acknowledged, before the offset commit."""
+
+    before_handle: Hook | None = None
+    after_db_commit: Hook | None = None
+    after_emit: Hook | None = None
+
+
+class EffectMissing(RetryableError):
+    """The step's effect row is not there after the handler ran: roll back, do not mark."""
+
+
+PROCESSED_EVENTS_DDL = """
+CREATE TABLE IF NOT EXISTS processed_events (
+    event_id       text PRIMARY KEY,
+    event_type     text NOT NULL,
+    correlation_id text NOT NULL,
+    source         text NOT NULL,
+    processed_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    emitted        jsonb
+);
+CREATE INDEX IF NOT EXISTS processed_events_correlation_id_idx
+    ON processed_events (correlation_id);
+"""
+
+
+async def ensure_processed_events(conn: asyncpg.Connection) -> None:
+    """Create the idempotency table ``processed_events`` (and its correlation index) if missing.
+    ``source`` is the step id that processed the event; ``emitted`` the next event it emitted."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('hoptrace.processed_events'))")
+        await conn.execute(PROCESSED_EVENTS_DDL)
+
+
+def _quote_ident(name: str) -> str:
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+def default_effect_check(table: str, column: str = "correlation_id") -> EffectCheck:
+    """``SELECT 1 FROM <table> WHERE <column> = $1`` with the envelope's correlation id."""
+    sql = f"SELECT 1 FROM {_quote_ident(table)} WHERE {_quote_ident(column)} = $1 LIMIT 1"  # noqa: S608
+
+    async def check(conn: asyncpg.Connection, envelope: Envelope) -> bool:
+        return await conn.fetchval(sql, envelope.correlation_id) is not None
+
+    return check
+
+
+_RETRYABLE_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57", "58")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """RetryableError, connection/DB-availability errors, httpx errors, Kafka errors, timeouts."""
+    if isinstance(exc, RetryableError | httpx.HTTPError | KafkaError | OSError | TimeoutError):
+        return True
+    if isinstance(exc, asyncpg.InterfaceError):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", "") or ""
+        return state[:2] in _RETRYABLE_SQLSTATE_CLASSES
+    return False
+
+
+class _HeaderGetter:
+    def get(self, carrier: Any, key: str) -> list[str] | None:
+        for k, v in carrier:
+            if k == key and v is not None:
+                return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)]
+        return None
+
+    def keys(self, carrier: Any) -> list[str]:
+        return [k for k, _ in carrier]
+
+
+_getter = _HeaderGetter()
+
+
+class _Assigned(ConsumerRebalanceListener):
+    def __init__(self, runtime: HopRuntime) -> None:
+        self.runtime = runtime
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.runtime.assigned = set(assigned)
+        self.runtime.ready.set()
+
+
+class _Abandon(Exception):
+    """Stop requested while the record in hand could not be finished: leave it uncommitted."""
+
+
+# One signal handler for all runtimes running in this process.
+_running: set[HopRuntime] = set()
+
+
+def _on_signal() -> None:
+    for rt in list(_running):
+        rt.request_stop()
+
+
+class HopRuntime:
+    """Consume a step's topic and run ``handler`` per record with tracing, idempotency, effect
+    verification, retries, dead-lettering and manual offset commits.
+
+    ``group`` overrides the spec's group (to reproduce the wrong-group fault);
+    ``verify_effect=False`` ONLY reproduces the legacy mark-before-verify bug;
+    ``effect_check`` defaults to ``SELECT 1 FROM <step.table> WHERE <effect_column> = $1``;
+    ``validate`` raises PoisonRecord for a wrong type/version/schema."""
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        step_id: str,
+        handler: Handler,
+        *,
+        bootstrap: str,
+        database_url: str,
+        group: str | None = None,
+        verify_effect: bool = True,
+        effect_check: EffectCheck | None = None,
+        validate: Callable[[Envelope], None] | None = None,
+        max_attempts: int = 5,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+        hooks: HopHooks | None = None,
+        effect_column: str = "correlation_id",
+        auto_offset_reset: str = "earliest",
+        handle_signals: bool = True,
+        producer: HopProducer | None = None,
+        consumer_opts: dict[str, Any] | None = None,
+        flush_timeout_s: float = 5.0,
+    ) -> None:
+        self.spec = spec
+        self.step = spec.step(step_id)
+        if not self.step.consumes:
+            raise ValueError(f"step {step_id!r} consumes no topic; use step_span + HopProducer")
+        self.group = group or self.step.group or step_id
+        self.handler = handler
+        self.bootstrap = bootstrap
+        self.database_url = database_url
+        self.verify_effect = verify_effect
+        if effect_check is None and self.step.table:
+            effect_check = default_effect_check(self.step.table, effect_column)
+        self.effect_check = effect_check
+        self.validate = validate
+        self.max_attempts = max(1, max_attempts)
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.hooks = hooks or HopHooks()
+        self.auto_offset_reset = auto_offset_reset
+        self.handle_signals = handle_signals
+        self.consumer_opts = consumer_opts or {}
+        self.flush_timeout_s = flush_timeout_s
+        self._own_producer = producer is None
+        self.producer = producer or HopProducer(bootstrap)
+        self.ready = asyncio.Event()
+        self.assigned: set[TopicPartition] = set()
+        self.stats: dict[str, int] = {
+            "ok": 0,
+            "duplicate": 0,
+            "error": 0,
+            "dead_lettered": 0,
+            "retries": 0,
+        }
+        self._stop = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._tracer = get_tracer()
+        self._warned_no_emits = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask ``run()`` to finish the record in hand, commit, flush and return (signal-safe)."""
+        self._stop.set()
+
+    async def stop(self) -> None:
+        """Same as ``request_stop`` (awaitable for symmetry)."""
+        self.request_stop()
+
+    async def run(self) -> None:
+        """Consume until ``stop()`` / SIGTERM / SIGINT; then finish the record in hand, commit
+        its offset, close the clients and flush spans."""
+        self._pool = await asyncpg.create_pool(self.database_url, min_size=1, max_size=2)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset=self.auto_offset_reset,
+            **self.consumer_opts,
+        )
+        installed = False
+        try:
+            async with self._pool.acquire() as conn:
+                await ensure_processed_events(conn)
+            await self.producer.start()
+            self._consumer.subscribe([self.step.consumes], listener=_Assigned(self))
+            await self._consumer.start()
+            installed = self._install_signals()
+            await self._loop()
+        finally:
+            if installed:
+                self._remove_signals()
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+            if self._own_producer:
+                with contextlib.suppress(Exception):
+                    await self.producer.stop()
+            with contextlib.suppress(Exception):
+                await self._pool.close()
+            await asyncio.to_thread(flush_tracing, self.flush_timeout_s)
+
+    def _install_signals(self) -> bool:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return False
+        loop = asyncio.get_running_loop()
+        if not _running:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, _on_signal)
+        _running.add(self)
+        return True
+
+    def _remove_signals(self) -> None:
+        _running.discard(self)
+        if not _running:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+
+    async def _loop(self) -> None:
+        assert self._consumer is not None
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                get = asyncio.ensure_future(self._consumer.getone())
+                done, _ = await asyncio.wait({get, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await get
+                    break
+                record = get.result()
+                try:
+                    await self.process(record)
+                except _Abandon:
+                    log.info(
+                        "stop requested: left %s:%s@%s uncommitted",
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                    )
+                    break
+        finally:
+            stop_wait.cancel()
+
+    # -- one record --------------------------------------------------------------------------
+
+    async def process(self, record: ConsumerRecord) -> str:
+        """Process one consumed record end to end (span, DB, emit, offset commit); returns the
+        outcome (``ok``, ``duplicate``, ``error``)."""
+        info = RecordInfo(record.topic, record.partition, record.offset, self.group)
+        headers = list(record.headers or ())
+        parent = propagate.extract(headers, getter=_getter)
+        cid = baggage.get_baggage(BAGGAGE_KEY, parent)
+        if not cid:
+            raw = _header(headers, CORRELATION_HEADER)
+            cid = raw.decode("utf-8", "replace") if raw else None
+        with self._tracer.start_as_current_span(
+            self.step.id,
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        c.ATTR_PIPELINE: self.spec.name,
+                        c.ATTR_STEP: self.step.id,
+                        c.MSG_SYSTEM: "kafka",
+                        c.MSG_DESTINATION: record.topic,
+                        c.MSG_PARTITION: str(record.partition),
+                        c.MSG_OFFSET: record.offset,
+                        c.MSG_GROUP: self.group,
+                        c.MSG_OPERATION_TYPE: "process",
+                    }
+                )
+            outcome = await self._process_in_span(record, info, headers, span, cid)
+            span.set_attribute(c.ATTR_OUTCOME, outcome)
+        await self._commit(record)
+        self.stats[outcome] = self.stats.get(outcome, 0) + 1
+        return outcome
+
+    async def _process_in_span(
+        self,
+        record: ConsumerRecord,
+        info: RecordInfo,
+        headers: list[tuple[str, bytes]],
+        span: Span,
+        cid: str | None,
+    ) -> str:
+        if cid:
+            span.set_attribute(c.ATTR_CORRELATION_ID, cid)
+        try:
+            envelope = Envelope.parse(record.value)
+            cid = cid or envelope.correlation_id or _payload_cid(envelope, self.spec)
+            if not cid:
+                raise PoisonRecord("no correlation id (baggage, header, envelope and payload)")
+            if envelope.correlation_id != cid:
+                envelope = envelope.with_correlation_id(cid)
+            span.set_attribute(c.ATTR_CORRELATION_ID, cid)
+            span.set_attribute(c.ATTR_EVENT_ID, envelope.event_id)
+            span.set_attribute(c.ATTR_EVENT_TYPE, envelope.type)
+            if self.validate is not None:
+                self.validate(envelope)
+        except PoisonRecord as exc:
+            with _baggage(cid):
+                await self._dead_letter(record, headers, span, exc.reason, exc, attempts=0)
+            return c.OUTCOME_ERROR
+        with _baggage(cid):
+            return await self._attempts(record, info, headers, span, envelope, cid)
+
+    async def _attempts(
+        self,
+        record: ConsumerRecord,
+        info: RecordInfo,
+        headers: list[tuple[str, bytes]],
+        span: Span,
+        envelope: Envelope,
+        cid: str,
+    ) -> str:
+        hdrs = {k: v for k, v in headers if v is not None}
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                outcome = await self._attempt(envelope, cid, info, span, attempt, hdrs)
+                span.set_attribute(c.ATTR_ATTEMPTS, attempt)
+                return outcome
+            except PoisonRecord as exc:
+                await self._dead_letter(record, headers, span, exc.reason, exc, attempt)
+                return c.OUTCOME_ERROR
+            except Exception as exc:
+                span.record_exception(exc, attributes={"hoptrace.attempt": attempt})
+                if not is_retryable(exc):
+                    reason = f"non-retryable {type(exc).__name__}: {exc}"
+                    log.warning("%s: %s", self.step.id, reason)
+                    await self._dead_letter(record, headers, span, reason, exc, attempt)
+                    return c.OUTCOME_ERROR
+                if attempt >= self.max_attempts:
+                    reason = f"gave up after {attempt} attempts: {type(exc).__name__}: {exc}"
+                    log.warning("%s: %s", self.step.id, reason)
+                    await self._dead_letter(record, headers, span, reason, exc, attempt)
+                    return c.OUTCOME_ERROR
+                self.stats["retries"] += 1
+                delay = min(self.max_backoff_s, self.backoff_s * (2 ** (attempt - 1)))
+                log.info(
+                    "%s: attempt %d failed (%s); retrying in %.2fs",
+                    self.step.id,
+                    attempt,
+                    exc,
+                    delay,
+                )
+                if await self._stop_during(delay):
+                    span.set_attribute(c.ATTR_ERROR_REASON, "stopped during retry backoff")
+                    raise _Abandon() from exc
+        raise AssertionError("unreachable")
+
+    async def _attempt(
+        self,
+        envelope: Envelope,
+        cid: str,
+        info: RecordInfo,
+        span: Span,
+        attempt: int,
+        headers: dict[str, bytes],
+    ) -> str:
+        assert self._pool is not None
+        step = self.step
+        duplicate = False
+        next_env: Envelope | None = None
+        ctx: HopContext | None = None
+        async with self._pool.acquire() as conn, conn.transaction():
+            claimed = await conn.fetchval(
+                "INSERT INTO processed_events (event_id, event_type, correlation_id, source)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (event_id) DO NOTHING RETURNING 1",
+                envelope.event_id,
+                envelope.type,
+                cid,
+                step.id,
+            )
+            if claimed is None:
+                duplicate = True
+                stored = await conn.fetchval(
+                    "SELECT emitted FROM processed_events WHERE event_id = $1", envelope.event_id
+                )
+                if stored is not None:
+                    next_env = Envelope.model_validate_json(stored)
+            else:
+                ctx = HopContext(envelope, cid, info, conn, span, step, self.spec, attempt, headers)
+                if self.hooks.before_handle is not None:
+                    await self.hooks.before_handle(ctx)
+                result = await self.handler(ctx)
+                if self.verify_effect and self.effect_check is not None:
+                    if not await self.effect_check(conn, envelope):
+                        raise EffectMissing(
+                            f"effect missing: no row in {step.table!r} for correlation {cid!r}"
+                        )
+                if result is not None:
+                    if step.emits:
+                        next_env = Envelope(
+                            event_id=next_event_id(envelope.event_id, step.id),
+                            type=result.type,
+                            version=result.version,
+                            correlation_id=cid,
+                            occurred_at=_now(),
+                            payload=result.payload,
+                        )
+                        await conn.execute(
+                            "UPDATE processed_events SET emitted = $2::jsonb,"
+                            " processed_at = clock_timestamp() WHERE event_id = $1",
+                            envelope.event_id,
+                            next_env.model_dump_json(),
+                        )
+                    elif not self._warned_no_emits:
+                        self._warned_no_emits = True
+                        log.warning(
+                            "%s: handler returned an event but the step emits no topic", step.id
+                        )
+        if ctx is not None and self.hooks.after_db_commit is not None:
+            await self.hooks.after_db_commit(ctx)
+        if next_env is not None and step.emits:
+            await self.producer.emit(step.emits, next_env)  # records topic/partition/offset
+            if ctx is not None and self.hooks.after_emit is not None:
+                await self.hooks.after_emit(ctx)
+        return c.OUTCOME_DUPLICATE if duplicate else c.OUTCOME_OK
+
+    async def _dead_letter(
+        self,
+        record: ConsumerRecord,
+        headers: list[tuple[str, bytes]],
+        span: Span,
+        reason: str,
+        exc: BaseException,
+        attempts: int,
+    ) -> None:
+        """Copy the record to ``<topic>.dlq`` with the reason in headers; mark the span ERROR.
+        Keeps trying while the DLQ is unreachable (never commits a record it did not park)."""
+        dlq = f"{record.topic}.dlq"
+        if span.is_recording():
+            if attempts == 0:  # retried failures were recorded per attempt already
+                span.record_exception(exc)
+            span.set_attribute(c.ATTR_DLQ_TOPIC, dlq)
+            span.set_attribute(c.ATTR_ERROR_REASON, reason[:1000])
+            span.set_status(Status(StatusCode.ERROR, reason[:500]))
+        out = [(k, v) for k, v in headers if k not in _TRACE_HEADERS and not k.startswith("x-dlq-")]
+        out += [
+            (c.DLQ_REASON_HEADER, reason.encode()[:4000]),
+            (c.DLQ_ERROR_HEADER, type(exc).__name__.encode()),
+            (c.DLQ_STEP_HEADER, self.step.id.encode()),
+            (c.DLQ_SOURCE_TOPIC_HEADER, record.topic.encode()),
+            (c.DLQ_SOURCE_PARTITION_HEADER, str(record.partition).encode()),
+            (c.DLQ_SOURCE_OFFSET_HEADER, str(record.offset).encode()),
+            (c.DLQ_ATTEMPTS_HEADER, str(attempts).encode()),
+        ]
+        delay = self.backoff_s
+        while True:
+            try:
+                await self.producer.send_raw(dlq, record.value, key=record.key, headers=out)
+                break
+            except Exception as send_exc:  # noqa: BLE001 - keep the record until it is parked
+                log.error("%s: cannot write to %s (%s); retrying", self.step.id, dlq, send_exc)
+                if await self._stop_during(delay):
+                    raise _Abandon() from send_exc
+                delay = min(self.max_backoff_s, delay * 2)
+        self.stats["dead_lettered"] += 1
+
+    async def _commit(self, record: ConsumerRecord) -> None:
+        assert self._consumer is not None
+        tp = TopicPartition(record.topic, record.partition)
+        for attempt in range(1, 4):
+            try:
+                await self._consumer.commit({tp: record.offset + 1})
+                return
+            except CommitFailedError as exc:
+                log.warning(
+                    "offset commit failed (rebalanced?): %s; record may be redelivered", exc
+                )
+                return
+            except KafkaError as exc:
+                if attempt == 3:
+                    log.warning("offset commit failed: %s; record may be redelivered", exc)
+                    return
+                await asyncio.sleep(self.backoff_s * attempt)
+
+    async def _stop_during(self, delay: float) -> bool:
+        """Sleep ``delay`` unless stop is requested first; True if stop was requested."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=delay)
+            return True
+        except TimeoutError:
+            return False
+
+
+def _header(headers: list[tuple[str, bytes]], key: str) -> bytes | None:
+    for k, v in headers:
+        if k == key:
+            return v
+    return None
+
+
+def _payload_cid(envelope: Envelope, spec: PipelineSpec) -> str | None:
+    for key in (spec.correlation_key, "correlation_id"):
+        value = envelope.payload.get(key)
+        if value not in (None, ""):
+            return str(value)
+    return None
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
+
+
+@contextlib.contextmanager
+def _baggage(cid: str | None) -> Any:
+    if not cid or baggage.get_baggage(BAGGAGE_KEY) == cid:
+        yield
+        return
+    token = context.attach(baggage.set_baggage(BAGGAGE_KEY, cid))
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
+__all__ = [
+    "EffectCheck",
+    "EffectMissing",
+    "Emit",
+    "Handler",
+    "HopContext",
+    "HopHooks",
+    "HopRuntime",
+    "PROCESSED_EVENTS_DDL",
+    "RecordInfo",
+    "default_effect_check",
+    "ensure_processed_events",
+    "is_retryable",
+]

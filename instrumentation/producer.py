@@ -1,0 +1,179 @@
+"""Emitting envelopes with the correlation id in baggage, an explicit header and the payload; and
+the step span of a producer-only first step (e.g. payment-service)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import RecordMetadata
+from opentelemetry import baggage, context, propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from . import conventions as c
+from .envelope import (
+    BAGGAGE_KEY,
+    CORRELATION_HEADER,
+    EVENT_ID_HEADER,
+    EVENT_TYPE_HEADER,
+    Envelope,
+)
+from .spec import PipelineSpec
+from .tracing import get_tracer
+
+Headers = list[tuple[str, bytes]]
+
+
+class _HeaderSetter:
+    def set(self, carrier: Headers, key: str, value: str) -> None:
+        carrier.append((key, value.encode()))
+
+
+_setter = _HeaderSetter()
+
+
+def _kafka_instrumented() -> bool:
+    try:
+        from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(AIOKafkaInstrumentor().is_instrumented_by_opentelemetry)
+
+
+def envelope_headers(envelope: Envelope) -> Headers:
+    """The explicit headers every emitted record carries."""
+    return [
+        (CORRELATION_HEADER, envelope.correlation_id.encode()),
+        (EVENT_ID_HEADER, envelope.event_id.encode()),
+        (EVENT_TYPE_HEADER, envelope.type.encode()),
+    ]
+
+
+def record_emit(span: Span, md: RecordMetadata, envelope: Envelope | None = None) -> None:
+    """Put the produced record's topic/partition/offset on ``span``: always as
+    ``hoptrace.emit.*``; as messaging.* too when the span has no consume side."""
+    if not span.is_recording():
+        return
+    span.set_attribute(c.ATTR_EMIT_TOPIC, md.topic)
+    span.set_attribute(c.ATTR_EMIT_PARTITION, md.partition)
+    span.set_attribute(c.ATTR_EMIT_OFFSET, md.offset)
+    if envelope is not None:
+        span.set_attribute(c.ATTR_EMIT_EVENT_ID, envelope.event_id)
+    attrs = getattr(span, "attributes", None) or {}
+    if c.MSG_DESTINATION not in attrs:
+        span.set_attribute(c.MSG_SYSTEM, "kafka")
+        span.set_attribute(c.MSG_DESTINATION, md.topic)
+        span.set_attribute(c.MSG_PARTITION, str(md.partition))
+        span.set_attribute(c.MSG_OFFSET, md.offset)
+        span.set_attribute(c.MSG_OPERATION_TYPE, "send")
+
+
+class HopProducer:
+    """Emit Envelopes to Kafka with baggage + ``x-correlation-id`` + traceparent.
+
+    ``aiokafka_opts`` go to ``AIOKafkaProducer`` (defaults: acks="all", idempotent)."""
+
+    def __init__(self, bootstrap: str, **aiokafka_opts: Any) -> None:
+        opts: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 0}
+        opts.update(aiokafka_opts)
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **opts)
+        self._started = False
+
+    async def start(self) -> None:
+        if not self._started:
+            await self._producer.start()
+            self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._producer.stop()
+
+    async def __aenter__(self) -> HopProducer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def send_raw(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: Headers | None = None,
+    ) -> RecordMetadata:
+        """Send bytes as they are (dead-letter copies) with the current trace context; waits
+        for the broker's ack."""
+        out = list(headers or [])
+        if not _kafka_instrumented():
+            propagate.inject(out, setter=_setter)
+        return await self._producer.send_and_wait(topic, value, key=key, headers=out)
+
+    async def emit(
+        self, topic: str, envelope: Envelope, key: bytes | None = None
+    ) -> RecordMetadata:
+        """Send ``envelope`` and wait for the ack; the current span gets the record's topic,
+        partition and offset. The key defaults to the correlation id (one correlation, one
+        partition, in order)."""
+        headers = envelope_headers(envelope)
+        ctx = context.get_current()
+        if (
+            envelope.correlation_id
+            and baggage.get_baggage(BAGGAGE_KEY, ctx) != envelope.correlation_id
+        ):
+            ctx = baggage.set_baggage(BAGGAGE_KEY, envelope.correlation_id, ctx)
+        token = context.attach(ctx)
+        try:
+            if not _kafka_instrumented():
+                propagate.inject(headers, context=ctx, setter=_setter)
+            if key is None and envelope.correlation_id:
+                key = envelope.correlation_id.encode()
+            md = await self._producer.send_and_wait(
+                topic, envelope.to_bytes(), key=key, headers=headers
+            )
+        finally:
+            context.detach(token)
+        record_emit(trace.get_current_span(), md, envelope)
+        return md
+
+
+@contextlib.contextmanager
+def step_span(
+    spec: PipelineSpec, step_id: str, correlation_id: str, **attrs: Any
+) -> Iterator[Span]:
+    """The step span of a producer-only step (e.g. payment-service): named after the step id,
+    with hoptrace.* attributes and baggage attached inside; outcome ``ok`` on a clean exit,
+    ``error`` (status ERROR, exception recorded) when the block raises. A block may set the
+    outcome itself (``span.set_attribute("hoptrace.step.outcome", ...)``) before leaving."""
+    step = spec.step(step_id)
+    tracer = get_tracer()
+    ctx = baggage.set_baggage(BAGGAGE_KEY, correlation_id)
+    token = context.attach(ctx)
+    try:
+        with tracer.start_as_current_span(
+            step.id,
+            kind=SpanKind.PRODUCER if step.emits else SpanKind.INTERNAL,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            span.set_attribute(c.ATTR_PIPELINE, spec.name)
+            span.set_attribute(c.ATTR_STEP, step.id)
+            span.set_attribute(c.ATTR_CORRELATION_ID, correlation_id)
+            for k, v in attrs.items():
+                span.set_attribute(k, v)
+            try:
+                yield span
+            except BaseException as exc:
+                span.set_attribute(c.ATTR_OUTCOME, c.OUTCOME_ERROR)
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                raise
+            else:
+                existing = getattr(span, "attributes", None) or {}
+                if c.ATTR_OUTCOME not in existing:
+                    span.set_attribute(c.ATTR_OUTCOME, c.OUTCOME_OK)
+    finally:
+        context.detach(token)

@@ -1,0 +1,364 @@
+"""Tracing setup in one call: OTel SDK provider, OTLP export chosen by the standard ``OTEL_*``
+variables, a bounded BatchSpanProcessor whose drops are counted, BaggageSpanProcessor limited to
+``hoptrace.correlation_id``, and the kept instrumentations for aiokafka, asyncpg and httpx.
+
+Tracing never blocks or breaks the business path: export runs on the batch processor's thread;
+a collector that is down, unreachable or slow only makes spans drop (counted, warned about with
+a rate limit), never raises into the caller.
+
+The global TracerProvider can be set only once per process: the first ``configure_tracing`` fixes
+the resource (service name); a later call with another ``exporter=`` (tests) swaps the export
+pipeline on the same provider.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from opentelemetry import baggage, context, trace
+from opentelemetry.processor.baggage import BaggageSpanProcessor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+
+from .envelope import BAGGAGE_KEY
+
+log = logging.getLogger(__name__)
+
+TRACER_NAME = "hoptrace.instrumentation"
+_lock = threading.RLock()
+_state: _State | None = None
+
+
+class _Stats:
+    """Counters behind ``export_stats()`` (thread-safe enough: ints under the GIL + a lock)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.exported = 0
+        self.export_failed = 0
+        self.dropped_queue_full = 0
+        self.ended = 0
+        self._last_warning = 0.0
+
+    def warn_dropped(self) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= 10.0:
+            self._last_warning = now
+            log.warning(
+                "tracing: %d span(s) dropped so far (%d queue full, %d export failed); "
+                "the business path is unaffected",
+                self.dropped_queue_full + self.export_failed,
+                self.dropped_queue_full,
+                self.export_failed,
+            )
+
+
+_stats = _Stats()
+
+
+class _CountingExporter(SpanExporter):
+    """Wraps the real exporter: counts exported and failed spans, never lets an error escape."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception:  # noqa: BLE001 - an exporter bug must not kill the export thread
+            log.debug("tracing: exporter raised", exc_info=True)
+            result = SpanExportResult.FAILURE
+        with _stats.lock:
+            if result is SpanExportResult.SUCCESS:
+                _stats.exported += len(spans)
+            else:
+                _stats.export_failed += len(spans)
+                _stats.warn_dropped()
+        return result
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        try:
+            return self.inner.force_flush(timeout_millis)
+        except Exception:  # noqa: BLE001
+            return False
+
+
+class _CountingBatchProcessor(BatchSpanProcessor):
+    """BatchSpanProcessor that counts spans it has to drop because its queue is full."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        _stats.ended += 1
+        bp = getattr(self, "_batch_processor", None)
+        queue = getattr(bp, "_queue", None)
+        if queue is not None and len(queue) >= bp._max_queue_size:  # type: ignore[union-attr]
+            with _stats.lock:
+                _stats.dropped_queue_full += 1
+                _stats.warn_dropped()
+        super().on_end(span)
+
+
+class _SwitchableProcessor(SpanProcessor):
+    """Delegates to the current export processor; lets a later configure swap exporters."""
+
+    def __init__(self) -> None:
+        self.current: SpanProcessor | None = None
+
+    def on_start(self, span: Any, parent_context: context.Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        cur = self.current
+        if cur is not None:
+            cur.on_end(span)
+
+    def shutdown(self) -> None:
+        cur, self.current = self.current, None
+        if cur is not None:
+            cur.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        cur = self.current
+        return cur.force_flush(timeout_millis) if cur is not None else True
+
+
+class _SuppressQueueFullLogs(logging.Filter):
+    """The SDK logs one warning per dropped span; we count them and warn at a rate instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Queue full" not in str(record.msg)
+
+
+class _State:
+    def __init__(self, service_name: str, provider: TracerProvider, switch: _SwitchableProcessor):
+        self.service_name = service_name
+        self.provider = provider
+        self.switch = switch
+        self.exporter_key: object = None
+        self.instrumented = False
+
+
+def _sdk_disabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+def _default_exporter(opts: dict[str, Any]) -> SpanExporter | None:
+    """OTLP exporter chosen by OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL;
+    endpoint, headers, timeout and TLS come from the standard OTEL_* variables."""
+    kind = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    if kind in ("none", ""):
+        return None
+    protocol = (
+        (
+            opts.pop("protocol", None)
+            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "grpc"
+        )
+        .strip()
+        .lower()
+    )
+    endpoint = opts.pop("endpoint", None)
+    kwargs: dict[str, Any] = {}
+    if protocol.startswith("http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        if endpoint:
+            kwargs["endpoint"] = endpoint.rstrip("/") + (
+                "" if endpoint.rstrip("/").endswith("/v1/traces") else "/v1/traces"
+            )
+        return OTLPSpanExporter(**kwargs)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
+
+    if endpoint:
+        kwargs["endpoint"] = endpoint
+        if endpoint.startswith("http://"):
+            kwargs["insecure"] = True
+    return Grpc(**kwargs)
+
+
+def _instrument(provider: TracerProvider) -> None:
+    """Install the kept instrumentations once (they use the global provider)."""
+    from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    for inst in (AIOKafkaInstrumentor(), AsyncPGInstrumentor(), HTTPXClientInstrumentor()):
+        if not inst.is_instrumented_by_opentelemetry:
+            try:
+                inst.instrument(tracer_provider=provider)
+            except Exception:  # noqa: BLE001 - missing instrumentation: trace less, run anyway
+                log.warning("tracing: could not instrument %s", type(inst).__name__, exc_info=True)
+
+
+def configure_tracing(
+    service_name: str,
+    *,
+    exporter: SpanExporter | None = None,
+    **opts: Any,
+) -> TracerProvider:
+    """Set up tracing for this process and return its TracerProvider (idempotent).
+
+    Options (all optional): ``endpoint`` and ``protocol`` ("grpc" | "http/protobuf") override
+    the OTEL_* variables; ``max_queue_size`` (2048), ``schedule_delay_millis`` (500),
+    ``max_export_batch_size`` (512), ``export_timeout_millis``; ``simple=True`` exports each
+    span synchronously (tests only); ``instrument=False`` skips the library instrumentations;
+    ``resource_attributes`` adds resource attributes.
+
+    With ``OTEL_SDK_DISABLED=true`` nothing is exported and no library is instrumented.
+    """
+    global _state
+    with _lock:
+        key: object = exporter if exporter is not None else "default"
+        if _state is not None:
+            if _state.switch.current is not None and (
+                exporter is None or exporter is _state.exporter_key
+            ):
+                return _state.provider
+            if _state.service_name != service_name:
+                log.info(
+                    "tracing: provider already set up for %r; keeping that resource",
+                    _state.service_name,
+                )
+        else:
+            attrs: dict[str, Any] = {"service.name": service_name}
+            attrs.update(opts.pop("resource_attributes", None) or {})
+            provider = TracerProvider(resource=Resource.create(attrs))
+            switch = _SwitchableProcessor()
+            provider.add_span_processor(BaggageSpanProcessor(lambda k: k == BAGGAGE_KEY))
+            provider.add_span_processor(switch)
+            trace.set_tracer_provider(provider)
+            if trace.get_tracer_provider() is not provider:
+                log.warning("tracing: a global TracerProvider was already set; using it")
+            _state = _State(service_name, provider, switch)
+            for name in ("opentelemetry.sdk._shared_internal", "opentelemetry.sdk.trace.export"):
+                logging.getLogger(name).addFilter(_SuppressQueueFullLogs())
+        state = _state
+        instrument = opts.pop("instrument", True)
+        if _sdk_disabled():
+            state.exporter_key = key
+            return state.provider
+        if instrument and not state.instrumented:
+            _instrument(state.provider)
+            state.instrumented = True
+        inner = exporter if exporter is not None else _default_exporter(dict(opts))
+        new: SpanProcessor | None = None
+        if inner is not None:
+            counted = _CountingExporter(inner)
+            if opts.get("simple"):
+                new = SimpleSpanProcessor(counted)
+            else:
+                new = _CountingBatchProcessor(
+                    counted,
+                    max_queue_size=opts.get("max_queue_size"),
+                    schedule_delay_millis=opts.get("schedule_delay_millis", 500),
+                    max_export_batch_size=opts.get("max_export_batch_size"),
+                    export_timeout_millis=opts.get("export_timeout_millis"),
+                )
+        old, state.switch.current = state.switch.current, new
+        state.exporter_key = key
+        if old is not None:
+            _shutdown_processor(old, 2.0)
+        return state.provider
+
+
+def _shutdown_processor(proc: SpanProcessor, timeout_s: float) -> None:
+    """Flush and shut down in a helper thread, waiting at most ``timeout_s``."""
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            proc.force_flush(int(timeout_s * 1000))
+        with contextlib.suppress(Exception):
+            proc.shutdown()
+
+    worker = threading.Thread(target=run, name="hoptrace-tracing-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.warning(
+            "tracing: flush did not finish within %.1fs; remaining spans dropped", timeout_s
+        )
+
+
+def flush_tracing(timeout_s: float = 5.0) -> bool:
+    """Export what is queued, waiting at most ``timeout_s`` (never raises)."""
+    state = _state
+    if state is None or state.switch.current is None:
+        return True
+    done = threading.Event()
+    ok: list[bool] = [False]
+
+    def run() -> None:
+        try:
+            ok[0] = bool(state.switch.force_flush(int(timeout_s * 1000)))
+        except Exception:  # noqa: BLE001
+            ok[0] = False
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="hoptrace-tracing-flush", daemon=True).start()
+    return done.wait(timeout_s) and ok[0]
+
+
+def shutdown_tracing(timeout_s: float = 5.0) -> None:
+    """Flush queued spans (bounded by ``timeout_s``) and stop exporting. The provider stays
+    installed (it cannot be replaced); a later ``configure_tracing`` installs a new exporter."""
+    state = _state
+    if state is None:
+        return
+    with _lock:
+        cur, state.switch.current = state.switch.current, None
+        state.exporter_key = None
+    if cur is not None:
+        _shutdown_processor(cur, timeout_s)
+
+
+def export_stats() -> dict[str, int]:
+    """Counts since process start: spans ``exported``, ``export_failed``,
+    ``dropped_queue_full``, ``dropped`` (the two together) and ``ended``."""
+    with _stats.lock:
+        return {
+            "exported": _stats.exported,
+            "export_failed": _stats.export_failed,
+            "dropped_queue_full": _stats.dropped_queue_full,
+            "dropped": _stats.export_failed + _stats.dropped_queue_full,
+            "ended": _stats.ended,
+        }
+
+
+def get_tracer() -> trace.Tracer:
+    """The hoptrace tracer (a no-op one until tracing is configured)."""
+    return trace.get_tracer(TRACER_NAME)
+
+
+@contextlib.contextmanager
+def correlation_context(correlation_id: str) -> Iterator[context.Context]:
+    """Attach baggage ``hoptrace.correlation_id`` for the block: every span started inside gets
+    the attribute, and Kafka/HTTP calls propagate it."""
+    ctx = baggage.set_baggage(BAGGAGE_KEY, correlation_id)
+    token = context.attach(ctx)
+    try:
+        yield ctx
+    finally:
+        context.detach(token)
+
+
+def current_correlation_id() -> str | None:
+    """The correlation id in the current baggage, if any."""
+    value = baggage.get_baggage(BAGGAGE_KEY)
+    return str(value) if value else None
