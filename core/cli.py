@@ -175,6 +175,34 @@ def topics_ensure() -> None:
     _component("hoptrace.workers.topics", "ensure_cli", "reference pipeline")()
 
 
+@app.command("migrate")
+def migrate() -> None:
+    """Apply the database migrations: the span store and the reference pipeline's tables."""
+    import asyncio
+
+    import asyncpg
+
+    from hoptrace.settings import get_settings
+
+    settings = get_settings()
+    schema = _component("hoptrace.collector.schema", "migrate", "collector")
+    parse = _component("hoptrace.instrumentation.spec", "parse_duration", "instrumentation")
+
+    async def store() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await schema(conn, parse(settings.retention))
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(store())
+    except (OSError, asyncpg.PostgresError) as exc:
+        fail(f"cannot migrate the span store at {settings.database_url.split('@')[-1]}: {exc}", 1)
+    typer.echo("span store: migrated")
+    _component("hoptrace.workers.schema", "migrate_cli", "reference pipeline")()
+
+
 @app.command("pay")
 def pay(
     student: Annotated[str, typer.Option(help="Student id.")] = "student-1",

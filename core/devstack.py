@@ -730,6 +730,38 @@ def part(cfg: StackConfig, name: str) -> Part:
     raise StackError(f"unknown part {name!r}; known parts: {known}")
 
 
+#: One-shot steps run after the infrastructure is up and before the services start.
+INIT_STEPS: list[tuple[str, list[str], str]] = [
+    ("migrate", ["migrate"], "hoptrace.workers.schema"),
+    ("topics", ["topics", "ensure"], "hoptrace.workers.topics"),
+]
+
+
+def run_init(cfg: StackConfig, echo: Callable[[str], None] = print) -> None:
+    """Migrations and topics, as `hoptrace migrate` / `hoptrace topics ensure` (idempotent)."""
+    env = {
+        **os.environ,
+        "HOPTRACE_DATABASE_URL": os.environ.get("HOPTRACE_DATABASE_URL", cfg.database_url),
+        "HOPTRACE_KAFKA_BOOTSTRAP": os.environ.get("HOPTRACE_KAFKA_BOOTSTRAP", cfg.kafka_bootstrap),
+    }
+    cfg.logs.mkdir(parents=True, exist_ok=True)
+    for name, args, module in INIT_STEPS:
+        if not _available(module):
+            continue
+        log = cfg.logs / f"init-{name}.log"
+        with open(log, "wb") as out:
+            res = subprocess.run(
+                [sys.executable, "-m", "hoptrace.cli", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(PROJECT_ROOT),
+            )
+        if res.returncode != 0:
+            raise StackError(f"`hoptrace {' '.join(args)}` failed; see {log} ({_tail(log, 2)})")
+        echo(f"{name:<18} done        log {log}")
+
+
 def up(cfg: StackConfig, *, services: bool = True, echo: Callable[[str], None] = print) -> float:
     """Start every part that is not running (idempotent). Returns seconds taken."""
     t0 = time.monotonic()
@@ -742,6 +774,8 @@ def up(cfg: StackConfig, *, services: bool = True, echo: Callable[[str], None] =
         echo(
             f"{p.name:<18} {verb:<10} pid {pid}  port {p.port or '-'}  ({time.monotonic() - t:.1f}s)  log {p.log_file}"
         )
+        if services and p.name == "kafka":
+            run_init(cfg, echo)  # migrations and topics before any service starts
     return time.monotonic() - t0
 
 
