@@ -1,0 +1,92 @@
+"""Small HTTP helpers shared by payment-service and admin-service: body validation with a 422
+that names the field, JSON errors, and a uvicorn server that leaves signals to the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import TypeVar
+
+import uvicorn
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class BadRequest(Exception):
+    """Raised by :func:`parse_body`; carries the response to send."""
+
+    def __init__(self, response: JSONResponse) -> None:
+        super().__init__(response.body)
+        self.response = response
+
+
+def error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    body: dict[str, object] = {"error": message}
+    if field:
+        body["field"] = field
+    return JSONResponse(body, status_code=status)
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The JSON body as ``model``; :class:`BadRequest` (422, naming each bad field) otherwise."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw or b"null")
+    except ValueError as exc:
+        raise BadRequest(error(422, f"body is not valid JSON: {exc}")) from None
+    if not isinstance(data, dict):
+        raise BadRequest(error(422, "body must be a JSON object"))
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in e["loc"]) or "<body>", "message": e["msg"]}
+            for e in exc.errors()
+        ]
+        body = {
+            "error": "invalid request body",
+            "field": problems[0]["field"],
+            "problems": problems,
+        }
+        raise BadRequest(JSONResponse(body, status_code=422)) from None
+
+
+def instrumented(app: Starlette) -> OpenTelemetryMiddleware:
+    """The app wrapped in OpenTelemetry's ASGI middleware (server spans, context extraction)."""
+    return OpenTelemetryMiddleware(app, exclude_spans=["receive", "send"])
+
+
+class Server(uvicorn.Server):
+    """uvicorn server that does not install signal handlers (run.py owns SIGTERM)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def start_server(app: object, host: str, port: int) -> tuple[Server, asyncio.Task[None]]:
+    """Start serving; returns once the socket is listening (raises if startup failed)."""
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+    )
+    server = Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError(f"HTTP server on {host}:{port} did not start")
+        await asyncio.sleep(0.02)
+    return server, task
+
+
+async def stop_server(server: Server, task: asyncio.Task[None]) -> None:
+    server.should_exit = True
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(task, 10)

@@ -1,0 +1,198 @@
+"""payment-service: ``POST /payments`` writes a succeeded payment and an outbox row in one
+transaction; the outbox relay emits PURCHASE_CONFIRMED (step ``payment.confirmed``) and marks the
+row sent, so every committed payment is emitted at least once, even across a crash.
+Faults: ``skip-emit`` (payment written, event never emitted), ``crash-after-write``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import uuid
+from decimal import Decimal
+
+import asyncpg
+from opentelemetry import context, propagate, trace
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from hoptrace.instrumentation.envelope import Envelope
+from hoptrace.instrumentation.producer import HopProducer, step_span
+from hoptrace.instrumentation.spec import PipelineSpec
+from hoptrace.instrumentation.tracing import correlation_context
+
+from . import faults
+from .events import PURCHASE_CONFIRMED, PurchaseConfirmedV1, new_event
+from .http import BadRequest, error, instrumented, parse_body
+
+log = logging.getLogger("hoptrace.workers.payment_service")
+
+SERVICE = "payment-service"
+RELAY_BATCH = 500
+RELAY_POLL_S = 0.5
+
+
+class PaymentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    student: str = Field(min_length=1, max_length=200)
+    course: str = Field(min_length=1, max_length=200)
+    amount: Decimal = Field(gt=0, max_digits=12, decimal_places=2)
+
+
+class PaymentService:
+    """The HTTP app plus its outbox relay (one process; replicas share the outbox safely)."""
+
+    def __init__(
+        self, spec: PipelineSpec, pool: asyncpg.Pool, producer: HopProducer, fault: str | None
+    ):
+        self.spec = spec
+        self.step = spec.step_for_service(SERVICE)
+        if not self.step.emits:
+            raise ValueError(f"step {self.step.id!r} has no 'emits' topic in {spec.source}")
+        self.pool = pool
+        self.producer = producer
+        self.fault = fault
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    # ---------------------------------------------------------------------------- HTTP
+
+    def app(self) -> object:
+        routes = [
+            Route("/payments", self.create_payment, methods=["POST"]),
+            Route("/healthz", self.healthz),
+        ]
+        return instrumented(Starlette(routes=routes))
+
+    async def healthz(self, _request: Request) -> JSONResponse:
+        async with self.pool.acquire() as conn:
+            unsent = await conn.fetchval(
+                "SELECT count(*) FROM payment_outbox WHERE sent_at IS NULL"
+            )
+        return JSONResponse({"status": "ok", "fault": self.fault, "outbox_unsent": unsent})
+
+    async def create_payment(self, request: Request) -> JSONResponse:
+        try:
+            req = await parse_body(request, PaymentRequest)
+        except BadRequest as bad:
+            return bad.response
+        payment_id = str(uuid.uuid4())
+        trace.get_current_span().set_attribute("hoptrace.correlation_id", payment_id)
+        with correlation_context(payment_id):
+            async with self.pool.acquire() as conn:
+                known = await conn.fetchrow(
+                    """SELECT EXISTS (SELECT 1 FROM students WHERE id = $1) AS student,
+                              EXISTS (SELECT 1 FROM courses WHERE id = $2) AS course""",
+                    req.student,
+                    req.course,
+                )
+                if not known["student"]:
+                    return error(404, f"unknown student {req.student!r}", "student")
+                if not known["course"]:
+                    return error(404, f"unknown course {req.course!r}", "course")
+                event = new_event(
+                    PURCHASE_CONFIRMED,
+                    payment_id,
+                    PurchaseConfirmedV1(
+                        payment_id=payment_id,
+                        student=req.student,
+                        course=req.course,
+                        amount=req.amount,
+                    ),
+                )
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier)
+                async with conn.transaction():
+                    await conn.execute(
+                        """INSERT INTO payments (payment_id, correlation_id, student, course, amount, status)
+                           VALUES ($1, $1, $2, $3, $4, 'succeeded')""",
+                        payment_id,
+                        req.student,
+                        req.course,
+                        req.amount,
+                    )
+                    if self.fault != faults.SKIP_EMIT:
+                        await conn.execute(
+                            """INSERT INTO payment_outbox (correlation_id, topic, event, trace_carrier)
+                               VALUES ($1, $2, $3, $4::jsonb)""",
+                            payment_id,
+                            self.step.emits,
+                            event.to_bytes(),
+                            json.dumps(carrier),
+                        )
+            if self.fault == faults.CRASH_AFTER_WRITE:
+                os._exit(17)  # committed, not emitted: the relay of the next start must send it
+            if self.fault == faults.SKIP_EMIT:
+                # the incident: the step believes it is done, but nothing is ever produced
+                with step_span(self.spec, self.step.id, payment_id):
+                    pass
+            else:
+                self._wake.set()
+        body = {"payment_id": payment_id, "correlation_id": payment_id, "status": "succeeded"}
+        return JSONResponse(body, status_code=201)
+
+    # ---------------------------------------------------------------------------- relay
+
+    async def relay(self) -> None:
+        """Emit unsent outbox rows until stopped: woken by each new payment, polls as a fallback
+        (rows committed by a process that crashed before emitting)."""
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), RELAY_POLL_S)
+            self._wake.clear()
+            try:
+                while not self._stopping and await self.relay_once() == RELAY_BATCH:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Kafka or Postgres hiccup: the rows stay unsent, retry soon
+                log.warning("outbox relay failed; retrying", exc_info=True)
+                await asyncio.sleep(RELAY_POLL_S)
+
+    async def relay_once(self) -> int:
+        """Emit one batch of unsent rows (concurrently) and mark the ones acknowledged as sent."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """SELECT id, correlation_id, topic, event, trace_carrier FROM payment_outbox
+                   WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED""",
+                RELAY_BATCH,
+            )
+            if not rows:
+                return 0
+            results = await asyncio.gather(*(self._emit(r) for r in rows), return_exceptions=True)
+            sent = [r["id"] for r, res in zip(rows, results, strict=True) if res is True]
+            if sent:
+                await conn.execute(
+                    "UPDATE payment_outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", sent
+                )
+            failed = [res for res in results if res is not True]
+            if failed:
+                log.warning(
+                    "outbox relay: %d of %d emits failed (%s)", len(failed), len(rows), failed[0]
+                )
+        return len(rows)
+
+    async def _emit(self, row: asyncpg.Record) -> bool:
+        carrier = (
+            json.loads(row["trace_carrier"])
+            if isinstance(row["trace_carrier"], str)
+            else row["trace_carrier"]
+        )
+        token = context.attach(propagate.extract(carrier or {}))
+        try:
+            envelope = Envelope.parse(bytes(row["event"]))
+            with step_span(self.spec, self.step.id, row["correlation_id"]):
+                await self.producer.emit(row["topic"], envelope)
+        finally:
+            context.detach(token)
+        return True
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()

@@ -1,0 +1,219 @@
+"""`hoptrace worker NAME`: run one service of the reference pipeline with tracing, migrations,
+readiness (``mark_ready`` once it listens / its consumer is assigned) and a clean exit 0 on
+SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import httpx
+
+from hoptrace.instrumentation.hop import HopHooks, HopRuntime
+from hoptrace.instrumentation.spec import PipelineSpec, SpecError, load_spec
+from hoptrace.instrumentation.tracing import configure_tracing, shutdown_tracing
+from hoptrace.readiness import clear_ready, mark_ready
+from hoptrace.settings import Settings, get_settings
+
+from . import faults
+from .schema import migrate
+
+log = logging.getLogger("hoptrace.workers")
+
+SERVICES = (
+    "payment-service",
+    "purchase-worker",
+    "allocation-worker",
+    "session-worker",
+    "admin-service",
+)
+CRASH_EXIT_CODE = 17
+
+
+def _url(explicit: str | None, host: str, port: int) -> str:
+    return explicit.rstrip("/") if explicit else f"http://{host}:{port}"
+
+
+async def _crash(_ctx: object) -> None:
+    """Fault ``crash-after-write``: die like a killed process (no cleanup, no offset commit)."""
+    os._exit(CRASH_EXIT_CODE)
+
+
+async def _slow(_ctx: object) -> None:
+    """Fault ``slow``: a delay before each record is handled (the consumer lags)."""
+    await asyncio.sleep(faults.SLOW_DELAY_S)
+
+
+@contextlib.asynccontextmanager
+async def _admin_service(
+    settings: Settings, spec: PipelineSpec, fault: str | None
+) -> AsyncIterator[asyncio.Task]:
+    from .admin_service import build_app
+    from .http import start_server, stop_server
+
+    async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=10) as pool:
+        server, task = await start_server(
+            build_app(pool, fault), settings.bind_host, settings.admin_service_port
+        )
+        try:
+            yield task
+        finally:
+            await stop_server(server, task)
+
+
+@contextlib.asynccontextmanager
+async def _payment_service(
+    settings: Settings, spec: PipelineSpec, fault: str | None
+) -> AsyncIterator[asyncio.Task]:
+    from hoptrace.instrumentation.producer import HopProducer
+
+    from .http import start_server, stop_server
+    from .payment_service import PaymentService
+
+    producer = HopProducer(settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        async with asyncpg.create_pool(settings.database_url, min_size=2, max_size=20) as pool:
+            service = PaymentService(spec, pool, producer, fault)
+            relay = asyncio.create_task(service.relay(), name="outbox-relay")
+            server, task = await start_server(
+                service.app(), settings.bind_host, settings.payment_service_port
+            )
+            try:
+                yield task
+            finally:
+                await stop_server(server, task)
+                service.stop()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(relay, 10)
+    finally:
+        await producer.stop()
+
+
+def _hooks(fault: str | None) -> HopHooks | None:
+    if fault == faults.CRASH_AFTER_WRITE:
+        return HopHooks(after_db_commit=_crash)
+    if fault == faults.SLOW:
+        return HopHooks(before_handle=_slow)
+    return None
+
+
+@contextlib.asynccontextmanager
+async def _worker(
+    settings: Settings, spec: PipelineSpec, name: str, fault: str | None
+) -> AsyncIterator[asyncio.Task]:
+    from . import allocation_worker, purchase_worker, session_worker
+    from .events import validator
+
+    step = spec.step_for_service(name)
+    opts: dict[str, object] = {"hooks": _hooks(fault)}
+    client: httpx.AsyncClient | None = None
+    if name == "allocation-worker":
+        base = _url(settings.admin_service_url, settings.bind_host, settings.admin_service_port)
+        client = httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(5.0))
+        allocator = allocation_worker.Allocator(client)
+        handler, consumes = allocator.handle, allocation_worker.CONSUMES
+        opts["verify_effect"] = fault != faults.NO_VERIFY
+        if fault == faults.WRONG_GROUP:
+            opts["group"] = f"{step.group or name}{faults.WRONG_GROUP_SUFFIX}"
+    elif name == "purchase-worker":
+        handler, consumes = purchase_worker.handle, purchase_worker.CONSUMES
+    else:
+        handler, consumes = session_worker.handle, session_worker.CONSUMES
+    runtime = HopRuntime(
+        spec,
+        step.id,
+        handler,
+        bootstrap=settings.kafka_bootstrap,
+        database_url=settings.database_url,
+        validate=validator(consumes),
+        handle_signals=False,
+        **opts,
+    )
+    task = asyncio.create_task(runtime.run(), name=f"{name}-runtime")
+    try:
+        ready = asyncio.create_task(runtime.ready.wait())
+        await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            ready.cancel()
+            task.result()
+            raise RuntimeError(f"{name}: the hop runtime stopped before it was ready")
+        yield task
+    finally:
+        await runtime.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 15)
+        if client is not None:
+            await client.aclose()
+
+
+def _service(
+    name: str, settings: Settings, spec: PipelineSpec, fault: str | None
+) -> contextlib.AbstractAsyncContextManager[asyncio.Task]:
+    if name == "admin-service":
+        return _admin_service(settings, spec, fault)
+    if name == "payment-service":
+        return _payment_service(settings, spec, fault)
+    return _worker(settings, spec, name, fault)
+
+
+async def serve(
+    name: str, fault: str | None, settings: Settings, on_ready: Callable[[], None] = mark_ready
+) -> int:
+    """Run ``name`` until SIGTERM/SIGINT (exit code 0) or until it fails (1)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    spec = load_spec(settings.pipeline)
+    await migrate(settings.database_url)
+    async with _service(name, settings, spec, fault) as task:
+        on_ready()
+        log.info("%s ready%s", name, f" (fault {fault})" if fault else "")
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopper, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            stopper.cancel()
+            exc = task.exception() if not task.cancelled() else None
+            log.error("%s stopped unexpectedly: %r", name, exc)
+            return 1
+    log.info("%s stopped", name)
+    return 0
+
+
+def main(name: str, fault: str | None = None) -> None:
+    """Entry point of `hoptrace worker NAME [--fault FAULT]`."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if name not in SERVICES:
+        print(f"hoptrace: unknown service {name!r}; one of: {', '.join(SERVICES)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        fault = faults.validate_fault(name, fault)
+    except ValueError as exc:
+        print(f"hoptrace: {exc}", file=sys.stderr)
+        sys.exit(2)
+    settings = get_settings()
+    configure_tracing(name)
+    code = 1
+    try:
+        code = asyncio.run(serve(name, fault, settings))
+    except SpecError as exc:
+        print(f"hoptrace: {exc}", file=sys.stderr)
+        code = 2
+    except (OSError, asyncpg.PostgresError) as exc:
+        log.error("%s could not start: %s", name, exc)
+        code = 1
+    finally:
+        clear_ready()
+        shutdown_tracing(5.0)
+    sys.exit(code)
