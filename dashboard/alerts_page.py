@@ -15,7 +15,11 @@ ALERTS_LIMIT = 200
 def render(source: Source | None = None) -> None:
     source = source or get_source()
     st.title("Alerts")
-    table = frames.alerts_frame(source.alerts(ALERTS_LIMIT))
+    try:
+        table = frames.alerts_frame(source.alerts(ALERTS_LIMIT))
+    except Exception as exc:  # the store is down or slow: say so, keep the page up
+        st.error(f"Could not read the trace store: {exc}")
+        return
     jaeger = source.jaeger_url()
     firing = table[table["status"] == "firing"]
     resolved = table[table["status"] != "firing"]

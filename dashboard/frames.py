@@ -249,10 +249,10 @@ def latency_frames(latencies: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     stats: list[dict[str, Any]] = []
     if isinstance(latencies, Mapping):
         for hop, values in latencies.items():
+            if not isinstance(values, list | tuple):
+                values = get(values, "samples")  # e.g. a HopLatency(step, samples)
             if isinstance(values, list | tuple):
                 samples.extend({"hop": str(hop), "seconds": as_seconds(v)} for v in values)
-            else:
-                stats.append(_stat_row(hop, values))
     else:
         for rec in latencies or []:
             hop = str(first(rec, "hop", "step", "to_step", default="?"))

@@ -30,6 +30,9 @@ def render(source: Source | None = None) -> None:
     except LookupError_ as exc:
         st.error(str(exc))
         return
+    except Exception as exc:  # the store or Kafka is down: say so, keep the page up
+        st.error(f"Could not diagnose `{cid}`: {exc}")
+        return
     show(diagnosis, source)
 
 

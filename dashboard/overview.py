@@ -30,21 +30,25 @@ def render(source: Source | None = None) -> None:
 
     @st.fragment(run_every=every)
     def body() -> None:
-        _body(source, WINDOWS[window])
+        try:
+            _body(source, WINDOWS[window])
+        except Exception as exc:  # the store is down or slow: say so, keep the page up
+            st.error(f"Could not read the trace store: {exc}")
 
     body()
 
 
 def _body(source: Source, window: timedelta) -> None:
     now = datetime.now(UTC)
-    since = now - window
+    # Rounded to the cache TTL's grain so repeated runs within seconds share one cached read.
+    since = datetime.fromtimestamp((now - window).timestamp() // 5 * 5, tz=UTC)
     counts = frames.state_counts_frame(source.state_counts(since))
     cols = st.columns(len(counts))
     for col, row in zip(cols, counts.itertuples(), strict=True):
         col.metric(row.state.replace("_", " "), int(row.count))
     st.caption(f"Payments first seen since {since:%Y-%m-%d %H:%M:%S} UTC · updated {now:%H:%M:%S}")
 
-    st.markdown("#### Funnel: payments by last completed step")
+    st.markdown("#### Funnel: payments that got each step done")
     funnel = frames.funnel_frame(source.funnel(since), source.step_order())
     if funnel.empty:
         st.caption("No payments in this window.")
