@@ -162,7 +162,7 @@ def parse_spec(raw: dict, source: Path | None = None) -> PipelineSpec:
         if not isinstance(service, str) or not service:
             raise fail("needs a non-empty string", step=sid, fld="service")
         if "deadline" not in item:
-            raise fail("missing (e.g. deadline = \"30s\")", step=sid, fld="deadline")
+            raise fail('missing (e.g. deadline = "30s")', step=sid, fld="deadline")
         try:
             deadline = parse_duration(item["deadline"])
         except ValueError as exc:

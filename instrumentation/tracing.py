@@ -224,10 +224,10 @@ def configure_tracing(
     """
     global _state
     with _lock:
-        key: object = exporter if exporter is not None else "default"
+        key: object = exporter if exporter is not None else ("default", repr(sorted(opts.items())))
         if _state is not None:
             if _state.switch.current is not None and (
-                exporter is None or exporter is _state.exporter_key
+                _state.exporter_key is key or _state.exporter_key == key
             ):
                 return _state.provider
             if _state.service_name != service_name:
@@ -343,6 +343,9 @@ def export_stats() -> dict[str, int]:
 
 def get_tracer() -> trace.Tracer:
     """The hoptrace tracer (a no-op one until tracing is configured)."""
+    state = _state
+    if state is not None:
+        return state.provider.get_tracer(TRACER_NAME)
     return trace.get_tracer(TRACER_NAME)
 
 
