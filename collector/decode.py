@@ -1,0 +1,216 @@
+"""OTLP trace requests (protobuf or OTLP/JSON) -> span rows for the store. Pure functions.
+
+A span row is a tuple in :data:`COLUMNS` order (the COPY column list). Spans without a valid
+trace id / span id are rejected (counted, reported as OTLP partial success), never stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+CORRELATION_ATTR = "hoptrace.correlation_id"
+PIPELINE_ATTR = "hoptrace.pipeline"
+STEP_ATTR = "hoptrace.step"
+OUTCOME_ATTR = "hoptrace.step.outcome"
+
+#: Column order of a span row (and of the COPY into the staging table).
+COLUMNS: tuple[str, ...] = (
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "name",
+    "service",
+    "kind",
+    "start_time",
+    "end_time",
+    "duration_us",
+    "status_code",
+    "status_message",
+    "correlation_id",
+    "pipeline",
+    "step",
+    "outcome",
+    "attributes",
+    "events",
+    "received_at",
+    "resource",
+    "scope",
+)
+# Indexes into a row, for the state tracker.
+I_TRACE, I_SPAN, I_START, I_END, I_STATUS, I_STATUS_MSG = 0, 1, 6, 7, 9, 10
+I_CID, I_PIPELINE, I_STEP, I_OUTCOME, I_NAME = 11, 12, 13, 14, 3
+
+SpanRow = tuple[Any, ...]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ZERO_TRACE = b"\x00" * 16
+_ZERO_SPAN = b"\x00" * 8
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+
+class DecodeFailure(ValueError):
+    """The body is not a decodable OTLP ExportTraceServiceRequest."""
+
+
+@dataclass(slots=True)
+class Decoded:
+    rows: list[SpanRow] = field(default_factory=list)
+    rejected: int = 0
+    error: str = ""
+
+
+def parse_protobuf(body: bytes) -> ExportTraceServiceRequest:
+    req = ExportTraceServiceRequest()
+    try:
+        req.ParseFromString(body)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise DecodeFailure(f"invalid protobuf: {exc}") from None
+    return req
+
+
+_ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
+
+
+def _hex_ids_to_b64(obj: dict[str, Any]) -> None:
+    for key in _ID_KEYS:
+        value = obj.get(key)
+        if isinstance(value, str) and value:
+            try:
+                obj[key] = base64.b64encode(bytes.fromhex(value)).decode()
+            except ValueError:
+                raise DecodeFailure(f"{key} {value[:40]!r} is not hex") from None
+
+
+def parse_json(body: bytes) -> ExportTraceServiceRequest:
+    """OTLP/JSON (hex ids, lowerCamelCase, int64 as strings, enums as integers)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeFailure(f"invalid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DecodeFailure("invalid OTLP/JSON: top level must be an object")
+    try:
+        for rs in doc.get("resourceSpans") or doc.get("resource_spans") or []:
+            for ss in rs.get("scopeSpans") or rs.get("scope_spans") or []:
+                for span in ss.get("spans") or []:
+                    _hex_ids_to_b64(span)
+                    for link in span.get("links") or []:
+                        _hex_ids_to_b64(link)
+        req = ExportTraceServiceRequest()
+        json_format.ParseDict(doc, req, ignore_unknown_fields=True)
+    except DecodeFailure:
+        raise
+    except (json_format.ParseError, AttributeError, TypeError, ValueError) as exc:
+        raise DecodeFailure(f"invalid OTLP/JSON: {exc}") from None
+    return req
+
+
+def any_value(v: Any) -> Any:
+    """An OTLP AnyValue -> a JSON-able Python value."""
+    which = v.WhichOneof("value")
+    if which == "string_value":
+        return v.string_value
+    if which == "int_value":
+        return v.int_value
+    if which == "bool_value":
+        return v.bool_value
+    if which == "double_value":
+        return v.double_value
+    if which == "array_value":
+        return [any_value(x) for x in v.array_value.values]
+    if which == "kvlist_value":
+        return {kv.key: any_value(kv.value) for kv in v.kvlist_value.values}
+    if which == "bytes_value":
+        return v.bytes_value.hex()
+    return None
+
+
+def attributes(kvs: Any) -> dict[str, Any]:
+    return {kv.key: any_value(kv.value) for kv in kvs}
+
+
+def _ts(ns: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=ns // 1000)
+
+
+def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Decoded:
+    """Flatten a request into span rows (COLUMNS order); count the spans that cannot be stored."""
+    out = Decoded()
+    rows = out.rows
+    received_ns = int((received_at - _EPOCH).total_seconds() * 1e9)
+    for rs in req.resource_spans:
+        res = attributes(rs.resource.attributes)
+        service = res.get("service.name")
+        service = service if isinstance(service, str) and service else "unknown_service"
+        res_json = _dumps(res)
+        for ss in rs.scope_spans:
+            scope = ss.scope.name or None
+            for sp in ss.spans:
+                tid = sp.trace_id
+                sid = sp.span_id
+                if len(tid) != 16 or len(sid) != 8 or tid == _ZERO_TRACE or sid == _ZERO_SPAN:
+                    out.rejected += 1
+                    continue
+                attrs = {kv.key: any_value(kv.value) for kv in sp.attributes}
+                start_ns = sp.start_time_unix_nano or received_ns
+                end_ns = sp.end_time_unix_nano or start_ns
+                if end_ns < start_ns:
+                    end_ns = start_ns
+                events = (
+                    _dumps(
+                        [
+                            {
+                                "name": ev.name,
+                                "time": _ts(ev.time_unix_nano).isoformat(),
+                                "attributes": attributes(ev.attributes),
+                            }
+                            for ev in sp.events
+                        ]
+                    )
+                    if sp.events
+                    else "[]"
+                )
+                cid = attrs.get(CORRELATION_ATTR)
+                pipeline = attrs.get(PIPELINE_ATTR)
+                step = attrs.get(STEP_ATTR)
+                outcome = attrs.get(OUTCOME_ATTR)
+                parent = sp.parent_span_id
+                rows.append(
+                    (
+                        tid.hex(),
+                        sid.hex(),
+                        parent.hex() if len(parent) == 8 and parent != _ZERO_SPAN else None,
+                        sp.name,
+                        service,
+                        sp.kind,
+                        _ts(start_ns),
+                        _ts(end_ns),
+                        (end_ns - start_ns) // 1000,
+                        sp.status.code,
+                        sp.status.message or None,
+                        str(cid) if cid is not None and cid != "" else None,
+                        str(pipeline) if pipeline is not None else None,
+                        str(step) if step is not None else None,
+                        str(outcome) if outcome is not None else None,
+                        _dumps(attrs),
+                        events,
+                        received_at,
+                        res_json,
+                        scope,
+                    )
+                )
+    if out.rejected:
+        out.error = f"{out.rejected} span(s) rejected: missing or invalid trace_id/span_id"
+    return out
+
+
+def span_count(req: ExportTraceServiceRequest) -> int:
+    return sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)

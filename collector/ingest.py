@@ -1,0 +1,56 @@
+"""Receive-side logic shared by the OTLP receivers: token check, decode, enqueue, metrics."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from . import metrics
+from .decode import decode_request, span_count
+from .spanqueue import SpanQueue
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    accepted: bool  # False: queue full, the sender must retry (nothing was enqueued)
+    stored: int = 0  # spans enqueued
+    rejected: int = 0  # spans refused for good (partial success)
+    error: str = ""
+
+
+class Ingestor:
+    def __init__(self, queue: SpanQueue, token: str | None) -> None:
+        self.queue = queue
+        self.token = token or None
+
+    def authorized(self, authorization: str | None) -> bool:
+        """``Authorization: Bearer <token>`` check (always true when no token is configured)."""
+        if self.token is None:
+            return True
+        if not authorization:
+            return False
+        scheme, _, value = authorization.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), self.token.encode()
+        )
+
+    def submit(self, req: ExportTraceServiceRequest, transport: str) -> Outcome:
+        decoded = decode_request(req, datetime.now(UTC))
+        total = len(decoded.rows) + decoded.rejected
+        metrics.SPANS_RECEIVED.labels(transport).inc(total)
+        if decoded.rejected:
+            metrics.SPANS_DROPPED.labels("invalid").inc(decoded.rejected)
+        if decoded.rows and not self.queue.offer(decoded.rows):
+            metrics.SPANS_DROPPED.labels("queue_full").inc(len(decoded.rows))
+            return Outcome(False, 0, decoded.rejected, "queue full: retry later")
+        metrics.QUEUE_DEPTH.set(self.queue.depth)
+        return Outcome(True, len(decoded.rows), decoded.rejected, decoded.error)
+
+    def refuse(self, req_spans: int, reason: str) -> None:
+        metrics.SPANS_DROPPED.labels(reason).inc(req_spans)
+
+
+__all__ = ["Ingestor", "Outcome", "span_count"]

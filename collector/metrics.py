@@ -1,0 +1,38 @@
+"""Prometheus metrics of the collector (process-wide, default registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+SPANS_RECEIVED = Counter(
+    "hoptrace_spans_received", "Spans received by the collector.", ["transport"]
+)
+SPANS_STORED = Counter("hoptrace_spans_stored", "Spans written to the span store (new rows).")
+SPANS_DUPLICATE = Counter("hoptrace_spans_duplicate", "Spans already in the store (ignored).")
+SPANS_DROPPED = Counter(
+    "hoptrace_spans_dropped",
+    "Spans not accepted, by reason (invalid, unauthenticated, too_large, queue_full, undecodable).",
+    ["reason"],
+)
+BATCH_SECONDS = Histogram(
+    "hoptrace_write_batch_seconds",
+    "Time to write one batch (COPY + insert + correlation update).",
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+WRITE_ERRORS = Counter("hoptrace_write_errors", "Failed batch writes (retried).")
+QUEUE_DEPTH = Gauge("hoptrace_queue_depth", "Spans waiting in the write queue.")
+STALLED = Gauge("hoptrace_stalled_correlations", "Correlations currently stalled.")
+ALERTS_FIRED = Counter("hoptrace_alerts_fired", "Stall alerts fired.")
+ALERT_DELIVERIES = Counter(
+    "hoptrace_alert_deliveries", "Alert delivery attempts by result.", ["result"]
+)
+SCAN_SECONDS = Histogram(
+    "hoptrace_stall_scan_seconds",
+    "Duration of one stall scan.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition body and its content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,134 @@
+"""OTLP/HTTP receiver (starlette): ``POST /v1/traces`` (protobuf or JSON, optional gzip),
+``GET /healthz``, ``GET /metrics``.
+
+Answers per the OTLP spec: 200 (with ``partial_success`` when spans were rejected), 400
+undecodable, 401 bad/missing token, 413 too large (Content-Length, streamed size and decompressed
+size are all capped: a gzip bomb is refused without inflating it), 415 unsupported content type or
+encoding, 503 + Retry-After when the write queue is full. Never 500 for bad input.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+from google.protobuf import json_format
+from google.rpc.status_pb2 import Status
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from . import metrics
+from .decode import DecodeFailure, parse_json, parse_protobuf
+from .ingest import Ingestor
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+_PROTOBUF_TYPES = {"application/x-protobuf", "application/protobuf"}
+
+
+class TooLarge(Exception):
+    pass
+
+
+def _body(
+    msg: object, json_out: bool, status: int, headers: dict[str, str] | None = None
+) -> Response:
+    if json_out:
+        return Response(
+            json_format.MessageToJson(msg, indent=None),
+            status,
+            headers,
+            media_type=JSON,  # type: ignore[arg-type]
+        )
+    return Response(msg.SerializeToString(), status, headers, media_type=PROTOBUF)  # type: ignore[attr-defined]
+
+
+def _error(
+    status: int, message: str, json_out: bool, headers: dict[str, str] | None = None
+) -> Response:
+    return _body(Status(code=status, message=message), json_out, status, headers)
+
+
+def gunzip_capped(data: bytes, cap: int) -> bytes:
+    """Inflate gzip ``data``; raise TooLarge past ``cap`` bytes (without inflating the rest)."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = d.decompress(data, cap + 1)
+    if len(out) > cap or d.unconsumed_tail:
+        raise TooLarge()
+    if not d.eof:
+        raise zlib.error("truncated gzip stream")
+    return out
+
+
+def build_app(
+    ingestor: Ingestor, max_body_bytes: int, healthy: Callable[[], bool] = lambda: True
+) -> Starlette:
+    async def traces(request: Request) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        json_in = ctype == JSON
+        if not ingestor.authorized(request.headers.get("authorization")):
+            metrics.SPANS_DROPPED.labels("unauthenticated").inc()
+            return _error(
+                401, "missing or invalid bearer token", json_in, {"WWW-Authenticate": "Bearer"}
+            )
+        if ctype not in _PROTOBUF_TYPES and not json_in:
+            return _error(
+                415, f"unsupported content type {ctype!r}: use {PROTOBUF} or {JSON}", False
+            )
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", "gzip", ""):
+            return _error(415, f"unsupported content encoding {encoding!r}", json_in)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            metrics.SPANS_DROPPED.labels("too_large").inc()
+            return _error(413, f"body over {max_body_bytes} bytes", json_in)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                metrics.SPANS_DROPPED.labels("too_large").inc()
+                return _error(413, f"body over {max_body_bytes} bytes", json_in)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if encoding == "gzip":
+            try:
+                raw = gunzip_capped(raw, max_body_bytes)
+            except TooLarge:
+                metrics.SPANS_DROPPED.labels("too_large").inc()
+                return _error(413, f"decompressed body over {max_body_bytes} bytes", json_in)
+            except zlib.error as exc:
+                metrics.SPANS_DROPPED.labels("undecodable").inc()
+                return _error(400, f"invalid gzip body: {exc}", json_in)
+        try:
+            req = parse_json(raw) if json_in else parse_protobuf(raw)
+        except DecodeFailure as exc:
+            metrics.SPANS_DROPPED.labels("undecodable").inc()
+            return _error(400, str(exc), json_in)
+        outcome = ingestor.submit(req, "http")
+        if not outcome.accepted:
+            return _error(503, outcome.error, json_in, {"Retry-After": "1"})
+        resp = ExportTraceServiceResponse()
+        if outcome.rejected:
+            resp.partial_success.rejected_spans = outcome.rejected
+            resp.partial_success.error_message = outcome.error
+        return _body(resp, json_in, 200)
+
+    async def healthz(_: Request) -> Response:
+        ok = healthy()
+        return PlainTextResponse("ok" if ok else "unhealthy", 200 if ok else 503)
+
+    async def metrics_endpoint(_: Request) -> Response:
+        body, ctype = metrics.render()
+        return Response(body, 200, media_type=ctype)
+
+    return Starlette(
+        routes=[
+            Route("/v1/traces", traces, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ]
+    )

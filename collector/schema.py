@@ -1,0 +1,167 @@
+"""Span store DDL: idempotent migration, daily span partitions, retention by dropping partitions.
+
+Tables:
+- ``spans``: one row per span, natively partitioned by range on ``start_time`` (one partition per
+  UTC day, ``spans_pYYYYMMDD``, plus ``spans_default`` for far-off timestamps). Primary key
+  ``(trace_id, span_id, start_time)`` makes duplicate spans harmless (and serves trace-id lookups);
+  a partial index serves correlation-id lookups.
+- ``correlations``: per correlation id progress, updated incrementally by the writer.
+  ``correlations_deadline_idx`` (partial, ``state = 'in_progress'``) is the stall scan's index.
+- ``alerts``: stall alerts and their delivery (outbox) state.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+
+#: Advisory lock key serialising migrations and partition creation across replicas.
+MIGRATE_LOCK = 0x686F7074_0001
+#: Advisory lock key held by the stall-scan leader.
+SCAN_LOCK = 0x686F7074_0002
+
+DDL = """
+CREATE TABLE IF NOT EXISTS spans (
+    trace_id        text        NOT NULL,
+    span_id         text        NOT NULL,
+    parent_span_id  text,
+    name            text        NOT NULL,
+    service         text        NOT NULL,
+    kind            smallint    NOT NULL DEFAULT 0,
+    start_time      timestamptz NOT NULL,
+    end_time        timestamptz NOT NULL,
+    duration_us     bigint      NOT NULL,
+    status_code     smallint    NOT NULL DEFAULT 0,
+    status_message  text,
+    correlation_id  text,
+    pipeline        text,
+    step            text,
+    outcome         text,
+    attributes      jsonb       NOT NULL DEFAULT '{}',
+    events          jsonb       NOT NULL DEFAULT '[]',
+    received_at     timestamptz NOT NULL DEFAULT now(),
+    resource        jsonb       NOT NULL DEFAULT '{}',
+    scope           text,
+    PRIMARY KEY (trace_id, span_id, start_time)
+) PARTITION BY RANGE (start_time);
+
+CREATE TABLE IF NOT EXISTS spans_default PARTITION OF spans DEFAULT;
+
+CREATE INDEX IF NOT EXISTS spans_correlation_idx ON spans (correlation_id, start_time)
+    WHERE correlation_id IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS correlations (
+    correlation_id  text PRIMARY KEY,
+    pipeline        text,
+    state           text NOT NULL DEFAULT 'in_progress'
+                    CHECK (state IN ('in_progress', 'completed', 'failed', 'stalled')),
+    last_step       text,
+    last_step_index integer,
+    last_step_at    timestamptz,
+    failed_step     text,
+    failed_at       timestamptz,
+    error           text,
+    next_step       text,
+    next_deadline   timestamptz,
+    first_seen      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    completed_at    timestamptz,
+    steps           jsonb NOT NULL DEFAULT '{}'
+);
+
+CREATE INDEX IF NOT EXISTS correlations_deadline_idx ON correlations (next_deadline)
+    WHERE state = 'in_progress';
+CREATE INDEX IF NOT EXISTS correlations_stalled_idx ON correlations (next_deadline)
+    WHERE state = 'stalled';
+CREATE INDEX IF NOT EXISTS correlations_updated_idx ON correlations (updated_at);
+CREATE INDEX IF NOT EXISTS correlations_first_seen_idx ON correlations (first_seen);
+
+CREATE TABLE IF NOT EXISTS alerts (
+    id                  bigserial PRIMARY KEY,
+    correlation_id      text NOT NULL,
+    pipeline            text,
+    step                text,
+    status              text NOT NULL DEFAULT 'firing' CHECK (status IN ('firing', 'resolved')),
+    fired_at            timestamptz NOT NULL DEFAULT now(),
+    resolved_at         timestamptz,
+    cause               text,
+    evidence            text,
+    diagnosed           boolean NOT NULL DEFAULT false,
+    delivered_firing    boolean NOT NULL DEFAULT false,
+    delivered_resolved  boolean NOT NULL DEFAULT false,
+    attempts            integer NOT NULL DEFAULT 0,
+    next_attempt_at     timestamptz NOT NULL DEFAULT now(),
+    last_error          text
+);
+
+CREATE UNIQUE INDEX IF NOT EXISTS alerts_one_firing_idx ON alerts (correlation_id)
+    WHERE status = 'firing';
+CREATE INDEX IF NOT EXISTS alerts_correlation_idx ON alerts (correlation_id);
+CREATE INDEX IF NOT EXISTS alerts_outbox_idx ON alerts (next_attempt_at)
+    WHERE NOT delivered_firing OR (status = 'resolved' AND NOT delivered_resolved);
+"""
+
+
+def partition_name(day: date) -> str:
+    return f"spans_p{day:%Y%m%d}"
+
+
+async def migrate(conn: asyncpg.Connection, retention: timedelta, ahead_days: int = 2) -> None:
+    """Create the schema if missing (idempotent, safe with concurrent replicas) and the daily
+    partitions from the retention window's start to ``ahead_days`` ahead."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
+        await conn.execute(DDL)
+    today = datetime.now(UTC).date()
+    first = today - timedelta(days=max(0, retention.days) + 1)
+    await ensure_partitions(
+        conn, [first + timedelta(days=i) for i in range((today - first).days + ahead_days + 1)]
+    )
+
+
+async def existing_partitions(conn: asyncpg.Connection) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'spans'"
+    )
+    return {r["relname"] for r in rows}
+
+
+async def ensure_partitions(conn: asyncpg.Connection, days: list[date]) -> list[date]:
+    """Create the daily partitions for ``days`` that do not exist yet; returns the days created.
+    A day whose rows already sit in the default partition is left there (creation would fail)."""
+    have = await existing_partitions(conn)
+    missing = [d for d in sorted(set(days)) if partition_name(d) not in have]
+    created: list[date] = []
+    for day in missing:
+        lo = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        hi = lo + timedelta(days=1)
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {partition_name(day)} PARTITION OF spans "
+                    f"FOR VALUES FROM ('{lo.isoformat()}') TO ('{hi.isoformat()}')"
+                )
+            created.append(day)
+        except asyncpg.PostgresError:
+            # e.g. the default partition already holds rows of that day: they stay there.
+            continue
+    return created
+
+
+async def drop_expired(conn: asyncpg.Connection, retention: timedelta) -> list[str]:
+    """Retention: drop the daily partitions whose whole day ends before now - retention."""
+    cutoff = datetime.now(UTC) - retention
+    dropped: list[str] = []
+    for name in sorted(await existing_partitions(conn)):
+        if not name.startswith("spans_p"):
+            continue
+        day = datetime.strptime(name[len("spans_p") :], "%Y%m%d").replace(tzinfo=UTC)
+        if day + timedelta(days=1) <= cutoff:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
+                await conn.execute(f"DROP TABLE IF EXISTS {name}")
+            dropped.append(name)
+    return dropped

@@ -1,0 +1,74 @@
+"""The bounded in-memory queue between the receivers and the writer, sized in spans.
+
+Receivers :meth:`offer` (never wait: a full queue means 429/503 to the sender, which retries);
+the Kafka source :meth:`put` (waits for room). An item may carry a future that the writer resolves
+once its spans are committed (the Kafka source commits offsets only then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+
+from .decode import SpanRow
+
+
+@dataclass(slots=True)
+class Item:
+    rows: list[SpanRow]
+    done: asyncio.Future[None] | None = None
+
+
+class SpanQueue:
+    def __init__(self, max_spans: int) -> None:
+        self.max_spans = max_spans
+        self._items: deque[Item] = deque()
+        self._size = 0
+        self._nonempty = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    @property
+    def depth(self) -> int:
+        """Spans waiting to be written."""
+        return self._size
+
+    def _fits(self, n: int) -> bool:
+        # An oversized single request is accepted into an empty queue rather than refused forever.
+        return self._size == 0 or self._size + n <= self.max_spans
+
+    def offer(self, rows: list[SpanRow], done: asyncio.Future[None] | None = None) -> bool:
+        """Enqueue without waiting; False when full (nothing enqueued)."""
+        if not self._fits(len(rows)):
+            return False
+        self._items.append(Item(rows, done))
+        self._size += len(rows)
+        self._nonempty.set()
+        if self._size >= self.max_spans:
+            self._room.clear()
+        return True
+
+    async def put(self, rows: list[SpanRow], done: asyncio.Future[None] | None = None) -> None:
+        """Enqueue, waiting for room."""
+        while not self.offer(rows, done):
+            self._room.clear()
+            await self._room.wait()
+
+    async def take(self, max_spans: int) -> list[Item]:
+        """Wait for at least one item, then take items up to ``max_spans`` spans (at least one)."""
+        while not self._items:
+            self._nonempty.clear()
+            await self._nonempty.wait()
+        out: list[Item] = []
+        n = 0
+        while self._items and (not out or n + len(self._items[0].rows) <= max_spans):
+            item = self._items.popleft()
+            out.append(item)
+            n += len(item.rows)
+        self._size -= n
+        if not self._items:
+            self._nonempty.clear()
+        if self._size < self.max_spans:
+            self._room.set()
+        return out

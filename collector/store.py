@@ -1,0 +1,357 @@
+"""The span store's read API (used by the diagnosis, the CLI and the dashboard). Typed, bounded.
+
+Every function takes an ``asyncpg`` pool (or connection) to the store database, e.g. from
+:func:`connect` (any asyncpg pool works: jsonb values are decoded whether or not a codec is set).
+Times are timezone-aware UTC datetimes; durations are ``timedelta`` or float seconds as named.
+Functions that need step order take an optional ``spec`` (default: the configured pipeline).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from hoptrace.instrumentation.spec import PipelineSpec, load_spec
+from hoptrace.settings import get_settings
+
+Pool = asyncpg.Pool | asyncpg.Connection
+
+__all__ = [
+    "AlertRow",
+    "CorrelationRow",
+    "HopLatency",
+    "Pool",
+    "SpanRecord",
+    "StallRow",
+    "StepProgress",
+    "alerts",
+    "alerts_for_correlation",
+    "connect",
+    "correlation",
+    "funnel",
+    "hop_latencies",
+    "spans_for_correlation",
+    "spans_for_trace",
+    "stalled",
+    "state_counts",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SpanRecord:
+    """One stored span (ids are lowercase hex; status_code 0 unset, 1 ok, 2 error)."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None
+    name: str
+    service: str
+    kind: int
+    start_time: datetime
+    end_time: datetime
+    duration_us: int
+    status_code: int
+    status_message: str | None
+    correlation_id: str | None
+    pipeline: str | None
+    step: str | None
+    outcome: str | None
+    attributes: dict[str, Any]
+    events: list[dict[str, Any]]
+    received_at: datetime
+    resource: dict[str, Any] = field(default_factory=dict)
+    scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepProgress:
+    """A step's executions within one correlation (from ``correlations.steps``)."""
+
+    step: str
+    first_start: datetime | None
+    last_end: datetime | None
+    done_at: datetime | None  # earliest successful end; None = not done
+    outcome: str | None  # ok | duplicate | error (best seen)
+    count: int
+    ok: int
+    duplicate: int
+    error: int
+    last_error: str | None
+
+    @property
+    def done(self) -> bool:
+        return self.done_at is not None
+
+
+@dataclass(frozen=True, slots=True)
+class CorrelationRow:
+    """Progress of one correlation id. ``state``: in_progress | completed | failed | stalled."""
+
+    correlation_id: str
+    pipeline: str | None
+    state: str
+    last_step: str | None
+    last_step_index: int | None
+    last_step_at: datetime | None
+    failed_step: str | None
+    failed_at: datetime | None
+    error: str | None
+    next_step: str | None
+    next_deadline: datetime | None
+    first_seen: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+    steps: dict[str, StepProgress]
+
+
+@dataclass(frozen=True, slots=True)
+class StallRow:
+    """A stalled correlation: ``step`` is the overdue step, ``since`` its deadline."""
+
+    correlation_id: str
+    pipeline: str | None
+    step: str | None
+    last_step: str | None
+    last_step_at: datetime | None
+    since: datetime
+    overdue_by: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRow:
+    id: int
+    correlation_id: str
+    pipeline: str | None
+    step: str | None
+    status: str  # firing | resolved
+    fired_at: datetime
+    resolved_at: datetime | None
+    cause: str | None
+    evidence: str | None
+    delivered_firing: bool
+    delivered_resolved: bool
+    attempts: int
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HopLatency:
+    """Latency samples (seconds) of one step measured from the previous step's completion (the
+    first step: from its own start). Percentiles are None when there are no samples."""
+
+    step: str
+    samples: list[float]
+
+    def percentile(self, q: float) -> float | None:
+        if not self.samples:
+            return None
+        if len(self.samples) == 1:
+            return self.samples[0]
+        return statistics.quantiles(self.samples, n=100, method="inclusive")[int(q) - 1]
+
+    @property
+    def p50(self) -> float | None:
+        return self.percentile(50)
+
+    @property
+    def p95(self) -> float | None:
+        return self.percentile(95)
+
+    @property
+    def p99(self) -> float | None:
+        return self.percentile(99)
+
+
+async def connect(dsn: str | None = None, *, min_size: int = 1, max_size: int = 5) -> asyncpg.Pool:
+    """A pool on the store (default: ``HOPTRACE_DATABASE_URL``)."""
+    return await asyncpg.create_pool(
+        dsn or get_settings().database_url, min_size=min_size, max_size=max_size
+    )
+
+
+def _spec(spec: PipelineSpec | None) -> PipelineSpec:
+    return spec if spec is not None else load_spec(get_settings().pipeline)
+
+
+def _j(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+_SPAN_COLS = (
+    "trace_id, span_id, parent_span_id, name, service, kind, start_time, end_time, duration_us, "
+    "status_code, status_message, correlation_id, pipeline, step, outcome, attributes, events, "
+    "received_at, resource, scope"
+)
+
+
+def _span(r: asyncpg.Record) -> SpanRecord:
+    d = dict(r)
+    d["attributes"] = _j(d["attributes"]) or {}
+    d["events"] = _j(d["events"]) or []
+    d["resource"] = _j(d["resource"]) or {}
+    return SpanRecord(**d)
+
+
+async def spans_for_correlation(pool: Pool, cid: str, limit: int = 5000) -> list[SpanRecord]:
+    """Spans carrying ``hoptrace.correlation_id = cid``, by start time (at most ``limit``)."""
+    rows = await pool.fetch(
+        f"SELECT {_SPAN_COLS} FROM spans WHERE correlation_id = $1 ORDER BY start_time LIMIT $2",  # noqa: S608
+        cid,
+        limit,
+    )
+    return [_span(r) for r in rows]
+
+
+async def spans_for_trace(pool: Pool, trace_id: str, limit: int = 5000) -> list[SpanRecord]:
+    """Spans of one trace (32-hex id), by start time (at most ``limit``)."""
+    rows = await pool.fetch(
+        f"SELECT {_SPAN_COLS} FROM spans WHERE trace_id = $1 ORDER BY start_time LIMIT $2",  # noqa: S608
+        trace_id.lower(),
+        limit,
+    )
+    return [_span(r) for r in rows]
+
+
+def _steps(raw: Any) -> dict[str, StepProgress]:
+    out: dict[str, StepProgress] = {}
+    for sid, s in (_j(raw) or {}).items():
+        out[sid] = StepProgress(
+            step=sid,
+            first_start=_dt(s.get("first_start")),
+            last_end=_dt(s.get("last_end")),
+            done_at=_dt(s.get("done_at")),
+            outcome=s.get("outcome"),
+            count=int(s.get("count", 0)),
+            ok=int(s.get("ok", 0)),
+            duplicate=int(s.get("duplicate", 0)),
+            error=int(s.get("error", 0)),
+            last_error=s.get("last_error"),
+        )
+    return out
+
+
+async def correlation(pool: Pool, cid: str) -> CorrelationRow | None:
+    """The progress row of one correlation id, or None if no step span was seen for it."""
+    r = await pool.fetchrow("SELECT * FROM correlations WHERE correlation_id = $1", cid)
+    if r is None:
+        return None
+    d = dict(r)
+    d["steps"] = _steps(d["steps"])
+    return CorrelationRow(**d)
+
+
+async def stalled(pool: Pool, limit: int = 100) -> list[StallRow]:
+    """Stalled correlations, longest overdue first (at most ``limit``)."""
+    rows = await pool.fetch(
+        "SELECT correlation_id, pipeline, next_step, last_step, last_step_at, next_deadline, "
+        "now() - next_deadline AS overdue_by FROM correlations "
+        "WHERE state = 'stalled' ORDER BY next_deadline LIMIT $1",
+        limit,
+    )
+    return [
+        StallRow(
+            correlation_id=r["correlation_id"],
+            pipeline=r["pipeline"],
+            step=r["next_step"],
+            last_step=r["last_step"],
+            last_step_at=r["last_step_at"],
+            since=r["next_deadline"],
+            overdue_by=r["overdue_by"],
+        )
+        for r in rows
+    ]
+
+
+async def alerts(pool: Pool, status: str | None = None, limit: int = 200) -> list[AlertRow]:
+    """Alerts, newest first; ``status`` filters on firing|resolved."""
+    cols = (
+        "id, correlation_id, pipeline, step, status, fired_at, resolved_at, cause, evidence, "
+        "delivered_firing, delivered_resolved, attempts, last_error"
+    )
+    if status is None:
+        rows = await pool.fetch(
+            f"SELECT {cols} FROM alerts ORDER BY fired_at DESC, id DESC LIMIT $1", limit
+        )  # noqa: S608
+    else:
+        rows = await pool.fetch(
+            f"SELECT {cols} FROM alerts WHERE status = $1 ORDER BY fired_at DESC, id DESC LIMIT $2",  # noqa: S608
+            status,
+            limit,
+        )
+    return [AlertRow(**dict(r)) for r in rows]
+
+
+async def alerts_for_correlation(pool: Pool, cid: str) -> list[AlertRow]:
+    """Every alert of one correlation, oldest first."""
+    rows = await pool.fetch(
+        "SELECT id, correlation_id, pipeline, step, status, fired_at, resolved_at, cause, evidence, "
+        "delivered_firing, delivered_resolved, attempts, last_error FROM alerts "
+        "WHERE correlation_id = $1 ORDER BY id",
+        cid,
+    )
+    return [AlertRow(**dict(r)) for r in rows]
+
+
+async def state_counts(pool: Pool, since: datetime) -> dict[str, int]:
+    """Correlations first seen at or after ``since``, counted by state (all four keys present)."""
+    out = {"in_progress": 0, "completed": 0, "failed": 0, "stalled": 0}
+    for r in await pool.fetch(
+        "SELECT state, count(*)::int AS n FROM correlations WHERE first_seen >= $1 GROUP BY state",
+        since,
+    ):
+        out[r["state"]] = r["n"]
+    return out
+
+
+async def funnel(pool: Pool, since: datetime, spec: PipelineSpec | None = None) -> dict[str, int]:
+    """For correlations first seen at or after ``since``: how many got each step done, in spec
+    order (every spec step present)."""
+    spec = _spec(spec)
+    counts = {
+        r["step"]: r["n"]
+        for r in await pool.fetch(
+            "SELECT s.key AS step, count(*)::int AS n FROM correlations c, jsonb_each(c.steps) s "
+            "WHERE c.first_seen >= $1 AND s.value->>'done_at' IS NOT NULL GROUP BY s.key",
+            since,
+        )
+    }
+    return {s.id: counts.get(s.id, 0) for s in spec.steps}
+
+
+async def hop_latencies(
+    pool: Pool, since: datetime, limit: int = 10_000, spec: PipelineSpec | None = None
+) -> dict[str, HopLatency]:
+    """Per step, latency samples from the previous step's completion to this step's completion
+    (first step: its own duration), over the ``limit`` most recently updated correlations first
+    seen at or after ``since``. Keys in spec order."""
+    spec = _spec(spec)
+    rows = await pool.fetch(
+        "SELECT steps FROM correlations WHERE first_seen >= $1 ORDER BY updated_at DESC LIMIT $2",
+        since,
+        limit,
+    )
+    out = {s.id: HopLatency(s.id, []) for s in spec.steps}
+    for r in rows:
+        steps = _j(r["steps"]) or {}
+        prev_done: datetime | None = None
+        for i, s in enumerate(spec.steps):
+            st = steps.get(s.id) or {}
+            done = _dt(st.get("done_at"))
+            if done is not None:
+                if i == 0:
+                    start = _dt(st.get("first_start"))
+                    if start is not None:
+                        out[s.id].samples.append(max(0.0, (done - start).total_seconds()))
+                elif prev_done is not None:
+                    out[s.id].samples.append(max(0.0, (done - prev_done).total_seconds()))
+            prev_done = done
+    return out

@@ -1,0 +1,193 @@
+"""Batch writer: queue -> COPY into a per-connection staging table -> INSERT .. ON CONFLICT DO
+NOTHING into ``spans`` -> fold the new step spans into ``correlations`` -> resolve alerts of
+correlations that moved on. One transaction per batch; a failed batch is retried until it lands
+(nothing accepted is dropped; meanwhile the queue fills and receivers answer 503)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from hoptrace.instrumentation.spec import PipelineSpec
+
+from . import metrics
+from .decode import COLUMNS, I_SPAN, I_START, I_STEP, I_TRACE, SpanRow
+from .schema import ensure_partitions, existing_partitions, partition_name
+from .spanqueue import SpanQueue
+from .state import fold, observations
+
+log = logging.getLogger("hoptrace.collector.writer")
+
+_STAGE_DDL = (
+    "CREATE TEMP TABLE IF NOT EXISTS spans_stage "
+    "(LIKE spans INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_COLS = ", ".join(COLUMNS)
+_INSERT = f"""
+WITH ins AS (
+    INSERT INTO spans ({_COLS}) SELECT {_COLS} FROM spans_stage
+    ON CONFLICT DO NOTHING RETURNING trace_id, span_id, step
+)
+SELECT count(*)::int AS n,
+       coalesce(array_agg(trace_id || span_id) FILTER (WHERE step IS NOT NULL), '{{}}') AS keys
+FROM ins
+"""  # noqa: S608 - constant column list
+_ENSURE_CORR = """
+INSERT INTO correlations (correlation_id, pipeline, first_seen)
+SELECT u.cid, $2, u.first_seen FROM unnest($1::text[], $3::timestamptz[]) AS u(cid, first_seen)
+ON CONFLICT (correlation_id) DO NOTHING
+"""
+_LOCK_CORR = """
+SELECT correlation_id, state, last_step_index, first_seen, steps::text AS steps
+FROM correlations WHERE correlation_id = ANY($1::text[]) ORDER BY correlation_id FOR UPDATE
+"""
+_UPDATE_CORR = """
+UPDATE correlations c SET
+    pipeline = u.pipeline, state = u.state, last_step = u.last_step,
+    last_step_index = u.last_step_index, last_step_at = u.last_step_at,
+    failed_step = u.failed_step, failed_at = u.failed_at, error = u.error,
+    next_step = u.next_step, next_deadline = u.next_deadline, first_seen = u.first_seen,
+    completed_at = u.completed_at, steps = u.steps::jsonb, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
+            $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::timestamptz[],
+            $12::timestamptz[], $13::timestamptz[], $14::text[])
+     AS u(cid, pipeline, state, last_step, last_step_index, last_step_at, failed_step, failed_at,
+          error, next_step, next_deadline, first_seen, completed_at, steps)
+WHERE c.correlation_id = u.cid
+"""
+_RESOLVE = """
+UPDATE alerts SET status = 'resolved', resolved_at = now(), next_attempt_at = now(), attempts = 0
+WHERE correlation_id = ANY($1::text[]) AND status = 'firing'
+"""
+_FIELDS = (
+    "pipeline",
+    "state",
+    "last_step",
+    "last_step_index",
+    "last_step_at",
+    "failed_step",
+    "failed_at",
+    "error",
+    "next_step",
+    "next_deadline",
+    "first_seen",
+    "completed_at",
+)
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """Pool ``init``: the per-connection staging table."""
+    await conn.execute(_STAGE_DDL)
+
+
+def _json_default(o: Any) -> Any:
+    return o.isoformat() if isinstance(o, datetime) else str(o)
+
+
+class Writer:
+    """Writes batches of span rows; see the module docstring."""
+
+    def __init__(self, pool: asyncpg.Pool, spec: PipelineSpec, retention: timedelta) -> None:
+        self.pool = pool
+        self.spec = spec
+        self.retention = retention
+        self._days: set[date] = set()
+        self.inflight = 0  # batches taken from the queue and not yet written
+
+    async def _ensure_days(self, conn: asyncpg.Connection, rows: list[SpanRow]) -> None:
+        days = {r[I_START].date() for r in rows}
+        unknown = days - self._days
+        if not unknown:
+            return
+        today = datetime.now(UTC).date()
+        window = [
+            d
+            for d in unknown
+            if today - self.retention - timedelta(days=1) <= d <= today + timedelta(days=7)
+        ]
+        if window:
+            await ensure_partitions(conn, window)
+        have = await existing_partitions(conn)
+        self._days |= {d for d in unknown if partition_name(d) in have}
+
+    async def write(self, rows: list[SpanRow]) -> int:
+        """Store one batch atomically; returns the number of new spans (duplicates excluded)."""
+        if not rows:
+            return 0
+        t0 = time.perf_counter()
+        async with self.pool.acquire() as conn:
+            await self._ensure_days(conn, rows)
+            async with conn.transaction():
+                await conn.copy_records_to_table("spans_stage", records=rows, columns=COLUMNS)
+                res = await conn.fetchrow(_INSERT)
+                keys = set(res["keys"])
+                if keys:
+                    step_rows = [
+                        r for r in rows if r[I_STEP] is not None and r[I_TRACE] + r[I_SPAN] in keys
+                    ]
+                    await self._fold(conn, step_rows)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+        n = res["n"]
+        metrics.SPANS_STORED.inc(n)
+        if len(rows) > n:
+            metrics.SPANS_DUPLICATE.inc(len(rows) - n)
+        return n
+
+    async def _fold(self, conn: asyncpg.Connection, rows: list[SpanRow]) -> None:
+        obs = observations(rows, self.spec)
+        if not obs:
+            return
+        cids = sorted(obs)
+        firsts = [min(o.start for o in obs[c]) for c in cids]
+        await conn.execute(_ENSURE_CORR, cids, self.spec.name, firsts)
+        current = {r["correlation_id"]: r for r in await conn.fetch(_LOCK_CORR, cids)}
+        now = datetime.now(UTC)
+        cols: list[list[Any]] = [[] for _ in range(14)]
+        resolved: list[str] = []
+        for cid in cids:
+            rec = current.get(cid)
+            row = None
+            if rec is not None:
+                row = dict(rec)
+                row["steps"] = json.loads(rec["steps"]) if rec["steps"] else {}
+            new = fold(self.spec, row, obs[cid], now)
+            if new["resolved"]:
+                resolved.append(cid)
+            cols[0].append(cid)
+            for i, f in enumerate(_FIELDS, start=1):
+                cols[i].append(new[f])
+            cols[13].append(json.dumps(new["steps"], default=_json_default))
+        await conn.execute(_UPDATE_CORR, *cols)
+        if resolved:
+            await conn.execute(_RESOLVE, resolved)
+
+
+async def run_writer(writer: Writer, queue: SpanQueue, batch_spans: int) -> None:
+    """Forever: take a batch from the queue and write it, retrying with backoff until it lands."""
+    while True:
+        items = await queue.take(batch_spans)
+        writer.inflight += 1
+        metrics.QUEUE_DEPTH.set(queue.depth)
+        rows = [r for it in items for r in it.rows]
+        delay = 0.1
+        while True:
+            try:
+                await writer.write(rows)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # DB down, deadlock, ...: retry the same batch
+                metrics.WRITE_ERRORS.inc()
+                log.warning("span batch write failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        writer.inflight -= 1
+        for it in items:
+            if it.done is not None and not it.done.done():
+                it.done.set_result(None)
