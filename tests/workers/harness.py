@@ -219,3 +219,68 @@ async def fetchval(db_url: str, sql: str, *args: object) -> object:
         return await conn.fetchval(sql, *args)
     finally:
         await conn.close()
+
+
+async def group_members(bootstrap: str, group: str) -> int:
+    """How many members the consumer group has right now (0 if it does not exist)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        resp = await admin.describe_consumer_groups([group])
+        groups = resp[0].to_object()["groups"]
+        return sum(len(g["members"]) for g in groups if g["group"] == group)
+    finally:
+        await admin.close()
+
+
+async def committed(bootstrap: str, group: str, topic: str) -> int:
+    """Sum of the group's committed offsets on ``topic`` (0 when none)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+        return sum(m.offset for tp, m in offsets.items() if tp.topic == topic and m.offset > 0)
+    finally:
+        await admin.close()
+
+
+async def read_topic(bootstrap: str, topic: str, timeout_ms: int = 1000) -> list[object]:
+    """Every record currently on ``topic`` (no group, from the beginning)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        out: list[object] = []
+        batch = await consumer.getmany(timeout_ms=timeout_ms)
+        while batch:
+            for records in batch.values():
+                out.extend(records)
+            batch = await consumer.getmany(timeout_ms=300)
+        return out
+    finally:
+        await consumer.stop()
+
+
+def header(record: object, key: str) -> str | None:
+    for k, v in getattr(record, "headers", None) or ():
+        if k == key:
+            return v.decode() if isinstance(v, bytes) else str(v)
+    return None
+
+
+async def produce(bootstrap: str, topic: str, value: bytes, headers: list | None = None) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, headers=headers or [])
+    finally:
+        await producer.stop()
