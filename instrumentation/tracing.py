@@ -227,7 +227,9 @@ def configure_tracing(
         key: object = exporter if exporter is not None else ("default", repr(sorted(opts.items())))
         if _state is not None:
             if _state.switch.current is not None and (
-                _state.exporter_key is key or _state.exporter_key == key
+                (exporter is None and not opts)
+                or _state.exporter_key is key
+                or _state.exporter_key == key
             ):
                 return _state.provider
             if _state.service_name != service_name:
