@@ -204,6 +204,8 @@ class Diagnosis:
     missing: Mapping[str, str]
     checked_at: datetime
     queries: tuple[str, ...] = ()
+    #: the evidence this diagnosis was computed from (Kafka facts, processed_events, effect rows)
+    facts: Evidence | None = field(default=None, compare=False, repr=False)
 
     def step(self, step_id: str) -> StepResult:
         for s in self.steps:
@@ -504,6 +506,7 @@ def diagnose(spec: PipelineSpec, evidence: Evidence, now: datetime) -> Diagnosis
         missing=dict(evidence.missing),
         checked_at=now,
         queries=evidence.queries,
+        facts=evidence,
     )
 
 

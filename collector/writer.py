@@ -128,9 +128,12 @@ class Writer:
                 res = await conn.fetchrow(_INSERT)
                 keys = set(res["keys"])
                 if keys:
-                    step_rows = [
-                        r for r in rows if r[I_STEP] is not None and r[I_TRACE] + r[I_SPAN] in keys
-                    ]
+                    step_rows = []
+                    for r in rows:  # each new key once (a batch may repeat a span)
+                        k = r[I_TRACE] + r[I_SPAN]
+                        if r[I_STEP] is not None and k in keys:
+                            keys.discard(k)
+                            step_rows.append(r)
                     await self._fold(conn, step_rows)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
         n = res["n"]

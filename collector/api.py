@@ -1,0 +1,164 @@
+"""The collector's ONE read facade (the dashboard, the CLI and the alerts import only this).
+
+* ``await diagnose(cid, settings=None, pool=None) -> Diagnosis``: where a correlation stopped and
+  why, with evidence (spans, Kafka, database), ``found=False`` for an unknown id,
+  :class:`MalformedId` (a ``ValueError``) for an id that cannot be one.
+* ``await gather_evidence(cid, ...) -> Evidence``: the raw evidence behind it.
+* ``await cause_for(cid) -> (cause, one-line evidence)``: the stall scanner's alert hook.
+* Store pass-throughs with the store's signatures (pool first): ``connect``,
+  ``spans_for_correlation``, ``spans_for_trace``, ``correlation``, ``stalled``, ``alerts``,
+  ``alerts_for_correlation``, ``state_counts``, ``funnel``, ``hop_latencies``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import UTC, datetime
+
+import asyncpg
+
+from hoptrace.instrumentation.spec import PipelineSpec, load_spec
+from hoptrace.settings import Settings, get_settings
+
+from .diagnosis import CAUSES, Diagnosis, Evidence, StepResult
+from .diagnosis import diagnose as _diagnose
+from .evidence import EvidenceSources, gather
+from .store import (
+    AlertRow,
+    CorrelationRow,
+    HopLatency,
+    SpanRecord,
+    StallRow,
+    alerts,
+    alerts_for_correlation,
+    connect,
+    correlation,
+    funnel,
+    hop_latencies,
+    spans_for_correlation,
+    spans_for_trace,
+    stalled,
+    state_counts,
+)
+
+#: What a correlation id may look like (format and length).
+ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class MalformedId(ValueError):
+    """The text cannot be a correlation id."""
+
+
+def validate_id(cid: str) -> str:
+    if not isinstance(cid, str) or not ID_PATTERN.match(cid):
+        shown = cid if isinstance(cid, str) and len(cid) <= 60 else f"{str(cid)[:60]}..."
+        raise MalformedId(
+            f"{shown!r} is not a valid correlation id (1-128 characters: letters, digits, . _ : -)"
+        )
+    return cid
+
+
+# one set of long-lived clients per (event loop, database, Kafka, pool) ------------------------
+_sources: dict[tuple[int, str, str, int], EvidenceSources] = {}
+_specs: dict[str, PipelineSpec] = {}
+
+
+def _spec_for(settings: Settings) -> PipelineSpec:
+    key = str(settings.pipeline)
+    if key not in _specs:
+        _specs[key] = load_spec(settings.pipeline)
+    return _specs[key]
+
+
+def sources_for(
+    settings: Settings | None = None, pool: asyncpg.Pool | None = None
+) -> EvidenceSources:
+    """Shared evidence clients for this event loop (created on first use)."""
+    settings = settings or get_settings()
+    loop = asyncio.get_running_loop()
+    for key in [k for k, v in _sources.items() if v.loop is not None and v.loop.is_closed()]:
+        del _sources[key]
+    key = (id(loop), settings.database_url, settings.kafka_bootstrap, id(pool) if pool else 0)
+    src = _sources.get(key)
+    if src is None:
+        src = _sources[key] = EvidenceSources(settings, pool=pool)
+        src.loop = loop
+    return src
+
+
+async def close() -> None:
+    """Close the shared clients of the running event loop."""
+    loop = asyncio.get_running_loop()
+    for key, src in list(_sources.items()):
+        if src.loop is loop:
+            del _sources[key]
+            await src.close()
+
+
+async def gather_evidence(
+    cid: str,
+    settings: Settings | None = None,
+    pool: asyncpg.Pool | None = None,
+    spec: PipelineSpec | None = None,
+) -> Evidence:
+    validate_id(cid)
+    settings = settings or get_settings()
+    return await gather(cid, spec or _spec_for(settings), sources_for(settings, pool))
+
+
+async def diagnose(
+    cid: str,
+    settings: Settings | None = None,
+    pool: asyncpg.Pool | None = None,
+    spec: PipelineSpec | None = None,
+    now: datetime | None = None,
+) -> Diagnosis:
+    """Where ``cid`` stopped and why. ``pool``: an existing pool on the store (e.g. the dashboard's
+    read-only role); default: a shared pool on ``HOPTRACE_DATABASE_URL``."""
+    validate_id(cid)
+    settings = settings or get_settings()
+    spec = spec or _spec_for(settings)
+    ev = await gather(cid, spec, sources_for(settings, pool), now=now)
+    return _diagnose(spec, ev, now or datetime.now(UTC))
+
+
+async def cause_for(cid: str) -> tuple[str | None, str | None]:
+    """The stall scanner's hook: the cause code and its deciding evidence on one line."""
+    d = await diagnose(cid)
+    if not d.found:
+        return None, None
+    line = "; ".join(d.evidence[:3])
+    if d.next_action:
+        line = f"{line} -> {d.next_action}" if line else d.next_action
+    return d.cause, line[:1000]
+
+
+__all__ = [
+    "CAUSES",
+    "AlertRow",
+    "CorrelationRow",
+    "Diagnosis",
+    "Evidence",
+    "HopLatency",
+    "MalformedId",
+    "SpanRecord",
+    "StallRow",
+    "StepResult",
+    "alerts",
+    "alerts_for_correlation",
+    "cause_for",
+    "close",
+    "connect",
+    "correlation",
+    "diagnose",
+    "funnel",
+    "gather_evidence",
+    "hop_latencies",
+    "sources_for",
+    "spans_for_correlation",
+    "spans_for_trace",
+    "stalled",
+    "state_counts",
+    "validate_id",
+]

@@ -1,0 +1,55 @@
+"""`hoptrace trace ID --format text|json|markdown`: exit 0 when the correlation was found, 2 for
+a malformed or unknown id, 1 for an internal failure (e.g. the span store cannot be read)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import traceback
+
+import typer
+
+from hoptrace.settings import get_settings
+
+from . import api
+from .diagnosis import Diagnosis
+from .render import render
+
+FORMATS = ("text", "json", "markdown")
+
+
+async def _lookup(cid: str) -> Diagnosis:
+    try:
+        return await api.diagnose(cid)
+    finally:
+        await api.close()
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"hoptrace: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def trace_cli(correlation_id: str, fmt: str = "text") -> None:
+    if fmt not in FORMATS:
+        _fail(f"unknown format {fmt!r}: use text, json or markdown", 2)
+    try:
+        api.validate_id(correlation_id)
+    except api.MalformedId as exc:
+        _fail(str(exc), 2)
+    try:
+        diagnosis = asyncio.run(_lookup(correlation_id))
+    except Exception as exc:  # noqa: BLE001 - reported, exit 1
+        traceback.print_exc(file=sys.stderr)
+        _fail(
+            f"internal failure while diagnosing {correlation_id!r}: {type(exc).__name__}: {exc}", 1
+        )
+    if not diagnosis.found:
+        if "spans" in diagnosis.missing:
+            _fail(f"the span store could not be read: {diagnosis.missing['spans']}", 1)
+        _fail(
+            f"no payment with id {correlation_id!r} is known: no span, processed_events row or "
+            "effect row carries it (check the id, or whether its spans reached the collector)",
+            2,
+        )
+    typer.echo(render(diagnosis, fmt, get_settings().jaeger_url))
