@@ -1,0 +1,42 @@
+"""The Go tools the deploy tests run (built once by scripts/go-tools.sh, cached in
+.hoptrace/tools/bin). A missing tool is built here; a failed build fails the test loudly."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hoptrace.settings import PROJECT_ROOT
+
+SCRIPT = PROJECT_ROOT / "scripts" / "go-tools.sh"
+BIN = PROJECT_ROOT / ".hoptrace" / "tools" / "bin"
+COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
+ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
+OTELCOL_CONFIG = PROJECT_ROOT / "collector" / "otelcol-config.yaml"
+OTELCOL_KAFKA_OVERLAY = PROJECT_ROOT / "collector" / "otelcol-kafka-spans.yaml"
+
+
+def go_tool(name: str) -> Path:
+    """Path of the built tool; runs scripts/go-tools.sh NAME (a no-op when cached and current)."""
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), name], capture_output=True, text=True, timeout=3600, check=False
+    )
+    path = BIN / name
+    if proc.returncode != 0 or not path.exists():
+        pytest.fail(
+            f"scripts/go-tools.sh {name} failed (exit {proc.returncode}); the Go tool {name!r} is "
+            f"needed for this test.\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}",
+            pytrace=False,
+        )
+    return path
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A minimal environment, so a developer's own HOPTRACE_*/POSTGRES_* values cannot leak in."""
+    import os
+
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    env.update(extra or {})
+    return env
