@@ -62,7 +62,7 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::times
 WHERE c.correlation_id = u.cid
 """
 _RESOLVE = """
-UPDATE alerts SET status = 'resolved', resolved_at = now(), next_attempt_at = now(), attempts = 0
+UPDATE alerts SET status = 'resolved', resolved_at = now(), next_attempt_at = now()
 WHERE correlation_id = ANY($1::text[]) AND status = 'firing'
 """
 _FIELDS = (
