@@ -267,11 +267,15 @@ async def _kafka_base(
     groups = [s.group for s in consuming if s.group]
 
     async def describe() -> dict[str, tuple[str, int]]:
-        if not groups:
+        # DescribeGroups on a group the broker does not know returns a body aiokafka cannot
+        # decode (Kafka 4): list the groups first and describe only those that exist.
+        known = {g[0] for g in await admin.list_consumer_groups()}
+        present = [g for g in groups if g in known]
+        if not present:
             return {}
-        coord = await sources.coordinator(groups[0])
+        coord = await sources.coordinator(present[0])
         return _groups_described(
-            await admin.describe_consumer_groups(groups, group_coordinator_id=coord)
+            await admin.describe_consumer_groups(present, group_coordinator_id=coord)
         )
 
     async def offsets(step: Step) -> tuple[str, dict[int, int]]:
