@@ -166,9 +166,9 @@ class Collector:
 
 
 def _cause_hook() -> CauseFn | None:
-    """The diagnosis engineer's hook, ``hoptrace.collector.diagnosis.cause_for``, if present."""
+    """The diagnosis hook, ``hoptrace.collector.api.cause_for``, if present."""
     try:
-        mod = importlib.import_module("hoptrace.collector.diagnosis")
+        mod = importlib.import_module("hoptrace.collector.api")
     except ImportError:
         return None
     hook = getattr(mod, "cause_for", None)
