@@ -271,34 +271,30 @@ async def stalled(pool: Pool, limit: int = 100) -> list[StallRow]:
     ]
 
 
+_ALERT_COLS = (
+    "id, correlation_id, pipeline, step, status, fired_at, resolved_at, cause, evidence, "
+    "delivered_firing, delivered_resolved, attempts, last_error"
+)
+_ALERTS_ALL = f"SELECT {_ALERT_COLS} FROM alerts ORDER BY fired_at DESC, id DESC LIMIT $1"  # noqa: S608
+_ALERTS_BY_STATUS = (
+    f"SELECT {_ALERT_COLS} FROM alerts WHERE status = $1 "  # noqa: S608
+    "ORDER BY fired_at DESC, id DESC LIMIT $2"
+)
+_ALERTS_FOR_CID = f"SELECT {_ALERT_COLS} FROM alerts WHERE correlation_id = $1 ORDER BY id"  # noqa: S608
+
+
 async def alerts(pool: Pool, status: str | None = None, limit: int = 200) -> list[AlertRow]:
     """Alerts, newest first; ``status`` filters on firing|resolved."""
-    cols = (
-        "id, correlation_id, pipeline, step, status, fired_at, resolved_at, cause, evidence, "
-        "delivered_firing, delivered_resolved, attempts, last_error"
-    )
     if status is None:
-        rows = await pool.fetch(
-            f"SELECT {cols} FROM alerts ORDER BY fired_at DESC, id DESC LIMIT $1", limit
-        )  # noqa: S608
+        rows = await pool.fetch(_ALERTS_ALL, limit)
     else:
-        rows = await pool.fetch(
-            f"SELECT {cols} FROM alerts WHERE status = $1 ORDER BY fired_at DESC, id DESC LIMIT $2",  # noqa: S608
-            status,
-            limit,
-        )
+        rows = await pool.fetch(_ALERTS_BY_STATUS, status, limit)
     return [AlertRow(**dict(r)) for r in rows]
 
 
 async def alerts_for_correlation(pool: Pool, cid: str) -> list[AlertRow]:
     """Every alert of one correlation, oldest first."""
-    rows = await pool.fetch(
-        "SELECT id, correlation_id, pipeline, step, status, fired_at, resolved_at, cause, evidence, "
-        "delivered_firing, delivered_resolved, attempts, last_error FROM alerts "
-        "WHERE correlation_id = $1 ORDER BY id",
-        cid,
-    )
-    return [AlertRow(**dict(r)) for r in rows]
+    return [AlertRow(**dict(r)) for r in await pool.fetch(_ALERTS_FOR_CID, cid)]
 
 
 async def state_counts(pool: Pool, since: datetime) -> dict[str, int]:

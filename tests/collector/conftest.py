@@ -38,7 +38,9 @@ def collector_settings(db_url: str, spec_path: Path) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-async def make_collector(collector_settings: Callable[..., Settings]) -> AsyncIterator[MakeCollector]:
+async def make_collector(
+    collector_settings: Callable[..., Settings],
+) -> AsyncIterator[MakeCollector]:
     started: list[Collector] = []
 
     async def make(**overrides: Any) -> Collector:

@@ -30,13 +30,17 @@ class Receiver:
             return JSONResponse({"ok": True})
 
         app = Starlette(routes=[Route("/{path:path}", record, methods=["POST"])])
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+            )
+        )
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Receiver:
         self.task = asyncio.create_task(self.server.serve())
-        while not self.server.started:
+        while not self.server.started:  # noqa: ASYNC110 - uvicorn exposes no event
             await asyncio.sleep(0.01)
         return self
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import json
 import os
 
 import grpc
@@ -14,7 +13,6 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 from opentelemetry.sdk.resources import Resource
@@ -72,9 +70,7 @@ async def _emit(exporter: SpanExporter, cid: str, n: int = 3) -> SpanExportResul
 async def test_sdk_grpc_exporter_spans_queryable(collector: Collector, pool) -> None:
     exp = GrpcExporter(endpoint=f"127.0.0.1:{collector.grpc_port}", insecure=True)
     assert await _emit(exp, "grpc-cid", 3) == SpanExportResult.SUCCESS
-    spans = await wait_for(
-        lambda: _count(pool, "grpc-cid", 3), what="3 spans of grpc-cid stored"
-    )
+    spans = await wait_for(lambda: _count(pool, "grpc-cid", 3), what="3 spans of grpc-cid stored")
     root = next(s for s in spans if s.name == "payment.confirmed")
     child = next(s for s in spans if s.name == "child-0")
     assert root.service == "payment-service" and root.step == "payment.confirmed"
@@ -102,7 +98,11 @@ def _otlp_json(cid: str, trace_id: str, span_id: str) -> dict:
     return {
         "resourceSpans": [
             {
-                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "purchase-worker"}}]},
+                "resource": {
+                    "attributes": [
+                        {"key": "service.name", "value": {"stringValue": "purchase-worker"}}
+                    ]
+                },
                 "scopeSpans": [
                     {
                         "scope": {"name": "t"},
@@ -115,8 +115,14 @@ def _otlp_json(cid: str, trace_id: str, span_id: str) -> dict:
                                 "startTimeUnixNano": "1764200000000000000",
                                 "endTimeUnixNano": "1764200000250000000",
                                 "attributes": [
-                                    {"key": "hoptrace.correlation_id", "value": {"stringValue": cid}},
-                                    {"key": "hoptrace.step", "value": {"stringValue": "purchase.created"}},
+                                    {
+                                        "key": "hoptrace.correlation_id",
+                                        "value": {"stringValue": cid},
+                                    },
+                                    {
+                                        "key": "hoptrace.step",
+                                        "value": {"stringValue": "purchase.created"},
+                                    },
                                     {"key": "messaging.kafka.offset", "value": {"intValue": "42"}},
                                 ],
                                 "status": {"code": 1},
@@ -151,7 +157,11 @@ async def test_bad_input_codes_and_keeps_serving(make_collector) -> None:  # typ
         cases = [
             (b"\xff\xff\xff\xff garbage", PB, 400),
             (b"{not json", {"content-type": "application/json"}, 400),
-            (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]}', {"content-type": "application/json"}, 400),
+            (
+                b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "zz"}]}]}]}',
+                {"content-type": "application/json"},
+                400,
+            ),
             (b"[1,2]", {"content-type": "application/json"}, 400),
             (b"hello", {"content-type": "text/plain"}, 415),
             (b"x", {**PB, "content-encoding": "br"}, 415),
@@ -162,6 +172,7 @@ async def test_bad_input_codes_and_keeps_serving(make_collector) -> None:  # typ
         for body, headers, code in cases:
             r = await h.post(url, content=body, headers=headers)
             assert r.status_code == code, (body[:20], headers, r.status_code, r.text)
+
         # chunked body without Content-Length over the cap
         async def chunks():  # type: ignore[no-untyped-def]
             for _ in range(100):
@@ -210,7 +221,11 @@ async def test_token_enforced_http_and_grpc(make_collector, db_url) -> None:  # 
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         good2 = request([step_span("tok-good-grpc", 0)]).SerializeToString()
         await call(good2, metadata=(("authorization", "Bearer s3cret"),))
-    exp = GrpcExporter(endpoint=f"127.0.0.1:{c.grpc_port}", insecure=True, headers={"authorization": "Bearer s3cret"})
+    exp = GrpcExporter(
+        endpoint=f"127.0.0.1:{c.grpc_port}",
+        insecure=True,
+        headers={"authorization": "Bearer s3cret"},
+    )
     assert await _emit(exp, "tok-sdk", 1) == SpanExportResult.SUCCESS
     assert await c.drain()
     import asyncpg
@@ -260,4 +275,3 @@ async def pool_for(db_url):  # type: ignore[no-untyped-def]
     yield make
     for p in pools:
         await p.close()
-

@@ -22,4 +22,8 @@ async def test_http_protobuf_span_lands(collector: Collector, pool) -> None:
     spans = await wait_for(lambda: store.spans_for_correlation(pool, "pay-1"), what="span stored")
     assert spans[0].step == "payment.confirmed"
     corr = await store.correlation(pool, "pay-1")
-    assert corr is not None and corr.last_step == "payment.confirmed" and corr.next_step == "purchase.created"
+    assert (
+        corr is not None
+        and corr.last_step == "payment.confirmed"
+        and corr.next_step == "purchase.created"
+    )

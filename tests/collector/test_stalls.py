@@ -31,7 +31,11 @@ def fast_spec(spec_path: Path) -> Path:
 
 async def _post(c: Collector, spans: list) -> None:  # type: ignore[type-arg]
     async with httpx.AsyncClient() as h:
-        r = await h.post(f"http://127.0.0.1:{c.http_port}/v1/traces", content=request(spans).SerializeToString(), headers=PB)
+        r = await h.post(
+            f"http://127.0.0.1:{c.http_port}/v1/traces",
+            content=request(spans).SerializeToString(),
+            headers=PB,
+        )
         assert r.status_code == 200, r.text
 
 
@@ -51,7 +55,9 @@ async def test_stall_fires_once_resolves_once(make_collector, fast_spec: Path, d
         now = time.time_ns()
         first = step_span("stall-1", 0, start_ns=now)
         await _post(c, [first] + [step_span("done-1", i, start_ns=now) for i in range(4)])
-        fired = await wait_for(lambda: _ready(rx.webhook("firing")), timeout=15, what="firing webhook")
+        fired = await wait_for(
+            lambda: _ready(rx.webhook("firing")), timeout=15, what="firing webhook"
+        )
         alert = fired[0]["alerts"][0]
         assert fired[0]["version"] == "4" and fired[0]["status"] == "firing"
         assert alert["labels"] == {
@@ -62,21 +68,37 @@ async def test_stall_fires_once_resolves_once(make_collector, fast_spec: Path, d
         }
         assert alert["annotations"]["cause"] == "no_consumer"
         assert alert["annotations"]["dashboard_url"] == "http://dash.example/?id=stall-1"
-        assert alert["annotations"]["jaeger_url"] == f"http://jaeger.example/trace/{first[1].trace_id.hex()}"
+        assert (
+            alert["annotations"]["jaeger_url"]
+            == f"http://jaeger.example/trace/{first[1].trace_id.hex()}"
+        )
         am = rx.alertmanager()
         assert am and am[0]["labels"]["correlation_id"] == "stall-1" and "endsAt" not in am[0]
         pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
         try:
             stalls = await store.stalled(pool)
-            assert [s.correlation_id for s in stalls] == ["stall-1"]  # done-1 completed: never stalls
+            assert [s.correlation_id for s in stalls] == [
+                "stall-1"
+            ]  # done-1 completed: never stalls
             assert stalls[0].step == "purchase.created" and stalls[0].overdue_by.total_seconds() > 0
             # more scans and delivery passes: still exactly one firing
             scans = c.scanner.scans
             await wait_for(lambda: _true(c.scanner.scans >= scans + 3), what="3 more scans")
-            assert len([p for p in rx.webhook("firing") if p["alerts"][0]["labels"]["correlation_id"] == "stall-1"]) == 1
+            assert (
+                len(
+                    [
+                        p
+                        for p in rx.webhook("firing")
+                        if p["alerts"][0]["labels"]["correlation_id"] == "stall-1"
+                    ]
+                )
+                == 1
+            )
             # completes late: resolves once
             await _post(c, [step_span("stall-1", i) for i in (1, 2, 3)])
-            resolved = await wait_for(lambda: _ready(rx.webhook("resolved")), timeout=15, what="resolved webhook")
+            resolved = await wait_for(
+                lambda: _ready(rx.webhook("resolved")), timeout=15, what="resolved webhook"
+            )
             assert resolved[0]["alerts"][0]["labels"]["correlation_id"] == "stall-1"
             assert resolved[0]["alerts"][0]["endsAt"] != "0001-01-01T00:00:00Z"
             scans = c.scanner.scans
@@ -100,7 +122,9 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_two_replicas_no_duplicate_alert_no_lost_span(make_collector, fast_spec: Path, db_url: str) -> None:  # type: ignore[no-untyped-def]
+async def test_two_replicas_no_duplicate_alert_no_lost_span(
+    make_collector, fast_spec: Path, db_url: str
+) -> None:  # type: ignore[no-untyped-def]
     async with Receiver() as rx:
         a = await make_collector(pipeline=fast_spec, alert_webhook_url=f"{rx.url}/hook")
         b = await make_collector(pipeline=fast_spec, alert_webhook_url=f"{rx.url}/hook")
@@ -112,11 +136,17 @@ async def test_two_replicas_no_duplicate_alert_no_lost_span(make_collector, fast
         # every correlation's spans are split across both replicas (step 0 via a, step 1 via b)
         tasks = []
         for k in range(n):
-            tasks.append(_post(a, [step_span(f"rep-{k}", 0, start_ns=now)] + [step_span(f"noise-{k}", 0)]))
+            tasks.append(
+                _post(a, [step_span(f"rep-{k}", 0, start_ns=now)] + [step_span(f"noise-{k}", 0)])
+            )
             tasks.append(_post(b, [step_span(f"rep-{k}", 1, start_ns=now + 1_000_000)]))
             sent += 3
         await asyncio.gather(*tasks)
-        await wait_for(lambda: _ready(len(rx.webhook("firing")) >= 2 * n or None), timeout=20, what="all alerts")
+        await wait_for(
+            lambda: _ready(len(rx.webhook("firing")) >= 2 * n or None),
+            timeout=20,
+            what="all alerts",
+        )
         # the leader goes away: the other takes over scanning without re-firing
         leader, other = (a, b) if a.scanner.is_leader else (b, a)
         await leader.stop()
@@ -124,12 +154,16 @@ async def test_two_replicas_no_duplicate_alert_no_lost_span(make_collector, fast
         scans = other.scanner.scans
         await wait_for(lambda: _true(other.scanner.scans >= scans + 3), what="scans after failover")
         fired = [p["alerts"][0]["labels"]["correlation_id"] for p in rx.webhook("firing")]
-        assert sorted(fired) == sorted({*fired}) and len(fired) == 2 * n  # rep-* and noise-*: once each
+        assert (
+            sorted(fired) == sorted({*fired}) and len(fired) == 2 * n
+        )  # rep-* and noise-*: once each
         conn = await asyncpg.connect(db_url)
         try:
             assert await conn.fetchval("SELECT count(*) FROM spans") == sent
             assert await conn.fetchval("SELECT count(*) FROM alerts") == 2 * n
-            states = dict(await conn.fetch("SELECT state, count(*) FROM correlations GROUP BY state"))
+            states = dict(
+                await conn.fetch("SELECT state, count(*) FROM correlations GROUP BY state")
+            )
             assert states == {"stalled": 2 * n}
             steps = await conn.fetchval(
                 "SELECT count(*) FROM correlations WHERE correlation_id LIKE 'rep-%' AND last_step = 'purchase.created'"

@@ -22,7 +22,14 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def obs(i: int, at: float, outcome: str = "ok", cid: str = "c") -> StepObs:
-    return StepObs(cid, STEPS[i], T0 + timedelta(seconds=at), T0 + timedelta(seconds=at + 0.1), outcome, "boom" if outcome == "error" else None)
+    return StepObs(
+        cid,
+        STEPS[i],
+        T0 + timedelta(seconds=at),
+        T0 + timedelta(seconds=at + 0.1),
+        outcome,
+        "boom" if outcome == "error" else None,
+    )
 
 
 def run(batches: list[list[StepObs]], state: str | None = None) -> dict:
@@ -37,7 +44,9 @@ def test_in_order_progress_and_deadline() -> None:
     r = run([[obs(0, 0)], [obs(1, 1)]])
     assert r["state"] == "in_progress" and r["last_step"] == "purchase.created"
     assert r["next_step"] == "trainer.allocated"
-    assert r["next_deadline"] == T0 + timedelta(seconds=1.1) + SPEC.step("trainer.allocated").deadline
+    assert (
+        r["next_deadline"] == T0 + timedelta(seconds=1.1) + SPEC.step("trainer.allocated").deadline
+    )
 
 
 def test_out_of_order_and_duplicates_same_result() -> None:
@@ -56,9 +65,15 @@ def test_out_of_order_and_duplicates_same_result() -> None:
 
 def test_failure_then_retry_success() -> None:
     r = run([[obs(0, 0)], [obs(1, 1, "error")]])
-    assert r["state"] == "failed" and r["failed_step"] == "purchase.created" and r["error"] == "boom"
+    assert (
+        r["state"] == "failed" and r["failed_step"] == "purchase.created" and r["error"] == "boom"
+    )
     r2 = fold(SPEC, r, [obs(1, 3)], T0)
-    assert r2["state"] == "in_progress" and r2["failed_step"] is None and r2["last_step"] == "purchase.created"
+    assert (
+        r2["state"] == "in_progress"
+        and r2["failed_step"] is None
+        and r2["last_step"] == "purchase.created"
+    )
     assert r2["steps"]["purchase.created"]["count"] == 2
 
 
@@ -77,14 +92,20 @@ def test_stalled_stays_until_progress_then_resolves() -> None:
     assert moved["state"] == "in_progress" and moved["resolved"]
 
 
-async def test_incremental_state_from_out_of_order_duplicate_batches(collector: Collector, pool) -> None:
+async def test_incremental_state_from_out_of_order_duplicate_batches(
+    collector: Collector, pool
+) -> None:
     url = f"http://127.0.0.1:{collector.http_port}/v1/traces"
     now = time.time_ns()
     spans = [step_span("ooo", i, start_ns=now + i * 10_000_000) for i in range(4)]
     batches = [[spans[2]], [spans[0], spans[0]], [spans[3]], [spans[2]], [spans[1]]]
     async with httpx.AsyncClient() as h:
         for b in batches:
-            r = await h.post(url, content=request(b).SerializeToString(), headers={"content-type": "application/x-protobuf"})
+            r = await h.post(
+                url,
+                content=request(b).SerializeToString(),
+                headers={"content-type": "application/x-protobuf"},
+            )
             assert r.status_code == 200
             assert await collector.drain()
             row = await store.correlation(pool, "ooo")
@@ -95,7 +116,9 @@ async def test_incremental_state_from_out_of_order_duplicate_batches(collector: 
                 assert row.state == "completed"
     row = await store.correlation(pool, "ooo")
     assert row.state == "completed" and row.last_step == "session.created"
-    assert {k: v.count for k, v in row.steps.items()} == dict.fromkeys(STEPS, 1)  # duplicates ignored
+    assert {k: v.count for k, v in row.steps.items()} == dict.fromkeys(
+        STEPS, 1
+    )  # duplicates ignored
     assert all(v.done for v in row.steps.values())
     assert len(await store.spans_for_correlation(pool, "ooo")) == 4
 
@@ -110,7 +133,11 @@ async def test_read_api_aggregates(collector: Collector, pool) -> None:
     spans.append(step_span("agg-fail", 0, start_ns=now))
     spans.append(step_span("agg-fail", 1, start_ns=now, outcome="error", error="db down"))
     async with httpx.AsyncClient() as h:
-        r = await h.post(url, content=request(spans).SerializeToString(), headers={"content-type": "application/x-protobuf"})
+        r = await h.post(
+            url,
+            content=request(spans).SerializeToString(),
+            headers={"content-type": "application/x-protobuf"},
+        )
         assert r.status_code == 200
     await wait_for(collector.drain)
     since = datetime.now(UTC) - timedelta(minutes=5)
@@ -118,10 +145,22 @@ async def test_read_api_aggregates(collector: Collector, pool) -> None:
     assert counts == {"in_progress": 5, "completed": 1, "failed": 1, "stalled": 0}
     f = await store.funnel(pool, since, SPEC)
     assert list(f) == STEPS
-    assert f == {"payment.confirmed": 7, "purchase.created": 4, "trainer.allocated": 2, "session.created": 1}
+    assert f == {
+        "payment.confirmed": 7,
+        "purchase.created": 4,
+        "trainer.allocated": 2,
+        "session.created": 1,
+    }
     lat = await store.hop_latencies(pool, since, spec=SPEC)
     assert len(lat["purchase.created"].samples) == 4 and len(lat["session.created"].samples) == 1
-    assert abs(lat["purchase.created"].p50 - 0.1) < 0.001 and abs(lat["trainer.allocated"].p99 - 0.1) < 0.001
+    assert (
+        abs(lat["purchase.created"].p50 - 0.1) < 0.001
+        and abs(lat["trainer.allocated"].p99 - 0.1) < 0.001
+    )
     assert abs(lat["payment.confirmed"].p95 - 0.005) < 0.001  # first step: its own duration
     failed = await store.correlation(pool, "agg-fail")
-    assert failed.state == "failed" and failed.error == "db down" and failed.failed_step == "purchase.created"
+    assert (
+        failed.state == "failed"
+        and failed.error == "db down"
+        and failed.failed_step == "purchase.created"
+    )
