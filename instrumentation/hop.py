@@ -18,6 +18,7 @@ import signal
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -26,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import baggage, context, propagate
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from . import conventions as c
@@ -140,6 +142,22 @@ def default_effect_check(table: str, column: str = "correlation_id") -> EffectCh
     return check
 
 
+_GUARD_SQL = "SELECT emitted FROM processed_events WHERE event_id = $1"
+_MARK_SQL = (
+    "INSERT INTO processed_events (event_id, event_type, correlation_id, source, emitted)"
+    " VALUES ($1, $2, $3, $4, $5::jsonb)"
+)
+
+
+def _mark_with_effect_sql(table: str, column: str) -> str:
+    """Insert the processed mark only if the effect row exists (one round trip)."""
+    return (
+        "INSERT INTO processed_events (event_id, event_type, correlation_id, source, emitted)"  # noqa: S608
+        " SELECT $1, $2, $3, $4, $5::jsonb WHERE EXISTS (SELECT 1 FROM"
+        f" {_quote_ident(table)} WHERE {_quote_ident(column)} = $3) RETURNING 1"
+    )
+
+
 _RETRYABLE_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57", "58")
 
 
@@ -151,6 +169,8 @@ def is_retryable(exc: BaseException) -> bool:
         return True
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
+        if state == "23505" and getattr(exc, "table_name", None) == "processed_events":
+            return True  # another consumer marked it meanwhile: the retry sees a duplicate
         return state[:2] in _RETRYABLE_SQLSTATE_CLASSES
     return False
 
@@ -201,7 +221,10 @@ class HopRuntime:
     ``group`` overrides the spec's group (to reproduce the wrong-group fault);
     ``verify_effect=False`` ONLY reproduces the legacy mark-before-verify bug;
     ``effect_check`` defaults to ``SELECT 1 FROM <step.table> WHERE <effect_column> = $1``;
-    ``validate`` raises PoisonRecord for a wrong type/version/schema."""
+    ``validate`` raises PoisonRecord for a wrong type/version/schema;
+    ``receive_spans=True`` keeps the aiokafka instrumentation's per-record receive span (off by
+    default: the process span is the child of the same extracted context and carries the same
+    messaging attributes)."""
 
     def __init__(
         self,
@@ -225,6 +248,7 @@ class HopRuntime:
         producer: HopProducer | None = None,
         consumer_opts: dict[str, Any] | None = None,
         flush_timeout_s: float = 5.0,
+        receive_spans: bool = False,
     ) -> None:
         self.spec = spec
         self.step = spec.step(step_id)
@@ -235,8 +259,10 @@ class HopRuntime:
         self.bootstrap = bootstrap
         self.database_url = database_url
         self.verify_effect = verify_effect
+        self._mark_with_effect_sql: str | None = None
         if effect_check is None and self.step.table:
             effect_check = default_effect_check(self.step.table, effect_column)
+            self._mark_with_effect_sql = _mark_with_effect_sql(self.step.table, effect_column)
         self.effect_check = effect_check
         self.validate = validate
         self.max_attempts = max(1, max_attempts)
@@ -247,6 +273,7 @@ class HopRuntime:
         self.handle_signals = handle_signals
         self.consumer_opts = consumer_opts or {}
         self.flush_timeout_s = flush_timeout_s
+        self.receive_spans = receive_spans
         self._own_producer = producer is None
         self.producer = producer or HopProducer(bootstrap)
         self.ready = asyncio.Event()
@@ -261,6 +288,7 @@ class HopRuntime:
         self._stop = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._pool: asyncpg.Pool | None = None
+        self._conn: asyncpg.Connection | None = None
         self._tracer = get_tracer()
         self._warned_no_emits = False
 
@@ -302,6 +330,7 @@ class HopRuntime:
             if self._own_producer:
                 with contextlib.suppress(Exception):
                     await self.producer.stop()
+            await self._drop_connection()
             with contextlib.suppress(Exception):
                 await self._pool.close()
             await asyncio.to_thread(flush_tracing, self.flush_timeout_s)
@@ -327,10 +356,19 @@ class HopRuntime:
 
     async def _loop(self) -> None:
         assert self._consumer is not None
+        consumer = self._consumer
+        getone = consumer.getone
+        plain = getattr(AIOKafkaConsumer.getone, "__wrapped__", None)
+        if not self.receive_spans and plain is not None:
+            # The process span (child of the same extracted context) carries everything the
+            # instrumentation's receive span would; skip that one to halve the per-hop cost.
+            def getone() -> Any:
+                return plain(consumer)
+
         stop_wait = asyncio.ensure_future(self._stop.wait())
         try:
             while not self._stop.is_set():
-                get = asyncio.ensure_future(self._consumer.getone())
+                get = asyncio.ensure_future(getone())
                 done, _ = await asyncio.wait({get, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     get.cancel()
@@ -471,37 +509,25 @@ class HopRuntime:
         attempt: int,
         headers: dict[str, bytes],
     ) -> str:
-        assert self._pool is not None
         step = self.step
         duplicate = False
         next_env: Envelope | None = None
         ctx: HopContext | None = None
-        async with self._pool.acquire() as conn, conn.transaction():
-            claimed = await conn.fetchval(
-                "INSERT INTO processed_events (event_id, event_type, correlation_id, source)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT (event_id) DO NOTHING RETURNING 1",
-                envelope.event_id,
-                envelope.type,
-                cid,
-                step.id,
-            )
-            if claimed is None:
+        conn = await self._connection()
+        tx = conn.transaction()
+        with suppress_instrumentation():  # BEGIN/COMMIT spans carry nothing worth their cost
+            await tx.start()
+        try:
+            row = await conn.fetchrow(_GUARD_SQL, envelope.event_id)
+            if row is not None:
                 duplicate = True
-                stored = await conn.fetchval(
-                    "SELECT emitted FROM processed_events WHERE event_id = $1", envelope.event_id
-                )
-                if stored is not None:
-                    next_env = Envelope.model_validate_json(stored)
+                if row["emitted"] is not None:
+                    next_env = Envelope.model_validate_json(row["emitted"])
             else:
                 ctx = HopContext(envelope, cid, info, conn, span, step, self.spec, attempt, headers)
                 if self.hooks.before_handle is not None:
                     await self.hooks.before_handle(ctx)
                 result = await self.handler(ctx)
-                if self.verify_effect and self.effect_check is not None:
-                    if not await self.effect_check(conn, envelope):
-                        raise EffectMissing(
-                            f"effect missing: no row in {step.table!r} for correlation {cid!r}"
-                        )
                 if result is not None:
                     if step.emits:
                         next_env = Envelope(
@@ -509,20 +535,20 @@ class HopRuntime:
                             type=result.type,
                             version=result.version,
                             correlation_id=cid,
-                            occurred_at=_now(),
+                            occurred_at=datetime.now(UTC),
                             payload=result.payload,
-                        )
-                        await conn.execute(
-                            "UPDATE processed_events SET emitted = $2::jsonb,"
-                            " processed_at = clock_timestamp() WHERE event_id = $1",
-                            envelope.event_id,
-                            next_env.model_dump_json(),
                         )
                     elif not self._warned_no_emits:
                         self._warned_no_emits = True
                         log.warning(
                             "%s: handler returned an event but the step emits no topic", step.id
                         )
+                await self._mark(conn, envelope, cid, next_env)
+        except BaseException:
+            await self._rollback(conn, tx)
+            raise
+        with suppress_instrumentation():
+            await tx.commit()
         if ctx is not None and self.hooks.after_db_commit is not None:
             await self.hooks.after_db_commit(ctx)
         if next_env is not None and step.emits:
@@ -530,6 +556,45 @@ class HopRuntime:
             if ctx is not None and self.hooks.after_emit is not None:
                 await self.hooks.after_emit(ctx)
         return c.OUTCOME_DUPLICATE if duplicate else c.OUTCOME_OK
+
+    async def _mark(
+        self, conn: asyncpg.Connection, envelope: Envelope, cid: str, next_env: Envelope | None
+    ) -> None:
+        """Effect check + processed mark (one statement for the default check)."""
+        emitted = next_env.model_dump_json() if next_env is not None else None
+        args = (envelope.event_id, envelope.type, cid, self.step.id, emitted)
+        verify = self.verify_effect and self.effect_check is not None
+        if verify and self._mark_with_effect_sql is not None:
+            if await conn.fetchval(self._mark_with_effect_sql, *args) is None:
+                raise EffectMissing(
+                    f"effect missing: no row in {self.step.table!r} for correlation {cid!r}"
+                )
+            return
+        if verify and not await self.effect_check(conn, envelope):  # type: ignore[misc]
+            raise EffectMissing(f"effect missing: the effect check for correlation {cid!r} failed")
+        await conn.execute(_MARK_SQL, *args)
+
+    async def _connection(self) -> asyncpg.Connection:
+        """The runtime's connection (held across records: no pool reset per record)."""
+        assert self._pool is not None
+        if self._conn is not None and self._conn.is_closed():
+            await self._drop_connection()
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
+        return self._conn
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pool is not None:
+            with suppress_instrumentation(), contextlib.suppress(Exception):
+                await self._pool.release(conn, timeout=5)
+
+    async def _rollback(self, conn: asyncpg.Connection, tx: Any) -> None:
+        try:
+            with suppress_instrumentation():
+                await tx.rollback()
+        except Exception:  # noqa: BLE001 - a broken connection: get a new one next time
+            await self._drop_connection()
 
     async def _dead_letter(
         self,
@@ -611,12 +676,6 @@ def _payload_cid(envelope: Envelope, spec: PipelineSpec) -> str | None:
         if value not in (None, ""):
             return str(value)
     return None
-
-
-def _now() -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,311 @@
+"""Hop overhead of tracing: the same N records through one hop (purchase.created: a row write,
+idempotency mark, effect check, next-event emit, offset commit) on the real Kafka + PostgreSQL,
+with tracing off (OTEL_SDK_DISABLED), on (OTLP gRPC to a live receiver) and on with the
+collector endpoint unreachable. Each mode runs in its own worker subprocess; rounds alternate
+the modes to spread drift.
+
+Throughput = N / wall time; CPU = the worker process's CPU time (all threads, incl. the span
+export thread) over the same window; tracing CPU per hop = (CPU on - CPU off) / N.
+
+    .venv/bin/python benchmarks/hop_overhead.py [--records 2000] [--rounds 2]
+
+Writes benchmarks/results/hop_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent import futures
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "hop_overhead.json"
+MODES = ("off", "on", "on_unreachable")
+
+
+# --------------------------------------------------------------------------------- worker side
+
+
+async def worker(n: int) -> dict:
+    """Consume n pre-produced records through one hop; report wall time and process CPU."""
+    from hoptrace.instrumentation import (
+        Emit,
+        HopContext,
+        HopRuntime,
+        configure_tracing,
+        export_stats,
+        load_spec,
+        shutdown_tracing,
+    )
+
+    mode = os.environ["BENCH_MODE"]
+    if mode != "off":
+        configure_tracing("bench-worker", endpoint=os.environ["BENCH_OTLP_ENDPOINT"], protocol="grpc")
+    else:
+        configure_tracing("bench-worker")  # OTEL_SDK_DISABLED=true: no-op
+    spec = load_spec(os.environ["HOPTRACE_PIPELINE"])
+
+    async def purchase(ctx: HopContext) -> Emit:
+        await ctx.conn.execute(
+            "INSERT INTO student_course_purchases (correlation_id, amount) VALUES ($1, $2)",
+            ctx.correlation_id,
+            ctx.envelope.payload["amount"],
+        )
+        return Emit("PURCHASE_CREATED", {"payment_id": ctx.correlation_id})
+
+    rt = HopRuntime(
+        spec,
+        "purchase.created",
+        purchase,
+        bootstrap=os.environ["HOPTRACE_KAFKA_BOOTSTRAP"],
+        database_url=os.environ["HOPTRACE_DATABASE_URL"],
+        handle_signals=False,
+    )
+    task = asyncio.create_task(rt.run())
+    await rt.ready.wait()
+    # the clock starts at the first processed record (excludes group join / first fetch)
+    while rt.stats["ok"] == 0:
+        await asyncio.sleep(0.0005)
+    w0, c0, done0 = time.perf_counter(), time.process_time(), rt.stats["ok"]
+    while rt.stats["ok"] < n:
+        if task.done():
+            task.result()
+            raise RuntimeError("runtime stopped early")
+        await asyncio.sleep(0.002)
+    w1, c1, done1 = time.perf_counter(), time.process_time(), rt.stats["ok"]
+    await rt.stop()
+    await task
+    t0 = time.perf_counter()
+    shutdown_tracing(timeout_s=2.0)
+    hops = done1 - done0
+    return {
+        "mode": mode,
+        "hops": hops,
+        "wall_s": w1 - w0,
+        "cpu_s": c1 - c0,
+        "throughput_per_s": hops / (w1 - w0),
+        "cpu_us_per_hop": (c1 - c0) / hops * 1e6,
+        "shutdown_s": time.perf_counter() - t0,
+        "stats": rt.stats,
+        "export": export_stats(),
+    }
+
+
+# --------------------------------------------------------------------------------- driver side
+
+
+class _Receiver:
+    """A live OTLP/gRPC receiver (in the driver process, so its CPU is not the worker's)."""
+
+    def __init__(self) -> None:
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        self.spans = 0
+        outer = self
+
+        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802
+                outer.spans += sum(
+                    len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans
+                )
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def _prepare(admin_url: str, bootstrap: str, tmp: Path, n: int) -> dict:
+    """A database with the table, a spec with its own topics, n records waiting in the topic."""
+    import asyncpg
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from hoptrace.instrumentation import Envelope, HopProducer, load_spec
+
+    suffix = uuid.uuid4().hex[:8]
+    db = f"hoptrace_bench_{suffix}"
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{db}"')
+    finally:
+        await conn.close()
+    db_url = admin_url.rpartition("/")[0] + "/" + db
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(
+            "CREATE TABLE student_course_purchases (correlation_id text PRIMARY KEY, amount int)"
+        )
+    finally:
+        await conn.close()
+    text = (ROOT / "pipelines" / "payments.toml").read_text()
+    import re
+
+    text = re.sub(
+        r'^(consumes|emits|group)\s*=\s*"([^"]+)"',
+        lambda m: f'{m.group(1)} = "{m.group(2)}-bench-{suffix}"',
+        text,
+        flags=re.M,
+    )
+    spec_path = tmp / f"pipeline-{suffix}.toml"
+    spec_path.write_text(text)
+    spec = load_spec(spec_path)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(t, num_partitions=spec.partitions, replication_factor=1) for t in spec.topics]
+        )
+    finally:
+        await admin.close()
+    topic = spec.step("payment.confirmed").emits
+    async with HopProducer(bootstrap, linger_ms=5) as producer:
+        raw = producer._producer
+        batch = []
+        for i in range(n):
+            cid = f"bench-{suffix}-{i}"
+            env = Envelope.new("PURCHASE_CONFIRMED", 1, cid, {"payment_id": cid, "amount": i})
+            batch.append(
+                await raw.send(
+                    topic, env.to_bytes(), key=cid.encode(), headers=[("x-correlation-id", cid.encode())]
+                )
+            )
+        await asyncio.gather(*batch)
+    return {"db": db, "db_url": db_url, "spec": str(spec_path), "topics": spec.topics}
+
+
+async def _cleanup(admin_url: str, bootstrap: str, prepared: dict) -> None:
+    import asyncpg
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{prepared["db"]}" WITH (FORCE)')
+    finally:
+        await conn.close()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics(prepared["topics"])
+    finally:
+        await admin.close()
+
+
+def _run_mode(mode: str, n: int, prepared: dict, bootstrap: str, receiver_port: int) -> dict:
+    env = {
+        **os.environ,
+        "BENCH_MODE": mode,
+        "HOPTRACE_DATABASE_URL": prepared["db_url"],
+        "HOPTRACE_KAFKA_BOOTSTRAP": bootstrap,
+        "HOPTRACE_PIPELINE": prepared["spec"],
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "2",
+    }
+    env.pop("OTEL_SDK_DISABLED", None)
+    if mode == "off":
+        env["OTEL_SDK_DISABLED"] = "true"
+    elif mode == "on":
+        env["BENCH_OTLP_ENDPOINT"] = f"http://127.0.0.1:{receiver_port}"
+    else:
+        env["BENCH_OTLP_ENDPOINT"] = f"http://127.0.0.1:{_closed_port()}"
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", "--records", str(n)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"worker ({mode}) failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--worker", action="store_true")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(asyncio.run(worker(args.records))))
+        return
+
+    from hoptrace import devstack
+
+    cfg = devstack.StackConfig.from_env()
+    admin_url, bootstrap = cfg.database_url, cfg.kafka_bootstrap
+    receiver = _Receiver()
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rnd in range(args.rounds):
+            for mode in MODES:
+                prepared = asyncio.run(_prepare(admin_url, bootstrap, Path(tmp), args.records))
+                try:
+                    res = _run_mode(mode, args.records, prepared, bootstrap, receiver.port)
+                finally:
+                    asyncio.run(_cleanup(admin_url, bootstrap, prepared))
+                res["round"] = rnd
+                runs.append(res)
+                print(
+                    f"round {rnd} {mode:15s} {res['throughput_per_s']:8.1f} hops/s "
+                    f"{res['cpu_us_per_hop']:8.1f} us CPU/hop  exported={res['export']['exported']} "
+                    f"dropped={res['export']['dropped']}",
+                    flush=True,
+                )
+    receiver.server.stop(grace=None)
+
+    def total(mode: str) -> dict:
+        rs = [r for r in runs if r["mode"] == mode]
+        hops = sum(r["hops"] for r in rs)
+        wall = sum(r["wall_s"] for r in rs)
+        cpu = sum(r["cpu_s"] for r in rs)
+        return {"hops": hops, "throughput_per_s": hops / wall, "cpu_us_per_hop": cpu / hops * 1e6}
+
+    agg = {m: total(m) for m in MODES}
+    off = agg["off"]
+    summary = {
+        "records_per_run": args.records,
+        "rounds": args.rounds,
+        "modes": agg,
+        "throughput_ratio_on": agg["on"]["throughput_per_s"] / off["throughput_per_s"],
+        "throughput_ratio_unreachable": agg["on_unreachable"]["throughput_per_s"]
+        / off["throughput_per_s"],
+        "tracing_cpu_us_per_hop_on": agg["on"]["cpu_us_per_hop"] - off["cpu_us_per_hop"],
+        "tracing_cpu_us_per_hop_unreachable": agg["on_unreachable"]["cpu_us_per_hop"]
+        - off["cpu_us_per_hop"],
+        "spans_received": receiver.spans,
+        "goal": {"throughput_ratio": 0.95, "tracing_cpu_us_per_hop": 100},
+        "bar": {"throughput_ratio": 0.90, "tracing_cpu_us_per_hop": 150},
+        "runs": runs,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(summary, indent=2))
+    print(
+        f"throughput ratio on/off {summary['throughput_ratio_on']:.3f}, "
+        f"unreachable/off {summary['throughput_ratio_unreachable']:.3f}; "
+        f"tracing CPU/hop on {summary['tracing_cpu_us_per_hop_on']:.1f} us, "
+        f"unreachable {summary['tracing_cpu_us_per_hop_unreachable']:.1f} us; "
+        f"spans received {receiver.spans}; -> {RESULTS.relative_to(ROOT)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
