@@ -17,7 +17,6 @@ Exit 0 when all is there, 1 with the precise list of what is missing, 2 for an u
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,4 +203,3 @@ def check_deploy_cli(compose_path: str) -> None:
 
 
 __all__ = ["ComposeError", "DeployReport", "check_deploy", "check_deploy_cli", "format_report"]
-_ = shlex  # reserved for command parsing of string commands
