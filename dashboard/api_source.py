@@ -9,10 +9,8 @@ from typing import Any, ClassVar
 
 import streamlit as st
 
-try:
-    from hoptrace.collector import api
-except ImportError:  # pragma: no cover - until the diagnosis API lands, its store pass-throughs
-    from hoptrace.collector import store as api  # type: ignore[no-redef]
+from hoptrace.collector import api
+from hoptrace.dashboard import frames
 from hoptrace.dashboard.source import MalformedId, UnknownId, run
 from hoptrace.settings import get_settings
 
@@ -43,6 +41,17 @@ class ApiSource:
                 inst = cls._instances[dsn] = cls(dsn, settings.jaeger_url)
             return inst
 
+    @classmethod
+    def close_all(cls) -> None:
+        """Close every pool and the API's shared clients (tests; process exit)."""
+        with cls._lock:
+            instances = list(cls._instances.values())
+            cls._instances.clear()
+        for inst in instances:
+            if inst._pool is not None:
+                run(inst._pool.close())
+        run(api.close())
+
     def pool(self) -> Any:
         with self._pool_lock:
             if self._pool is None:
@@ -50,18 +59,26 @@ class ApiSource:
             return self._pool
 
     def diagnose(self, correlation_id: str) -> Any:
+        """The diagnosis plus the raw evidence behind it (Kafka and database facts, spans),
+        gathered concurrently: :class:`Looked` reads like the diagnosis."""
         try:
-            result = run(api.diagnose(correlation_id, pool=self.pool()))
-        except Exception as exc:
-            kind = type(exc).__name__.lower()
-            if "malformed" in kind or "invalid" in kind or isinstance(exc, ValueError):
-                raise MalformedId(str(exc) or f"'{correlation_id}' is not a valid id") from exc
-            if "unknown" in kind or "notfound" in kind or isinstance(exc, LookupError):
-                raise UnknownId(str(exc) or f"No payment with id '{correlation_id}'") from exc
-            raise
-        if getattr(result, "found", True) is False:
-            raise UnknownId(f"No payment with id '{correlation_id}' is known to hoptrace.")
-        return result
+            api.validate_id(correlation_id)
+        except api.MalformedId as exc:
+            raise MalformedId(str(exc)) from exc
+        pool = self.pool()
+
+        async def both() -> tuple[Any, Any]:
+            # One after the other: they share the API's Kafka clients.
+            diagnosis = await api.diagnose(correlation_id, pool=pool)
+            return diagnosis, await api.gather_evidence(correlation_id, pool=pool)
+
+        diagnosis, evidence = run(both())
+        if not diagnosis.found:
+            raise UnknownId(
+                f"No payment with id '{correlation_id}' is known to hoptrace "
+                "(no span carried it, and no row or record mentions it)."
+            )
+        return Looked(diagnosis, evidence, self._jaeger_url)
 
     def spans(self, correlation_id: str) -> list[Any]:
         return run(api.spans_for_correlation(self.pool(), correlation_id, limit=SPANS_LIMIT))
@@ -97,3 +114,18 @@ class ApiSource:
 @st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, hash_funcs={ApiSource: lambda s: s.dsn})
 def _cached(source: ApiSource, name: str, arg: Any) -> Any:
     return source.read(name, arg)
+
+
+class Looked:
+    """A diagnosis (its fields read through) with the facts the lookup page shows beside it."""
+
+    def __init__(self, diagnosis: Any, evidence: Any, jaeger_url: str) -> None:
+        self.diagnosis = diagnosis
+        self.evidence_raw = evidence
+        self.kafka = frames.kafka_rows(evidence)
+        self.db = frames.db_rows(evidence)
+        self.spans = list(evidence.spans)
+        self.jaeger_urls = [frames.jaeger_link(jaeger_url, t) for t in diagnosis.trace_ids]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.diagnosis, name)

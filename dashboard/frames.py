@@ -118,10 +118,21 @@ def steps_frame(diagnosis: Any) -> pd.DataFrame:
                 if started and ended
                 else "—",
                 "marker": STOP_MARKER if step_id == stopped_at else "",
+                "evidence": list(get(step, "evidence", []) or []),
             }
         )
     return pd.DataFrame(
-        rows, columns=["step", "service", "status", "started_at", "ended_at", "took", "marker"]
+        rows,
+        columns=[
+            "step",
+            "service",
+            "status",
+            "started_at",
+            "ended_at",
+            "took",
+            "marker",
+            "evidence",
+        ],
     )
 
 
@@ -144,7 +155,7 @@ def spans_frame(spans: Iterable[Any]) -> pd.DataFrame:
         outcome = first(span, "outcome", default=None) or attributes.get("hoptrace.step.outcome")
         rows.append(
             {
-                "lane": step or name,
+                "lane": step or f"{first(span, 'service', default='?')}: {name}",
                 "name": name,
                 "service": first(span, "service", "service_name", default="") or "",
                 "start": start,
@@ -355,3 +366,56 @@ def alerts_frame(alerts: Iterable[Any], base: str = "") -> pd.DataFrame:
         "jaeger",
     ]
     return pd.DataFrame(rows, columns=cols)
+
+
+def kafka_rows(evidence: Any) -> list[dict[str, Any]]:
+    """Per step: its topic and group, the record this payment produced into the topic, the
+    group's committed offset, the lag, members, DLQ (from ``Evidence.kafka``)."""
+    rows = []
+    for step, kf in (get(evidence, "kafka", {}) or {}).items():
+        record = get(kf, "record")
+        dlq = get(kf, "dlq")
+        rows.append(
+            {
+                "step": step,
+                "topic": get(kf, "topic"),
+                "topic exists": get(kf, "topic_exists"),
+                "partition": get(record, "partition"),
+                "produced offset": get(record, "offset"),
+                "group": get(kf, "group"),
+                "members": get(kf, "group_members"),
+                "committed offset": get(kf, "committed_offset"),
+                "end offset": get(kf, "end_offset"),
+                "lag": get(kf, "lag"),
+                "consumed": get(kf, "record_consumed"),
+                "DLQ": f"{get(dlq, 'topic')}[{get(dlq, 'partition')}]@{get(dlq, 'offset')}"
+                if dlq
+                else ("none" if get(kf, "dlq_checked") else "not checked"),
+            }
+        )
+    return [{k: _plain(v) for k, v in r.items()} for r in rows]
+
+
+def db_rows(evidence: Any) -> list[dict[str, Any]]:
+    """``processed_events`` rows of this payment and, per step, whether its effect row exists."""
+    rows: list[dict[str, Any]] = []
+    processed = get(evidence, "processed")
+    if processed is None:
+        rows.append({"what": "processed_events", "fact": "not read"})
+    elif not processed:
+        rows.append({"what": "processed_events", "fact": "no row for this payment"})
+    for p in processed or []:
+        when = as_datetime(get(p, "processed_at"))
+        rows.append(
+            {
+                "what": "processed_events",
+                "fact": f"{get(p, 'event_type') or get(p, 'event_id')} processed by "
+                f"{get(p, 'source') or '?'}" + (f" at {when:%H:%M:%S}" if when else ""),
+            }
+        )
+    for step, exists in (get(evidence, "effects", {}) or {}).items():
+        fact = "not read" if exists is None else ("row exists" if exists else "NO ROW")
+        rows.append({"what": f"effect row of {step}", "fact": fact})
+    for source, reason in (get(evidence, "missing", {}) or {}).items():
+        rows.append({"what": f"{source} (missing evidence)", "fact": reason})
+    return rows

@@ -57,10 +57,14 @@ def show(diagnosis: Any, source: Source) -> None:
     for row in steps.itertuples():
         marker = f"  ⟵ **{STOP_MARKER}**" if row.marker else ""
         lines.append(f"1. {row.status} — **{row.step}** ({row.service or '—'}, {row.took}){marker}")
+        lines.extend(f"    - {line}" for line in row.evidence)
     st.markdown("\n".join(lines))
 
     st.markdown("#### Why")
     st.markdown(f"**Cause:** `{cause}` — {cause_words(cause)}")
+    summary = get(diagnosis, "summary")
+    if summary:
+        st.markdown(summary)
     evidence = get(diagnosis, "evidence", []) or []
     if evidence:
         st.markdown("\n".join(f"- {line}" for line in evidence))
@@ -69,7 +73,8 @@ def show(diagnosis: Any, source: Source) -> None:
         st.markdown(f"**What to do next:** {next_action}")
 
     st.markdown("#### Timeline")
-    spans = frames.spans_frame(source.spans(cid))
+    spans = get(diagnosis, "spans")
+    spans = frames.spans_frame(spans if spans is not None else source.spans(cid))
     if spans.empty:
         st.caption("No spans recorded for this payment.")
     else:

@@ -12,6 +12,7 @@ CAUSES: dict[str, str] = {
     "downstream_error": "The worker called a downstream service, and that call failed.",
     "marked_without_effect": "The event was marked processed, but the row it should have written does not exist.",
     "not_emitted": "The previous step finished but never emitted the event for this step.",
+    "missing_evidence": "hoptrace could not read a source it needs to decide (see the evidence below), so it does not guess.",
     "consumed_without_trace": "The event was consumed (offset committed) but no span was recorded: an uninstrumented consumer or another code path handled it.",
 }
 

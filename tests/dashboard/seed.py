@@ -13,10 +13,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from hoptrace.collector.decode import decode_request
+from hoptrace.collector.decode import I_STEP, decode_request
 from hoptrace.collector.schema import migrate
+from hoptrace.collector.stalls import CauseFn, StallScanner, no_cause
 from hoptrace.collector.writer import Writer, init_connection
 from hoptrace.instrumentation.spec import PipelineSpec
+
+from ..support import wait_for
 
 RO_ROLE = "hoptrace_ro"
 
@@ -41,6 +44,7 @@ class Seeded:
     stalled: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     in_progress: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)  # stalled, alerted, then completed
 
 
 class Payments:
@@ -143,6 +147,11 @@ async def seed(
         cid = f"pay-live-{i:03d}"
         build.payment(cid, now - timedelta(seconds=1), done=1)
         out.in_progress.append(cid)
+    # A payment that stalls at trainer.allocated, then completes after the stall scan.
+    recovered = "pay-late-000"
+    build.payment(recovered, now - timedelta(minutes=8), done=2)
+    out.recovered.append(recovered)
+    later_steps = {s.id for s in spec.steps[2:]}
     rows = decode_request(build.req, now).rows
     conn = await asyncpg.connect(db_url)
     try:
@@ -152,33 +161,40 @@ async def seed(
     pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2, init=init_connection)
     try:
         await Writer(pool, spec, timedelta(days=7)).write(rows)
-        await mark_stalled(pool, out.stalled)
+        await mark_stalled(db_url, pool)
+        # One stalled payment then moves on: its alert resolves (the writer does that).
+        late = Payments(spec)
+        late.payment(recovered, now - timedelta(minutes=8), done=len(spec.steps))
+        late_rows = [r for r in decode_request(late.req, now).rows if r[I_STEP] in later_steps]
+        await Writer(pool, spec, timedelta(days=7)).write(late_rows)
+        out.completed.append(recovered)
     finally:
         await pool.close()
     await grant_readonly(db_url)
     return out
 
 
-async def mark_stalled(pool: asyncpg.Pool, ids: list[str]) -> None:
-    """What the collector's stall scan does for overdue correlations (its own scan when present)."""
+async def mark_stalled(db_url: str, pool: asyncpg.Pool) -> None:
+    """The collector's stall scan, once, with the diagnosis as the alerts' cause hook."""
+    scanner = StallScanner(db_url, pool, cause_for=_cause_for())
     try:
-        from hoptrace.collector.stalls import scan  # type: ignore[import-not-found]
-    except ImportError:
-        scan = None
-    if scan is not None:
-        await scan(pool)
-        return
-    await pool.execute(
-        "UPDATE correlations SET state = 'stalled' WHERE state = 'in_progress' "
-        "AND next_deadline < now() AND correlation_id = ANY($1::text[])",
-        ids,
-    )
-    await pool.execute(
-        "INSERT INTO alerts (correlation_id, pipeline, step, cause, evidence) "
-        "SELECT correlation_id, pipeline, next_step, 'no_consumer', "
-        "'consumer group has no members' FROM correlations WHERE correlation_id = ANY($1::text[])",
-        ids,
-    )
+        fired = await scanner.tick()
+        assert fired, "the stall scan fired no alert"
+
+        async def diagnosed() -> bool:
+            return not await pool.fetchval("SELECT count(*) FROM alerts WHERE NOT diagnosed")
+
+        await wait_for(diagnosed, timeout=30, what="alert causes")
+    finally:
+        await scanner.release()
+
+
+def _cause_for() -> CauseFn:
+    try:
+        from hoptrace.collector.api import cause_for  # type: ignore[attr-defined]
+    except ImportError:  # until the diagnosis API lands
+        return no_cause
+    return cause_for
 
 
 async def grant_readonly(db_url: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from hoptrace.dashboard.frames import STOP_MARKER
 from hoptrace.dashboard.serve import APP
 
 from .seed import Seeded
@@ -53,5 +54,45 @@ def test_alerts_page_lists_the_firing_stall_alerts(seeded: Seeded) -> None:
     assert not at.exception, at.exception
     body = text(at)
     assert f"Firing ({len(seeded.stalled)})" in body
-    for cid in seeded.stalled:
+    assert f"Resolved ({len(seeded.recovered)})" in body
+    for cid in seeded.stalled + seeded.recovered:
         assert f"**{cid}** at **trainer.allocated**" in body
+        assert f"[lookup](/?id={cid})" in body
+    firing, resolved = body.split("Resolved (")
+    assert seeded.recovered[0] in resolved and seeded.recovered[0] not in firing
+
+
+def test_lookup_of_a_stalled_payment_marks_trainer_allocated(seeded: Seeded) -> None:
+    cid = seeded.stalled[0]
+    at = app(id=cid)
+    assert not at.exception, at.exception
+    steps = next(m.value for m in at.markdown if "payment.confirmed" in m.value)
+    marked = [line for line in steps.splitlines() if STOP_MARKER in line]
+    assert len(marked) == 1 and "**trainer.allocated**" in marked[0], steps
+    assert "✅ done — **purchase.created**" in steps
+    body = text(at)
+    # no worker runs in this test: the allocation group does not exist
+    assert "**Cause:** `no_consumer` — Nobody is consuming the topic" in body
+    assert "**What to do next:** start allocation-worker" in body
+    assert "http://127.0.0.1:16686/trace/" in body
+    kafka, db = (d.value for d in at.dataframe)
+    row = kafka[kafka["step"] == "trainer.allocated"].iloc[0]
+    assert row["topic exists"] == "yes" and row["produced offset"] != "—"
+    assert "processed_events" in set(db["what"])
+    assert len(at.get("plotly_chart")) == 1  # the Gantt
+
+
+def test_lookup_of_a_completed_payment_has_no_stop_marker(seeded: Seeded) -> None:
+    at = app(id=seeded.completed[0])
+    assert not at.exception, at.exception
+    assert STOP_MARKER not in text(at)
+    assert "Completed" in at.success[0].value
+
+
+def test_lookup_of_malformed_and_unknown_ids(seeded: Seeded) -> None:
+    at = app(id="not an id; DROP TABLE spans")
+    assert not at.exception
+    assert "is not a valid correlation id" in at.error[0].value
+    at = app(id="pay-never-seen")
+    assert not at.exception
+    assert "No payment with id 'pay-never-seen'" in at.error[0].value

@@ -1,0 +1,74 @@
+"""A real `hoptrace dashboard` process, opened by headless Chromium: look up a stalled payment."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hoptrace.settings import PROJECT_ROOT
+
+from ..support import wait_for
+from .cdp import Browser, chromium_path
+from .seed import Seeded
+
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.skipif(chromium_path() is None, reason="chromium missing: run scripts/browser.sh"),
+]
+ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
+HOPTRACE = Path(os.environ.get("VIRTUAL_ENV", PROJECT_ROOT / ".venv")) / "bin" / "hoptrace"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def dashboard(seeded: Seeded, hoptrace_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """`hoptrace dashboard --port P` on this test's database; its URL once it signalled ready."""
+    port = free_port()
+    ready = tmp_path / "dashboard.ready"
+    env = {**hoptrace_env, "HOPTRACE_READY_FILE": str(ready)}
+    exe = str(HOPTRACE) if HOPTRACE.exists() else "hoptrace"
+    log = (tmp_path / "dashboard.log").open("w")
+    proc = subprocess.Popen(
+        [exe, "dashboard", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+
+    async def is_ready() -> bool:
+        assert proc.poll() is None, (tmp_path / "dashboard.log").read_text()
+        return ready.exists()
+
+    try:
+        asyncio.run(wait_for(is_ready, timeout=60, what="dashboard ready file"))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_browser_looks_up_a_stalled_payment(dashboard: str, seeded: Seeded) -> None:
+    cid = seeded.stalled[0]
+    with Browser(height=1800) as browser:
+        browser.open(f"{dashboard}/?id={cid}")
+        text = browser.wait_for_text(f"Payment {cid}", "STOPPED HERE", "Traces in Jaeger")
+        browser.wait_for_selector(".js-plotly-plot .main-svg")  # the Gantt
+        browser.wait_for_selector("[data-testid='stDataFrame'] canvas", count=2)  # Kafka, DB
+        shot = browser.screenshot(ARTIFACTS / "dashboard-lookup-stalled.png")
+    marked = [line for line in text.splitlines() if "STOPPED HERE" in line]
+    assert any("trainer.allocated" in line for line in marked), marked
+    assert "payment.confirmed" in text and "session.created" in text
+    assert shot.stat().st_size > 10_000
