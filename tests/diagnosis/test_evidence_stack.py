@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import jsonschema
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -176,6 +177,8 @@ async def test_no_consumer_when_the_group_does_not_exist(env) -> None:
     out = cli(e, "trace", cid, "--format", "json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
+    schema_doc = json.loads((PROJECT_ROOT / "docs" / "trace-json-schema.json").read_text())
+    jsonschema.validate(doc, schema_doc)
     assert (doc["version"], doc["stopped_at"], doc["cause"]) == (
         1,
         "trainer.allocated",
