@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -21,7 +22,8 @@ PIPELINE_ATTR = "hoptrace.pipeline"
 STEP_ATTR = "hoptrace.step"
 OUTCOME_ATTR = "hoptrace.step.outcome"
 
-#: Column order of a span row (and of the COPY into the staging table).
+#: Column order of a span row (and of the COPY into the staging table). Times are integer
+#: microseconds since the Unix epoch (``*_us``); the insert turns them into timestamptz.
 COLUMNS: tuple[str, ...] = (
     "trace_id",
     "span_id",
@@ -29,8 +31,8 @@ COLUMNS: tuple[str, ...] = (
     "name",
     "service",
     "kind",
-    "start_time",
-    "end_time",
+    "start_us",
+    "end_us",
     "duration_us",
     "status_code",
     "status_message",
@@ -40,7 +42,7 @@ COLUMNS: tuple[str, ...] = (
     "outcome",
     "attributes",
     "events",
-    "received_at",
+    "received_us",
     "resource",
     "scope",
 )
@@ -53,7 +55,15 @@ SpanRow = tuple[Any, ...]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ZERO_TRACE = b"\x00" * 16
 _ZERO_SPAN = b"\x00" * 8
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def us_to_dt(us: int) -> datetime:
+    """Microseconds since the epoch -> aware UTC datetime."""
+    return _EPOCH + timedelta(microseconds=us)
 
 
 class DecodeFailure(ValueError):
@@ -145,12 +155,14 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
     """Flatten a request into span rows (COLUMNS order); count the spans that cannot be stored."""
     out = Decoded()
     rows = out.rows
-    received_ns = int((received_at - _EPOCH).total_seconds() * 1e9)
+    append = rows.append
+    received_us = (received_at - _EPOCH) // timedelta(microseconds=1)
+    dumps = _dumps
     for rs in req.resource_spans:
         res = attributes(rs.resource.attributes)
         service = res.get("service.name")
         service = service if isinstance(service, str) and service else "unknown_service"
-        res_json = _dumps(res)
+        res_json = dumps(res)
         for ss in rs.scope_spans:
             scope = ss.scope.name or None
             for sp in ss.spans:
@@ -159,13 +171,22 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
                 if len(tid) != 16 or len(sid) != 8 or tid == _ZERO_TRACE or sid == _ZERO_SPAN:
                     out.rejected += 1
                     continue
-                attrs = {kv.key: any_value(kv.value) for kv in sp.attributes}
-                start_ns = sp.start_time_unix_nano or received_ns
-                end_ns = sp.end_time_unix_nano or start_ns
-                if end_ns < start_ns:
-                    end_ns = start_ns
-                events = (
-                    _dumps(
+                attrs: dict[str, Any] = {}
+                for kv in sp.attributes:
+                    v = kv.value
+                    w = v.WhichOneof("value")
+                    if w == "string_value":
+                        attrs[kv.key] = v.string_value
+                    elif w == "int_value":
+                        attrs[kv.key] = v.int_value
+                    else:
+                        attrs[kv.key] = any_value(v)
+                start_us = sp.start_time_unix_nano // 1000 or received_us
+                end_us = sp.end_time_unix_nano // 1000 or start_us
+                if end_us < start_us:
+                    end_us = start_us
+                if sp.events:
+                    events = dumps(
                         [
                             {
                                 "name": ev.name,
@@ -175,15 +196,22 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
                             for ev in sp.events
                         ]
                     )
-                    if sp.events
-                    else "[]"
-                )
+                else:
+                    events = "[]"
                 cid = attrs.get(CORRELATION_ATTR)
-                pipeline = attrs.get(PIPELINE_ATTR)
                 step = attrs.get(STEP_ATTR)
-                outcome = attrs.get(OUTCOME_ATTR)
+                pipeline = attrs.get(PIPELINE_ATTR)
+                if pipeline is not None:
+                    pipeline = str(pipeline)
+                if step is not None:
+                    outcome = attrs.get(OUTCOME_ATTR)
+                    step = str(step)
+                    outcome = str(outcome) if outcome is not None else None
+                else:
+                    outcome = None
                 parent = sp.parent_span_id
-                rows.append(
+                status = sp.status
+                append(
                     (
                         tid.hex(),
                         sid.hex(),
@@ -191,18 +219,18 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
                         sp.name,
                         service,
                         sp.kind,
-                        _ts(start_ns),
-                        _ts(end_ns),
-                        (end_ns - start_ns) // 1000,
-                        sp.status.code,
-                        sp.status.message or None,
+                        start_us,
+                        end_us,
+                        end_us - start_us,
+                        status.code,
+                        status.message or None,
                         str(cid) if cid is not None and cid != "" else None,
-                        str(pipeline) if pipeline is not None else None,
-                        str(step) if step is not None else None,
-                        str(outcome) if outcome is not None else None,
-                        _dumps(attrs),
+                        pipeline,
+                        step,
+                        outcome,
+                        dumps(attrs),
                         events,
-                        received_at,
+                        received_us,
                         res_json,
                         scope,
                     )

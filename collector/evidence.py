@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import DefaultPartitioner
 
 from hoptrace.instrumentation.spec import PipelineSpec, Step
 from hoptrace.settings import Settings, get_settings
@@ -80,6 +81,8 @@ class EvidenceSources:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.admin: AIOKafkaAdminClient | None = None
         self.consumer: AIOKafkaConsumer | None = None
+        self._scanner: AIOKafkaConsumer | None = None
+        self.scan_lock = asyncio.Lock()
         self._coordinators: dict[str, int] = {}
         self._tables: dict[str, bool] = {}
         self._lock = asyncio.Lock()
@@ -128,6 +131,24 @@ class EvidenceSources:
                 self.consumer = consumer
         return self.admin, self.consumer
 
+    async def scanner(self) -> AIOKafkaConsumer:
+        """A group-less consumer reserved for dead-letter scans (use under ``scan_lock``)."""
+        async with self._lock:
+            if self._scanner is None:
+                scanner = AIOKafkaConsumer(
+                    bootstrap_servers=self.settings.kafka_bootstrap,
+                    group_id=None,
+                    enable_auto_commit=False,
+                )
+                try:
+                    await scanner.start()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await scanner.stop()
+                    raise
+                self._scanner = scanner
+        return self._scanner
+
     async def coordinator(self, group: str) -> int:
         if group not in self._coordinators:
             admin, _ = await self.kafka()
@@ -142,6 +163,10 @@ class EvidenceSources:
         return self._tables[table]
 
     async def close(self) -> None:
+        if self._scanner is not None:
+            with contextlib.suppress(Exception):
+                await self._scanner.stop()
+            self._scanner = None
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
@@ -372,45 +397,44 @@ async def _other_groups(
 async def _dlq_lookup(
     sources: EvidenceSources, dlq: str, cid: str, deadline: float
 ) -> DlqRecord | None:
-    """Scan the tail of ``dlq`` for a record whose correlation header is ``cid``."""
-    admin, _ = await sources.kafka()
+    """Scan the tail of ``dlq`` for a record whose correlation header is ``cid``: the partition
+    its key (the correlation id) hashes to first, then the others; at most ``DLQ_SCAN_LIMIT``
+    records per partition, until ``deadline``."""
+    admin, consumer = await sources.kafka()
     described = await admin.describe_topics([dlq])
     if not described or described[0].get("error_code") != 0:
         return None
-    tps = [TopicPartition(dlq, p["partition"]) for p in described[0]["partitions"]]
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=sources.settings.kafka_bootstrap, group_id=None, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        begins = await consumer.beginning_offsets(tps)
-        todo = {tp for tp in tps if ends[tp] > begins[tp]}
+    parts = sorted(p["partition"] for p in described[0]["partitions"])
+    tps = [TopicPartition(dlq, p) for p in parts]
+    ends = await consumer.end_offsets(tps)
+    begins = await consumer.beginning_offsets(tps)
+    todo = [tp for tp in tps if ends[tp] > begins[tp]]
+    if not todo:
+        return None
+    keyed = DefaultPartitioner()(cid.encode(), parts, parts)
+    todo.sort(key=lambda tp: tp.partition != keyed)
+    scanner = await sources.scanner()
+    async with sources.scan_lock:
         for tp in todo:
-            consumer.seek(tp, max(begins[tp], ends[tp] - DLQ_SCAN_LIMIT))
-        found: DlqRecord | None = None
-        while todo and time.monotonic() < deadline:
-            batch = await consumer.getmany(*todo, timeout_ms=200)
-            for tp, records in batch.items():
-                for rec in records:
-                    headers = {k: v for k, v in rec.headers or ()}
+            scanner.assign([tp])
+            scanner.seek(tp, max(begins[tp], ends[tp] - DLQ_SCAN_LIMIT))
+            done = False
+            while not done and time.monotonic() < deadline:
+                batch = await scanner.getmany(tp, timeout_ms=200, max_records=DLQ_SCAN_LIMIT)
+                for rec in batch.get(tp, []):
+                    headers = dict(rec.headers or ())
                     raw = headers.get(CORRELATION_HEADER)
                     if raw is not None and raw.decode("utf-8", "replace") == cid:
                         reason = headers.get(DLQ_REASON_HEADER)
-                        found = DlqRecord(
+                        return DlqRecord(
                             dlq,
                             tp.partition,
                             rec.offset,
                             reason.decode("utf-8", "replace") if reason else None,
                         )
                     if rec.offset + 1 >= ends[tp]:
-                        todo.discard(tp)
-            if found is not None:
-                return found
-        return found
-    finally:
-        await consumer.stop()
+                        done = True
+    return None
 
 
 # ------------------------------------------------------------------------------------ gather
@@ -469,8 +493,10 @@ async def gather(
                 missing,
             )
             extra["other_groups"] = others
-        failed = step_runs and not any((s.outcome or "") in ("ok", "duplicate") for s in step_runs)
-        if stop.dlq and (failed or kf.record_consumed):
+        # a dead-lettered run says so (hoptrace.dlq.topic); a record consumed without any span
+        # may have been dead-lettered by an uninstrumented consumer
+        dead_lettered = any(s.attributes.get("hoptrace.dlq.topic") for s in step_runs)
+        if stop.dlq and (dead_lettered or (not step_runs and kf.record_consumed)):
             queries.append(
                 f"kafka: scan the last {DLQ_SCAN_LIMIT} records per partition of {stop.dlq}"
             )

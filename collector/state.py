@@ -29,6 +29,7 @@ from .decode import (
     I_STATUS_MSG,
     I_STEP,
     SpanRow,
+    us_to_dt,
 )
 
 STATES = ("in_progress", "completed", "failed", "stalled")
@@ -65,7 +66,8 @@ def observations(rows: list[SpanRow], spec: PipelineSpec) -> dict[str, list[Step
         if outcome not in ("ok", "duplicate", "error"):
             outcome = "error" if r[I_STATUS] == 2 else "ok"
         err = r[I_STATUS_MSG] if outcome == "error" else None
-        out.setdefault(cid, []).append(StepObs(cid, step, r[I_START], r[I_END], outcome, err))
+        start, end = us_to_dt(r[I_START]), us_to_dt(r[I_END])
+        out.setdefault(cid, []).append(StepObs(cid, step, start, end, outcome, err))
     return out
 
 

@@ -17,21 +17,31 @@ import asyncpg
 from hoptrace.instrumentation.spec import PipelineSpec
 
 from . import metrics
-from .decode import COLUMNS, I_SPAN, I_START, I_STEP, I_TRACE, SpanRow
+from .decode import COLUMNS, I_SPAN, I_START, I_STEP, I_TRACE, SpanRow, us_to_dt
 from .schema import ensure_partitions, existing_partitions, partition_name
 from .spanqueue import SpanQueue
 from .state import fold, observations
 
 log = logging.getLogger("hoptrace.collector.writer")
 
-_STAGE_DDL = (
-    "CREATE TEMP TABLE IF NOT EXISTS spans_stage "
-    "(LIKE spans INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+_STAGE_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS spans_stage (
+    trace_id text, span_id text, parent_span_id text, name text, service text, kind smallint,
+    start_us bigint, end_us bigint, duration_us bigint, status_code smallint,
+    status_message text, correlation_id text, pipeline text, step text, outcome text,
+    attributes jsonb, events jsonb, received_us bigint, resource jsonb, scope text
+) ON COMMIT DELETE ROWS
+"""
+_TS = "timestamptz 'epoch' + {} * interval '1 microsecond'"
+_TARGET = ", ".join(
+    c.replace("_us", "_time") if c in ("start_us", "end_us") else c for c in COLUMNS
+).replace("received_us", "received_at")
+_SOURCE = ", ".join(
+    _TS.format(c) if c in ("start_us", "end_us", "received_us") else c for c in COLUMNS
 )
-_COLS = ", ".join(COLUMNS)
 _INSERT = f"""
 WITH ins AS (
-    INSERT INTO spans ({_COLS}) SELECT {_COLS} FROM spans_stage
+    INSERT INTO spans ({_TARGET}) SELECT {_SOURCE} FROM spans_stage
     ON CONFLICT DO NOTHING RETURNING trace_id, span_id, step
 )
 SELECT count(*)::int AS n,
@@ -101,7 +111,10 @@ class Writer:
         self.inflight = 0  # batches taken from the queue and not yet written
 
     async def _ensure_days(self, conn: asyncpg.Connection, rows: list[SpanRow]) -> None:
-        days = {r[I_START].date() for r in rows}
+        days = {
+            us_to_dt(us).date()
+            for us in {r[I_START] // 86_400_000_000 * 86_400_000_000 for r in rows}
+        }
         unknown = days - self._days
         if not unknown:
             return
