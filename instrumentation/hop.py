@@ -224,7 +224,8 @@ class HopRuntime:
     ``validate`` raises PoisonRecord for a wrong type/version/schema;
     ``receive_spans=True`` keeps the aiokafka instrumentation's per-record receive span (off by
     default: the process span is the child of the same extracted context and carries the same
-    messaging attributes)."""
+    messaging attributes); ``trace_bookkeeping=True`` traces the runtime's own guard/mark
+    queries too (the handler's queries are always traced)."""
 
     def __init__(
         self,
@@ -249,6 +250,7 @@ class HopRuntime:
         consumer_opts: dict[str, Any] | None = None,
         flush_timeout_s: float = 5.0,
         receive_spans: bool = False,
+        trace_bookkeeping: bool = False,
     ) -> None:
         self.spec = spec
         self.step = spec.step(step_id)
@@ -274,6 +276,7 @@ class HopRuntime:
         self.consumer_opts = consumer_opts or {}
         self.flush_timeout_s = flush_timeout_s
         self.receive_spans = receive_spans
+        self.trace_bookkeeping = trace_bookkeeping
         self._own_producer = producer is None
         self.producer = producer or HopProducer(bootstrap)
         self.ready = asyncio.Event()
@@ -518,7 +521,8 @@ class HopRuntime:
         with suppress_instrumentation():  # BEGIN/COMMIT spans carry nothing worth their cost
             await tx.start()
         try:
-            row = await conn.fetchrow(_GUARD_SQL, envelope.event_id)
+            with self._bookkeeping():
+                row = await conn.fetchrow(_GUARD_SQL, envelope.event_id)
             if row is not None:
                 duplicate = True
                 if row["emitted"] is not None:
@@ -543,7 +547,8 @@ class HopRuntime:
                         log.warning(
                             "%s: handler returned an event but the step emits no topic", step.id
                         )
-                await self._mark(conn, envelope, cid, next_env)
+                with self._bookkeeping():
+                    await self._mark(conn, envelope, cid, next_env)
         except BaseException:
             await self._rollback(conn, tx)
             raise
@@ -570,9 +575,19 @@ class HopRuntime:
                     f"effect missing: no row in {self.step.table!r} for correlation {cid!r}"
                 )
             return
-        if verify and not await self.effect_check(conn, envelope):  # type: ignore[misc]
-            raise EffectMissing(f"effect missing: the effect check for correlation {cid!r} failed")
+        if verify:
+            if not await self.effect_check(conn, envelope):  # type: ignore[misc]
+                raise EffectMissing(
+                    f"effect missing: the effect check for correlation {cid!r} failed"
+                )
         await conn.execute(_MARK_SQL, *args)
+
+    def _bookkeeping(self) -> contextlib.AbstractContextManager[object]:
+        """The runtime's own queries (guard, effect check, mark) are not traced unless asked
+        for (``trace_bookkeeping=True``): the process span's outcome says what they found."""
+        if self.trace_bookkeeping:
+            return contextlib.nullcontext()
+        return suppress_instrumentation()
 
     async def _connection(self) -> asyncpg.Connection:
         """The runtime's connection (held across records: no pool reset per record)."""
