@@ -262,7 +262,12 @@ async def test_dead_lettered_record_is_found_with_its_reason(env) -> None:
         e, dlq, cid, headers=[("x-dlq-reason", b"gave up after 5 attempts: KeyError: 'x'")]
     )
     await insert_span(
-        e, cid, "trainer.allocated", "error", msg="gave up after 5 attempts: KeyError: 'x'"
+        e,
+        cid,
+        "trainer.allocated",
+        "error",
+        msg="gave up after 5 attempts: KeyError: 'x'",
+        **{"hoptrace.dlq.topic": dlq},
     )
     d = await api.diagnose(cid)
     assert (d.stopped_at, d.cause) == ("trainer.allocated", "processing_error")
