@@ -37,6 +37,22 @@ RELAY_BATCH = 500
 RELAY_POLL_S = 0.5
 
 
+_INSERT_SQL = """
+WITH known AS (
+    SELECT EXISTS (SELECT 1 FROM students WHERE id = $2) AS student,
+           EXISTS (SELECT 1 FROM courses WHERE id = $3) AS course
+), payment AS (
+    INSERT INTO payments (payment_id, correlation_id, student, course, amount, status)
+    SELECT $1, $1, $2, $3, $4, 'succeeded' FROM known WHERE known.student AND known.course
+    RETURNING payment_id
+), outbox AS (
+    INSERT INTO payment_outbox (correlation_id, topic, event, trace_carrier)
+    SELECT payment_id, $6, $7, $8::jsonb FROM payment WHERE $5::boolean
+)
+SELECT student, course FROM known
+"""
+
+
 class PaymentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -85,47 +101,33 @@ class PaymentService:
         payment_id = str(uuid.uuid4())
         trace.get_current_span().set_attribute("hoptrace.correlation_id", payment_id)
         with correlation_context(payment_id):
+            event = new_event(
+                PURCHASE_CONFIRMED,
+                payment_id,
+                PurchaseConfirmedV1(
+                    payment_id=payment_id, student=req.student, course=req.course, amount=req.amount
+                ),
+            )
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            # one statement, so one round trip and atomic: the payment and its outbox row are
+            # written together, and only when the student and the course exist
             async with self.pool.acquire() as conn:
                 known = await conn.fetchrow(
-                    """SELECT EXISTS (SELECT 1 FROM students WHERE id = $1) AS student,
-                              EXISTS (SELECT 1 FROM courses WHERE id = $2) AS course""",
+                    _INSERT_SQL,
+                    payment_id,
                     req.student,
                     req.course,
+                    req.amount,
+                    self.fault != faults.SKIP_EMIT,
+                    self.step.emits,
+                    event.to_bytes(),
+                    json.dumps(carrier),
                 )
-                if not known["student"]:
-                    return error(404, f"unknown student {req.student!r}", "student")
-                if not known["course"]:
-                    return error(404, f"unknown course {req.course!r}", "course")
-                event = new_event(
-                    PURCHASE_CONFIRMED,
-                    payment_id,
-                    PurchaseConfirmedV1(
-                        payment_id=payment_id,
-                        student=req.student,
-                        course=req.course,
-                        amount=req.amount,
-                    ),
-                )
-                carrier: dict[str, str] = {}
-                propagate.inject(carrier)
-                async with conn.transaction():
-                    await conn.execute(
-                        """INSERT INTO payments (payment_id, correlation_id, student, course, amount, status)
-                           VALUES ($1, $1, $2, $3, $4, 'succeeded')""",
-                        payment_id,
-                        req.student,
-                        req.course,
-                        req.amount,
-                    )
-                    if self.fault != faults.SKIP_EMIT:
-                        await conn.execute(
-                            """INSERT INTO payment_outbox (correlation_id, topic, event, trace_carrier)
-                               VALUES ($1, $2, $3, $4::jsonb)""",
-                            payment_id,
-                            self.step.emits,
-                            event.to_bytes(),
-                            json.dumps(carrier),
-                        )
+            if not known["student"]:
+                return error(404, f"unknown student {req.student!r}", "student")
+            if not known["course"]:
+                return error(404, f"unknown course {req.course!r}", "course")
             if self.fault == faults.CRASH_AFTER_WRITE:
                 os._exit(17)  # committed, not emitted: the relay of the next start must send it
             if self.fault == faults.SKIP_EMIT:

@@ -1,0 +1,273 @@
+"""End-to-end benchmark of the reference pipeline, tracing on.
+
+Starts the five services (`hoptrace worker NAME`, as users start them) against the local stack
+(`hoptrace dev up --infra-only`) with their own database and topics, exporting spans over OTLP/HTTP
+to an in-process sink, then measures:
+
+- sustained throughput: N payments submitted as fast as the client can; payments/s from the first
+  payment row to the last tutoring session row (bar >= 200/s);
+- latency at a fixed rate (default 50/s): payment row -> tutoring session row, p50/p99
+  (bar p99 <= 500 ms).
+
+Prints the figures and writes benchmarks/results/pipeline_e2e.json.
+    python benchmarks/pipeline_e2e.py [--burst 3000] [--rate 50] [--seconds 20] [--replicas 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import asyncpg
+
+from hoptrace import devstack
+from hoptrace.instrumentation.spec import load_spec
+from hoptrace.settings import PROJECT_ROOT
+from hoptrace.workers.client import traffic
+from hoptrace.workers.topics import ensure_topics
+
+HOPTRACE = str(Path(sys.executable).parent / "hoptrace")
+RESULTS = PROJECT_ROOT / "benchmarks" / "results" / "pipeline_e2e.json"
+WORKERS = ["purchase-worker", "allocation-worker", "session-worker"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SpanSink:
+    """Accepts OTLP/HTTP exports and counts the bytes (a stand-in for the collector's receiver)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def isolated_spec(tmp: Path, suffix: str) -> Path:
+    import re
+
+    text = (PROJECT_ROOT / "pipelines" / "payments.toml").read_text()
+    text = re.sub(
+        r'^(consumes|emits|group)\s*=\s*"([^"]+)"',
+        lambda m: f'{m.group(1)} = "{m.group(2)}-{suffix}"',
+        text,
+        flags=re.M,
+    )
+    out = tmp / "pipeline.toml"
+    out.write_text(text)
+    return out
+
+
+def start(name: str, env: dict[str, str], tmp: Path, n: int = 0) -> subprocess.Popen:
+    ready = tmp / f"{name}-{n}.ready"
+    log = open(tmp / f"{name}-{n}.log", "ab")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [HOPTRACE, "worker", name],
+        env={**env, "HOPTRACE_READY_FILE": str(ready)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{name} did not start; see {tmp / f'{name}-{n}.log'}")
+        time.sleep(0.05)
+    return proc
+
+
+async def wait_sessions(db_url: str, ids: list[str], timeout: float) -> None:
+    conn = await asyncpg.connect(db_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            n = await conn.fetchval(
+                "SELECT count(*) FROM tutoring_sessions WHERE correlation_id = ANY($1::text[])", ids
+            )
+            if n == len(ids):
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"only {n}/{len(ids)} payments completed within {timeout}s")
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+
+
+async def e2e(db_url: str, ids: list[str]) -> tuple[list[float], float]:
+    """Per-payment latency (ms, payment row -> session row) and the span first payment -> last
+    session (s)."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        rows = await conn.fetch(
+            """SELECT extract(epoch FROM s.created_at - p.created_at) * 1000 AS ms,
+                      p.created_at AS paid, s.created_at AS done
+               FROM payments p JOIN tutoring_sessions s USING (correlation_id)
+               WHERE p.correlation_id = ANY($1::text[])""",
+            ids,
+        )
+    finally:
+        await conn.close()
+    lat = sorted(float(r["ms"]) for r in rows)
+    span = (max(r["done"] for r in rows) - min(r["paid"] for r in rows)).total_seconds()
+    return lat, span
+
+
+def pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    cfg = devstack.StackConfig.from_env()
+    tmp = Path(tempfile.mkdtemp(prefix="hoptrace-bench-"))
+    suffix = uuid.uuid4().hex[:8]
+    db_name = f"hoptrace_bench_{suffix}"
+    admin = await asyncpg.connect(cfg.database_url)
+    await admin.execute(f'CREATE DATABASE "{db_name}"')
+    await admin.close()
+    db_url = cfg.database_url.rsplit("/", 1)[0] + "/" + db_name
+    spec_path = isolated_spec(tmp, suffix)
+    spec = load_spec(spec_path)
+    await ensure_topics(cfg.kafka_bootstrap, spec)
+    sink = SpanSink()
+    pay_port = free_port()
+    env = {
+        **os.environ,
+        "HOPTRACE_DATABASE_URL": db_url,
+        "HOPTRACE_KAFKA_BOOTSTRAP": cfg.kafka_bootstrap,
+        "HOPTRACE_PIPELINE": str(spec_path),
+        "HOPTRACE_PAYMENT_SERVICE_PORT": str(pay_port),
+        "HOPTRACE_ADMIN_SERVICE_PORT": str(free_port()),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "HOPTRACE_FAULT": "",
+    }
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(start("admin-service", env, tmp))
+        procs.append(start("payment-service", env, tmp))
+        for name in WORKERS:
+            for n in range(args.replicas):
+                procs.append(start(name, env, tmp, n))
+        url = f"http://127.0.0.1:{pay_port}"
+        await traffic(20, 20, url=url)  # warm-up: connections, JIT-free but caches and pools
+
+        t0 = time.monotonic()
+        burst = await traffic(100_000.0, args.burst, url=url, concurrency=64)
+        accept_s = time.monotonic() - t0
+        burst_ids: list[str] = burst["ids"]  # type: ignore[assignment]
+        await wait_sessions(db_url, burst_ids, timeout=300)
+        _, span = await e2e(db_url, burst_ids)
+        throughput = len(burst_ids) / span
+
+        n = int(args.rate * args.seconds)
+        fixed = await traffic(args.rate, n, url=url)
+        fixed_ids: list[str] = fixed["ids"]  # type: ignore[assignment]
+        await wait_sessions(db_url, fixed_ids, timeout=120)
+        lat, _ = await e2e(db_url, fixed_ids)
+        return {
+            "benchmark": "pipeline_e2e",
+            "tracing": "on (OTLP/HTTP to an in-process sink)",
+            "replicas_per_worker": args.replicas,
+            "partitions": spec.partitions,
+            "throughput": {
+                "payments": len(burst_ids),
+                "errors": len(burst["errors"]),  # type: ignore[arg-type]
+                "http_accept_per_s": round(len(burst_ids) / accept_s, 1),
+                "end_to_end_per_s": round(throughput, 1),
+                "bar_per_s": 200,
+                "pass": throughput >= 200,
+            },
+            "latency_at_fixed_rate": {
+                "rate_per_s": args.rate,
+                "payments": len(lat),
+                "p50_ms": round(pct(lat, 50), 1),
+                "p99_ms": round(pct(lat, 99), 1),
+                "max_ms": round(lat[-1], 1),
+                "mean_ms": round(statistics.fmean(lat), 1),
+                "bar_p99_ms": 500,
+                "pass": pct(lat, 99) <= 500,
+            },
+            "otlp_export_requests": sink.requests,
+        }
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        sink.server.shutdown()
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        ka = AIOKafkaAdminClient(bootstrap_servers=cfg.kafka_bootstrap)
+        await ka.start()
+        try:
+            await ka.delete_topics(spec.topics)
+        finally:
+            await ka.close()
+        admin = await asyncpg.connect(cfg.database_url)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        await admin.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--burst", type=int, default=3000, help="payments for the throughput run")
+    parser.add_argument("--rate", type=float, default=50.0, help="fixed rate for the latency run")
+    parser.add_argument("--seconds", type=float, default=20.0, help="duration of the latency run")
+    parser.add_argument("--replicas", type=int, default=1, help="processes per worker")
+    args = parser.parse_args()
+    devstack.up(devstack.StackConfig.from_env(), services=False, echo=lambda _l: None)
+    result = asyncio.run(run(args))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    t, lat = result["throughput"], result["latency_at_fixed_rate"]
+    print(
+        f"throughput: {t['end_to_end_per_s']} payments/s end to end "  # type: ignore[index]
+        f"(HTTP accepted {t['http_accept_per_s']}/s; bar >= 200/s)"  # type: ignore[index]
+    )
+    print(
+        f"latency at {lat['rate_per_s']}/s: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "  # type: ignore[index]
+        f"(bar p99 <= 500 ms)"
+    )
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
