@@ -17,6 +17,8 @@ from hoptrace.settings import get_settings
 #: Seconds an overview/alerts read stays cached (the pages' refresh is at least this coarse).
 CACHE_TTL_S = 5
 SPANS_LIMIT = 2000
+#: Most recent payments whose hop latencies feed the percentiles and the histogram.
+LATENCY_SAMPLES = 5000
 
 
 class ApiSource:
@@ -108,6 +110,8 @@ class ApiSource:
         fn = getattr(api, name)
         if name in ("stalled", "alerts"):
             return run(fn(self.pool(), limit=arg))
+        if name == "hop_latencies":
+            return run(fn(self.pool(), arg, limit=LATENCY_SAMPLES))
         return run(fn(self.pool(), arg))
 
 

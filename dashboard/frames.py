@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any
 from urllib.parse import quote
 
+import numpy as np
 import pandas as pd
 
 STATUS_ICONS: dict[str, str] = {
@@ -253,41 +254,49 @@ def funnel_frame(funnel: Any, step_order: list[str] | None = None) -> pd.DataFra
 def latency_frames(latencies: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(percentiles per hop, raw samples) from either raw samples or precomputed percentiles.
 
-    Accepts a mapping ``hop -> [seconds, ...]``, records with ``hop``/``step`` and ``seconds``
-    (samples), or records with ``p50``/``p95``/``p99`` (precomputed; histogram data then comes
-    from an optional ``samples`` field)."""
-    samples: list[dict[str, Any]] = []
+    Accepts a mapping ``hop -> [seconds, ...]`` or ``hop -> HopLatency(step, samples)``, records
+    with ``hop``/``step`` and ``seconds`` (one sample each), or records with ``p50``/``p95``/``p99``
+    (precomputed; histogram data then comes from an optional ``samples`` field)."""
+    per_hop: dict[str, list[float]] = {}
     stats: list[dict[str, Any]] = []
     if isinstance(latencies, Mapping):
         for hop, values in latencies.items():
             if not isinstance(values, list | tuple):
                 values = get(values, "samples")  # e.g. a HopLatency(step, samples)
             if isinstance(values, list | tuple):
-                samples.extend({"hop": str(hop), "seconds": as_seconds(v)} for v in values)
+                per_hop.setdefault(str(hop), []).extend(as_seconds(v) for v in values)
     else:
         for rec in latencies or []:
             hop = str(first(rec, "hop", "step", "to_step", default="?"))
             if get(rec, "p50") is not None:
                 stats.append(_stat_row(hop, rec))
-                samples.extend(
-                    {"hop": hop, "seconds": as_seconds(v)} for v in get(rec, "samples", []) or []
+                per_hop.setdefault(hop, []).extend(
+                    as_seconds(v) for v in get(rec, "samples", []) or []
                 )
             else:
                 value = first(rec, "seconds", "latency", "duration", "value")
-                samples.append({"hop": hop, "seconds": as_seconds(value)})
-    samples_df = pd.DataFrame(samples, columns=["hop", "seconds"]).dropna()
-    if not stats and not samples_df.empty:
-        grouped = samples_df.groupby("hop", sort=False)["seconds"]
-        stats = [
-            {
-                "hop": hop,
-                "count": int(series.count()),
-                "p50_s": float(series.quantile(0.50)),
-                "p95_s": float(series.quantile(0.95)),
-                "p99_s": float(series.quantile(0.99)),
-            }
-            for hop, series in grouped
-        ]
+                per_hop.setdefault(hop, []).append(as_seconds(value))
+    arrays = {
+        hop: arr[~np.isnan(arr)]
+        for hop, values in per_hop.items()
+        if values
+        for arr in [np.asarray([np.nan if v is None else v for v in values], dtype=float)]
+    }
+    arrays = {hop: arr for hop, arr in arrays.items() if arr.size}
+    if not stats:
+        for hop, arr in arrays.items():
+            p50, p95, p99 = np.percentile(arr, [50, 95, 99])
+            stats.append(
+                {"hop": hop, "count": int(arr.size), "p50_s": p50, "p95_s": p95, "p99_s": p99}
+            )
+    samples_df = pd.DataFrame(
+        {
+            "hop": np.concatenate([np.full(a.size, h, dtype=object) for h, a in arrays.items()])
+            if arrays
+            else np.array([], dtype=object),
+            "seconds": np.concatenate(list(arrays.values())) if arrays else np.array([]),
+        }
+    )
     stats_df = pd.DataFrame(stats, columns=["hop", "count", "p50_s", "p95_s", "p99_s"])
     return stats_df, samples_df
 

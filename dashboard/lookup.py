@@ -88,13 +88,10 @@ def show(diagnosis: Any, source: Source) -> None:
 
     kafka = first(diagnosis, "kafka", "kafka_facts")
     db = first(diagnosis, "db", "db_facts", "database")
-    left, right = st.columns(2)
-    with left:
-        st.markdown("#### Kafka")
-        _facts(kafka, "No Kafka facts.")
-    with right:
-        st.markdown("#### Database")
-        _facts(db, "No database facts.")
+    st.markdown("#### Kafka")
+    _facts(kafka, "No Kafka facts.")
+    st.markdown("#### Database")
+    _facts(db, "No database facts.")
 
     st.markdown("#### Traces in Jaeger")
     urls = get(diagnosis, "jaeger_urls") or [
@@ -111,4 +108,4 @@ def _facts(facts: Any, empty: str) -> None:
     if frame.empty:
         st.caption(empty)
     else:
-        st.dataframe(frame, hide_index=True)
+        st.dataframe(frame.astype(str), hide_index=True)
