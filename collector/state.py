@@ -12,9 +12,8 @@ Rules (order-independent and idempotent per span, so out-of-order and duplicate 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from hoptrace.instrumentation.spec import PipelineSpec
 
@@ -35,14 +34,13 @@ from .decode import (
 STATES = ("in_progress", "completed", "failed", "stalled")
 
 
-@dataclass(frozen=True, slots=True)
-class StepObs:
-    """One execution of a step, as seen in one span."""
+class StepObs(NamedTuple):
+    """One execution of a step, as seen in one span (times in microseconds since the epoch)."""
 
     correlation_id: str
     step: str
-    start: datetime
-    end: datetime
+    start_us: int
+    end_us: int
     outcome: str  # ok | duplicate | error
     error: str | None = None
 
@@ -52,13 +50,14 @@ def observations(rows: list[SpanRow], spec: PipelineSpec) -> dict[str, list[Step
     carries a correlation id and a step of ``spec`` (and is the step span: named after the step,
     or carrying an outcome)."""
     steps = {s.id for s in spec.steps}
+    name = spec.name
     out: dict[str, list[StepObs]] = {}
     for r in rows:
         cid = r[I_CID]
         step = r[I_STEP]
         if cid is None or step not in steps:
             continue
-        if r[I_PIPELINE] is not None and r[I_PIPELINE] != spec.name:
+        if r[I_PIPELINE] is not None and r[I_PIPELINE] != name:
             continue
         outcome = r[I_OUTCOME]
         if outcome is None and r[I_NAME] != step:
@@ -66,25 +65,16 @@ def observations(rows: list[SpanRow], spec: PipelineSpec) -> dict[str, list[Step
         if outcome not in ("ok", "duplicate", "error"):
             outcome = "error" if r[I_STATUS] == 2 else "ok"
         err = r[I_STATUS_MSG] if outcome == "error" else None
-        start, end = us_to_dt(r[I_START]), us_to_dt(r[I_END])
-        out.setdefault(cid, []).append(StepObs(cid, step, start, end, outcome, err))
+        obs = StepObs(cid, step, r[I_START], r[I_END], outcome, err)
+        if cid in out:
+            out[cid].append(obs)
+        else:
+            out[cid] = [obs]
     return out
 
 
-def _iso(t: datetime | None) -> str | None:
-    return t.isoformat() if t is not None else None
-
-
-def _dt(s: str | None) -> datetime | None:
-    return datetime.fromisoformat(s) if s else None
-
-
-def _min(a: str | None, b: datetime) -> str:
-    return b.isoformat() if a is None or b < datetime.fromisoformat(a) else a
-
-
-def _max(a: str | None, b: datetime) -> str:
-    return b.isoformat() if a is None or b > datetime.fromisoformat(a) else a
+def _dt(us: int | None) -> datetime | None:
+    return us_to_dt(us) if us is not None else None
 
 
 def fold(
@@ -92,47 +82,46 @@ def fold(
 ) -> dict[str, Any]:
     """The new correlation row after ``obs`` (``row`` is the current row or None).
 
+    ``row["steps"]`` / the returned ``steps``: per step id ``{first_start, last_end, done_at,
+    error_at}`` (integer microseconds since the epoch, done_at/error_at may be null), ``outcome``,
+    ``count``, ``ok``, ``duplicate``, ``error``, ``last_error``.
     Returned keys: correlation_id, pipeline, state, last_step, last_step_index, last_step_at,
     failed_step, failed_at, error, next_step, next_deadline, first_seen, completed_at, steps,
     resolved (True when a stalled correlation moved on: its alert must resolve).
     """
     cid = obs[0].correlation_id
-    steps: dict[str, dict[str, Any]] = {
-        k: dict(v) for k, v in ((row or {}).get("steps") or {}).items()
-    }
-    first_seen = (row or {}).get("first_seen")
+    old = row or {}
+    steps: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (old.get("steps") or {}).items()}
+    first_us = min(o.start_us for o in obs)
+    first_seen = old.get("first_seen")
+    first_dt = us_to_dt(first_us)
+    if first_seen is None or first_dt < first_seen:
+        first_seen = first_dt
     for o in obs:
-        first_seen = o.start if first_seen is None or o.start < first_seen else first_seen
-        st = steps.setdefault(
-            o.step,
-            {
-                "first_start": None,
-                "last_end": None,
-                "done_at": None,
-                "outcome": None,
-                "count": 0,
-                "ok": 0,
-                "duplicate": 0,
-                "error": 0,
-                "last_error": None,
-                "error_at": None,
-            },
-        )
+        st = steps.get(o.step)
+        if st is None:
+            st = steps[o.step] = {
+                "first_start": o.start_us, "last_end": o.end_us, "done_at": None, "error_at": None,
+                "outcome": None, "count": 0, "ok": 0, "duplicate": 0, "error": 0, "last_error": None,
+            }  # fmt: skip
         st["count"] += 1
         st[o.outcome] += 1
-        st["first_start"] = _min(st["first_start"], o.start)
-        st["last_end"] = _max(st["last_end"], o.end)
+        if o.start_us < st["first_start"]:
+            st["first_start"] = o.start_us
+        if o.end_us > st["last_end"]:
+            st["last_end"] = o.end_us
         if o.outcome == "error":
-            if st["error_at"] is None or o.end >= datetime.fromisoformat(st["error_at"]):
-                st["error_at"] = o.end.isoformat()
+            if st["error_at"] is None or o.end_us >= st["error_at"]:
+                st["error_at"] = o.end_us
                 st["last_error"] = o.error
-        else:
-            st["done_at"] = _min(st["done_at"], o.end)
+        elif st["done_at"] is None or o.end_us < st["done_at"]:
+            st["done_at"] = o.end_us
         st["outcome"] = "ok" if st["ok"] else ("duplicate" if st["duplicate"] else "error")
 
     last_idx: int | None = None
     for i, s in enumerate(spec.steps):
-        if s.id in steps and steps[s.id]["done_at"] is not None:
+        st = steps.get(s.id)
+        if st is not None and st["done_at"] is not None:
             last_idx = i
     new: dict[str, Any] = {
         "correlation_id": cid,
@@ -152,7 +141,7 @@ def fold(
     if last_idx is not None:
         last = spec.steps[last_idx]
         new["last_step"] = last.id
-        new["last_step_at"] = _dt(steps[last.id]["done_at"])
+        new["last_step_at"] = us_to_dt(steps[last.id]["done_at"])
     start = 0 if last_idx is None else last_idx + 1
     for s in spec.steps[start:]:
         st = steps.get(s.id)
@@ -161,8 +150,8 @@ def fold(
             new["failed_at"] = _dt(st["error_at"])
             new["error"] = st["last_error"]
             break
-    old_state = (row or {}).get("state")
-    old_idx = (row or {}).get("last_step_index")
+    old_state = old.get("state")
+    old_idx = old.get("last_step_index")
     if last_idx == len(spec.steps) - 1:
         state = "completed"
         new["completed_at"] = new["last_step_at"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -20,6 +20,7 @@ from hoptrace.instrumentation.spec import PipelineSpec, load_spec
 from hoptrace.settings import get_settings
 
 Pool = asyncpg.Pool | asyncpg.Connection
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 __all__ = [
     "AlertRow",
@@ -182,8 +183,13 @@ def _j(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-def _dt(value: str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if value else None
+def _dt(value: str | int | None) -> datetime | None:
+    """A stored step time: integer microseconds since the epoch (or an ISO string)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float):
+        return _EPOCH + timedelta(microseconds=int(value))
+    return datetime.fromisoformat(value)
 
 
 _SPAN_COLS = (
@@ -316,7 +322,8 @@ async def funnel(pool: Pool, since: datetime, spec: PipelineSpec | None = None) 
         r["step"]: r["n"]
         for r in await pool.fetch(
             "SELECT s.key AS step, count(*)::int AS n FROM correlations c, jsonb_each(c.steps) s "
-            "WHERE c.first_seen >= $1 AND s.value->>'done_at' IS NOT NULL GROUP BY s.key",
+            "WHERE c.first_seen >= $1 AND jsonb_typeof(s.value->'done_at') IN ('number', 'string') "
+            "GROUP BY s.key",
             since,
         )
     }

@@ -6,13 +6,13 @@ correlations that moved on. One transaction per batch; a failed batch is retried
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 
 from hoptrace.instrumentation.spec import PipelineSpec
 
@@ -96,10 +96,6 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.execute(_STAGE_DDL)
 
 
-def _json_default(o: Any) -> Any:
-    return o.isoformat() if isinstance(o, datetime) else str(o)
-
-
 class Writer:
     """Writes batches of span rows; see the module docstring."""
 
@@ -160,7 +156,7 @@ class Writer:
         if not obs:
             return
         cids = sorted(obs)
-        firsts = [min(o.start for o in obs[c]) for c in cids]
+        firsts = [us_to_dt(min(o.start_us for o in obs[c])) for c in cids]
         await conn.execute(_ENSURE_CORR, cids, self.spec.name, firsts)
         current = {r["correlation_id"]: r for r in await conn.fetch(_LOCK_CORR, cids)}
         now = datetime.now(UTC)
@@ -171,14 +167,14 @@ class Writer:
             row = None
             if rec is not None:
                 row = dict(rec)
-                row["steps"] = json.loads(rec["steps"]) if rec["steps"] else {}
+                row["steps"] = orjson.loads(rec["steps"]) if rec["steps"] else {}
             new = fold(self.spec, row, obs[cid], now)
             if new["resolved"]:
                 resolved.append(cid)
             cols[0].append(cid)
             for i, f in enumerate(_FIELDS, start=1):
                 cols[i].append(new[f])
-            cols[13].append(json.dumps(new["steps"], default=_json_default))
+            cols[13].append(orjson.dumps(new["steps"]).decode())
         await conn.execute(_UPDATE_CORR, *cols)
         if resolved:
             await conn.execute(_RESOLVE, resolved)

@@ -19,16 +19,13 @@ from .helpers import STEPS, request, step_span
 
 SPEC = load_spec(PROJECT_ROOT / "pipelines" / "payments.toml")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+T0_US = int(T0.timestamp()) * 1_000_000
 
 
 def obs(i: int, at: float, outcome: str = "ok", cid: str = "c") -> StepObs:
+    start = T0_US + int(at * 1_000_000)
     return StepObs(
-        cid,
-        STEPS[i],
-        T0 + timedelta(seconds=at),
-        T0 + timedelta(seconds=at + 0.1),
-        outcome,
-        "boom" if outcome == "error" else None,
+        cid, STEPS[i], start, start + 100_000, outcome, "boom" if outcome == "error" else None
     )
 
 
