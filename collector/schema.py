@@ -74,7 +74,7 @@ CREATE INDEX IF NOT EXISTS correlations_deadline_idx ON correlations (next_deadl
     WHERE state = 'in_progress';
 CREATE INDEX IF NOT EXISTS correlations_stalled_idx ON correlations (next_deadline)
     WHERE state = 'stalled';
-CREATE INDEX IF NOT EXISTS correlations_updated_idx ON correlations (updated_at);
+DROP INDEX IF EXISTS correlations_updated_idx;
 CREATE INDEX IF NOT EXISTS correlations_first_seen_idx ON correlations (first_seen);
 
 CREATE TABLE IF NOT EXISTS alerts (

@@ -334,11 +334,11 @@ async def hop_latencies(
     pool: Pool, since: datetime, limit: int = 10_000, spec: PipelineSpec | None = None
 ) -> dict[str, HopLatency]:
     """Per step, latency samples from the previous step's completion to this step's completion
-    (first step: its own duration), over the ``limit`` most recently updated correlations first
-    seen at or after ``since``. Keys in spec order."""
+    (first step: its own duration), over the ``limit`` most recent correlations first seen at or
+    after ``since``. Keys in spec order."""
     spec = _spec(spec)
     rows = await pool.fetch(
-        "SELECT steps FROM correlations WHERE first_seen >= $1 ORDER BY updated_at DESC LIMIT $2",
+        "SELECT steps FROM correlations WHERE first_seen >= $1 ORDER BY first_seen DESC LIMIT $2",
         since,
         limit,
     )

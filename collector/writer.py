@@ -20,7 +20,7 @@ from . import metrics
 from .decode import COLUMNS, I_SPAN, I_START, I_STEP, I_TRACE, SpanRow, us_to_dt
 from .schema import ensure_partitions, existing_partitions, partition_name
 from .spanqueue import SpanQueue
-from .state import fold, observations
+from .state import StepObs, fold, observations
 
 log = logging.getLogger("hoptrace.collector.writer")
 
@@ -48,11 +48,19 @@ SELECT count(*)::int AS n,
        coalesce(array_agg(trace_id || span_id) FILTER (WHERE step IS NOT NULL), '{{}}') AS keys
 FROM ins
 """  # noqa: S608 - constant column list
-_ENSURE_CORR = """
-INSERT INTO correlations (correlation_id, pipeline, first_seen)
-SELECT u.cid, $2, u.first_seen FROM unnest($1::text[], $3::timestamptz[]) AS u(cid, first_seen)
-ON CONFLICT (correlation_id) DO NOTHING
-"""
+_UNNEST = """unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
+            $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::timestamptz[],
+            $12::timestamptz[], $13::timestamptz[], $14::text[])
+     AS u(cid, pipeline, state, last_step, last_step_index, last_step_at, failed_step, failed_at,
+          error, next_step, next_deadline, first_seen, completed_at, steps)"""
+_INSERT_CORR = f"""
+INSERT INTO correlations (correlation_id, pipeline, state, last_step, last_step_index, last_step_at,
+    failed_step, failed_at, error, next_step, next_deadline, first_seen, completed_at, steps)
+SELECT u.cid, u.pipeline, u.state, u.last_step, u.last_step_index, u.last_step_at, u.failed_step,
+    u.failed_at, u.error, u.next_step, u.next_deadline, u.first_seen, u.completed_at, u.steps::jsonb
+FROM {_UNNEST}
+ON CONFLICT (correlation_id) DO NOTHING RETURNING correlation_id
+"""  # noqa: S608 - constant
 _LOCK_CORR = """
 SELECT correlation_id, state, last_step_index, first_seen, steps::text AS steps
 FROM correlations WHERE correlation_id = ANY($1::text[]) ORDER BY correlation_id FOR UPDATE
@@ -153,19 +161,25 @@ class Writer:
 
     async def _fold(self, conn: asyncpg.Connection, rows: list[SpanRow]) -> None:
         obs = observations(rows, self.spec)
-        if not obs:
-            return
-        cids = sorted(obs)
-        firsts = [us_to_dt(min(o.start_us for o in obs[c])) for c in cids]
-        await conn.execute(_ENSURE_CORR, cids, self.spec.name, firsts)
+        if obs:
+            await self._apply(conn, obs, sorted(obs))
+
+    async def _apply(
+        self, conn: asyncpg.Connection, obs: dict[str, list[StepObs]], cids: list[str]
+    ) -> None:
+        """Lock the existing rows (sorted: no deadlock between writers), fold, then UPDATE the
+        existing and INSERT the new ones; ids another writer inserted meanwhile go round again."""
         current = {r["correlation_id"]: r for r in await conn.fetch(_LOCK_CORR, cids)}
         now = datetime.now(UTC)
-        cols: list[list[Any]] = [[] for _ in range(14)]
+        upd: list[list[Any]] = [[] for _ in range(14)]
+        ins: list[list[Any]] = [[] for _ in range(14)]
         resolved: list[str] = []
         for cid in cids:
             rec = current.get(cid)
             row = None
+            cols = ins
             if rec is not None:
+                cols = upd
                 row = dict(rec)
                 row["steps"] = orjson.loads(rec["steps"]) if rec["steps"] else {}
             new = fold(self.spec, row, obs[cid], now)
@@ -175,9 +189,15 @@ class Writer:
             for i, f in enumerate(_FIELDS, start=1):
                 cols[i].append(new[f])
             cols[13].append(orjson.dumps(new["steps"]).decode())
-        await conn.execute(_UPDATE_CORR, *cols)
+        if upd[0]:
+            await conn.execute(_UPDATE_CORR, *upd)
         if resolved:
             await conn.execute(_RESOLVE, resolved)
+        if ins[0]:
+            done = {r[0] for r in await conn.fetch(_INSERT_CORR, *ins)}
+            raced = [c for c in ins[0] if c not in done]
+            if raced:
+                await self._apply(conn, obs, raced)
 
 
 async def run_writer(writer: Writer, queue: SpanQueue, batch_spans: int) -> None:
