@@ -84,6 +84,7 @@ def show(diagnosis: Any, source: Source) -> None:
         st.plotly_chart(
             charts.gantt(spans, steps["step"].tolist(), stopped_at, stop_time),
             key="gantt",
+            config={"displayModeBar": False},
         )
 
     kafka = first(diagnosis, "kafka", "kafka_facts")

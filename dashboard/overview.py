@@ -53,7 +53,7 @@ def _body(source: Source, window: timedelta) -> None:
     if funnel.empty:
         st.caption("No payments in this window.")
     else:
-        st.plotly_chart(charts.funnel(funnel), key="funnel")
+        st.plotly_chart(charts.funnel(funnel), key="funnel", config={"displayModeBar": False})
 
     st.markdown("#### Per-hop latency")
     stats, samples = frames.latency_frames(source.hop_latencies(since))
@@ -65,7 +65,11 @@ def _body(source: Source, window: timedelta) -> None:
             shown[col.removesuffix("_s")] = shown.pop(col).map(frames.human_duration)
         st.dataframe(shown, hide_index=True, key="latency_table")
         if not samples.empty:
-            st.plotly_chart(charts.latency_histogram(samples), key="latency_hist")
+            st.plotly_chart(
+                charts.latency_histogram(samples),
+                key="latency_hist",
+                config={"displayModeBar": False},
+            )
 
     st.markdown("#### Stalled payments")
     stalled = frames.stalled_frame(source.stalled(STALLED_LIMIT), now)
