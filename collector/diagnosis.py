@@ -168,6 +168,7 @@ class Evidence:
     missing: Mapping[str, str] = field(default_factory=dict)
     queries: tuple[str, ...] = ()
     gathered_in_ms: float | None = None
+    timings_ms: Mapping[str, float] = field(default_factory=dict)  # per source
 
 
 # ----------------------------------------------------------------------------------- result

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -139,6 +140,7 @@ class EvidenceSources:
                     bootstrap_servers=self.settings.kafka_bootstrap,
                     group_id=None,
                     enable_auto_commit=False,
+                    fetch_max_wait_ms=5,  # never hold a scan on a long poll at a partition's end
                 )
                 try:
                     await scanner.start()
@@ -181,15 +183,25 @@ class EvidenceSources:
             self.pool = None
 
 
+_timings: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "hoptrace_evidence_timings", default=None
+)
+
+
 async def _bounded(
     name: str, make: Callable[[], Awaitable[T]], timeout: float, missing: dict[str, str]
 ) -> T | None:
+    t0 = time.perf_counter()
     try:
         return await asyncio.wait_for(make(), timeout)
     except TimeoutError:
         missing[name] = f"timed out after {timeout:g}s"
     except Exception as exc:  # noqa: BLE001 - any failure of a source is missing evidence
         missing[name] = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+    finally:
+        timings = _timings.get()
+        if timings is not None:
+            timings[name] = round((time.perf_counter() - t0) * 1000, 2)
     return None
 
 
@@ -292,16 +304,20 @@ async def _kafka_base(
     groups = [s.group for s in consuming if s.group]
 
     async def describe() -> dict[str, tuple[str, int]]:
-        # DescribeGroups on a group the broker does not know returns a body aiokafka cannot
-        # decode (Kafka 4): list the groups first and describe only those that exist.
+        # DescribeGroups on a group the broker does not know, or on several groups at once,
+        # returns bodies aiokafka 0.14 misreads with Kafka 4: list the groups first, then
+        # describe each existing group in its own request (concurrently).
         known = {g[0] for g in await admin.list_consumer_groups()}
         present = [g for g in groups if g in known]
-        if not present:
-            return {}
-        coord = await sources.coordinator(present[0])
-        return _groups_described(
-            await admin.describe_consumer_groups(present, group_coordinator_id=coord)
-        )
+
+        async def one(group: str) -> list[Any]:
+            coord = await sources.coordinator(group)
+            return await admin.describe_consumer_groups([group], group_coordinator_id=coord)
+
+        out: dict[str, tuple[str, int]] = {}
+        for responses in await asyncio.gather(*(one(g) for g in present)):
+            out.update(_groups_described(responses))
+        return out
 
     async def offsets(step: Step) -> tuple[str, dict[int, int]]:
         assert step.group and step.consumes
@@ -412,28 +428,33 @@ async def _dlq_lookup(
     if not todo:
         return None
     keyed = DefaultPartitioner()(cid.encode(), parts, parts)
-    todo.sort(key=lambda tp: tp.partition != keyed)
+    first = [tp for tp in todo if tp.partition == keyed]
+    rest = [tp for tp in todo if tp.partition != keyed]
     scanner = await sources.scanner()
     async with sources.scan_lock:
-        for tp in todo:
-            scanner.assign([tp])
-            scanner.seek(tp, max(begins[tp], ends[tp] - DLQ_SCAN_LIMIT))
-            done = False
-            while not done and time.monotonic() < deadline:
-                batch = await scanner.getmany(tp, timeout_ms=200, max_records=DLQ_SCAN_LIMIT)
-                for rec in batch.get(tp, []):
-                    headers = dict(rec.headers or ())
-                    raw = headers.get(CORRELATION_HEADER)
-                    if raw is not None and raw.decode("utf-8", "replace") == cid:
-                        reason = headers.get(DLQ_REASON_HEADER)
-                        return DlqRecord(
-                            dlq,
-                            tp.partition,
-                            rec.offset,
-                            reason.decode("utf-8", "replace") if reason else None,
-                        )
-                    if rec.offset + 1 >= ends[tp]:
-                        done = True
+        for group in (first, rest):  # records keyed by the correlation id sit in one partition
+            if not group or time.monotonic() >= deadline:
+                continue
+            scanner.assign(group)
+            for tp in group:
+                scanner.seek(tp, max(begins[tp], ends[tp] - DLQ_SCAN_LIMIT))
+            left = set(group)
+            while left and time.monotonic() < deadline:
+                batch = await scanner.getmany(*left, timeout_ms=100)
+                for tp, records in batch.items():
+                    for rec in records:
+                        headers = dict(rec.headers or ())
+                        raw = headers.get(CORRELATION_HEADER)
+                        if raw is not None and raw.decode("utf-8", "replace") == cid:
+                            reason = headers.get(DLQ_REASON_HEADER)
+                            return DlqRecord(
+                                dlq,
+                                tp.partition,
+                                rec.offset,
+                                reason.decode("utf-8", "replace") if reason else None,
+                            )
+                        if rec.offset + 1 >= ends[tp]:
+                            left.discard(tp)
     return None
 
 
@@ -451,6 +472,8 @@ async def gather(
     timeout = timeout if timeout is not None else sources.timeout
     t0 = time.perf_counter()
     missing: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    _timings.set(timings)
     queries = [
         SPANS_SQL,
         PROCESSED_SQL,
@@ -517,4 +540,5 @@ async def gather(
         missing=dict(missing),
         queries=tuple(queries),
         gathered_in_ms=(time.perf_counter() - t0) * 1000,
+        timings_ms=timings,
     )
