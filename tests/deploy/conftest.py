@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .gotools import COMPOSE_FILE, ENV_EXAMPLE, clean_env, go_tool
+from .jaeger import Jaeger, start_jaeger
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +39,13 @@ def project(composecheck: Path) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def services(project: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return project["services"]
+
+
+@pytest.fixture(scope="session")
+def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jaeger]:
+    """One real Jaeger v2 for the session (tests use their own correlation ids)."""
+    j = start_jaeger(tmp_path_factory.mktemp("jaeger"))
+    try:
+        yield j
+    finally:
+        j.stop()

@@ -7,15 +7,37 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from .gotools import clean_env, go_tool
 
 CONFIG = Path(__file__).resolve().parent / "jaeger-test.yaml"
+CORRELATION = "hoptrace.correlation_id"
+ALL_SERVICES = {
+    "payment-service",
+    "purchase-worker",
+    "allocation-worker",
+    "session-worker",
+    "admin-service",
+}
+T = TypeVar("T")
+
+
+def poll(check: Callable[[], T | None], timeout: float, what: str) -> T:
+    """Re-evaluate ``check`` until it returns a truthy value (or fail saying ``what``)."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 def free_port() -> int:
@@ -131,3 +153,17 @@ def tag(span: dict[str, Any], key: str) -> Any:
         if t["key"] == key:
             return t["value"]
     return None
+
+
+def wait_for_payment_trace(
+    jaeger: Jaeger, cid: str, step_ids: set[str], timeout: float = 60.0
+) -> dict[str, Any]:
+    """The payment's trace once spans of every service and every step have reached Jaeger."""
+
+    def complete() -> dict[str, Any] | None:
+        traces = jaeger.find("payment-service", {CORRELATION: cid})
+        done = [t for t in traces if services_of(t) >= ALL_SERVICES]
+        steps = {tag(s, "hoptrace.step") for t in traces for s in t["spans"]}
+        return done[0] if done and step_ids <= steps else None
+
+    return poll(complete, timeout, f"payment {cid} in Jaeger from {sorted(ALL_SERVICES)}")

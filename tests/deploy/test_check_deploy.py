@@ -18,7 +18,9 @@ import yaml
 from hoptrace.instrumentation.spec import load_spec
 from hoptrace.settings import PROJECT_ROOT
 
-from .gotools import COMPOSE_FILE, ENV_EXAMPLE, clean_env
+from .gotools import COMPOSE_FILE, ENV_EXAMPLE, clean_env, timeout_for
+
+pytestmark = timeout_for("composecheck", 120)
 
 HOPTRACE = str(Path(sys.executable).parent / "hoptrace")
 SPEC_PATH = PROJECT_ROOT / "pipelines" / "payments.toml"

@@ -16,7 +16,9 @@ import yaml
 from hoptrace.instrumentation.spec import load_spec
 from hoptrace.settings import PROJECT_ROOT, Settings
 
-from .gotools import COMPOSE_FILE, ENV_EXAMPLE, clean_env
+from .gotools import COMPOSE_FILE, ENV_EXAMPLE, clean_env, timeout_for
+
+pytestmark = timeout_for("composecheck", 120)
 
 SPEC = load_spec(PROJECT_ROOT / "pipelines" / "payments.toml")
 PIPELINE_SERVICES = sorted({step.service for step in SPEC.steps} | {"admin-service"})

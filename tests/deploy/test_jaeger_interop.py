@@ -6,68 +6,28 @@ names that trace."""
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 
-from hoptrace.instrumentation.spec import PipelineSpec, load_spec
-from tests.support import create_database, delete_topics, drop_database, isolated_spec, unique
-from tests.workers.harness import HOPTRACE, ORDER, Services, service_env
+from tests.support import unique
 
-from .jaeger import Jaeger, roots, services_of, spans_by_id, start_jaeger, tag
+from .gotools import timeout_for
+from .jaeger import (
+    ALL_SERVICES,
+    CORRELATION,
+    Jaeger,
+    roots,
+    services_of,
+    spans_by_id,
+    tag,
+    wait_for_payment_trace,
+)
+from .pipeline import Pipeline, running_pipeline
 
-pytestmark = pytest.mark.timeout(240)
-
-CORRELATION = "hoptrace.correlation_id"
-ALL_SERVICES = set(ORDER)
-T = TypeVar("T")
-
-
-def poll(check: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Re-evaluate ``check`` until it returns a truthy value (or fail saying ``what``)."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-@dataclass
-class Pipeline:
-    spec: PipelineSpec
-    env: dict[str, str]
-    services: Services
-
-    def pay(self) -> str:
-        res = subprocess.run(
-            [HOPTRACE, "pay", "--student", unique("student-"), "--course", "course-1"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert res.returncode == 0, res.stderr
-        return res.stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture(scope="module")
-def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jaeger]:
-    j = start_jaeger(tmp_path_factory.mktemp("jaeger"))
-    try:
-        yield j
-    finally:
-        j.stop()
+pytestmark = timeout_for("jaeger", 240)
 
 
 @pytest.fixture(scope="module")
@@ -77,33 +37,11 @@ def pipeline(
     jaeger: Jaeger,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Pipeline]:
-    """Own database, own topics and groups; every service exports OTLP/gRPC to Jaeger."""
-    tmp: Path = tmp_path_factory.mktemp("interop")
-    name = unique("hoptrace_j_")
-    db_url = asyncio.run(create_database(admin_db_url, name))
-    spec_path = isolated_spec(tmp, unique(""))
-    spec = load_spec(spec_path)
-    env = service_env(db_url, kafka_bootstrap, spec_path, None)
-    env.pop("OTEL_TRACES_EXPORTER", None)
-    env.pop("OTEL_SERVICE_NAME", None)
-    env.pop("OTEL_SDK_DISABLED", None)
-    env.update(
-        OTEL_EXPORTER_OTLP_ENDPOINT=jaeger.otlp_grpc,
-        OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
-        OTEL_BSP_SCHEDULE_DELAY="200",
-    )
-    services = Services(env, tmp)
-    try:
-        res = subprocess.run(
-            [HOPTRACE, "topics", "ensure"], env=env, capture_output=True, text=True, check=False
-        )
-        assert res.returncode == 0, res.stderr
-        services.start_all()
-        yield Pipeline(spec, env, services)
-    finally:
-        services.stop_all()
-        asyncio.run(delete_topics(kafka_bootstrap, spec.topics))
-        asyncio.run(drop_database(admin_db_url, name))
+    """Own database, topics and groups; every service exports OTLP/gRPC straight to Jaeger."""
+    with running_pipeline(
+        admin_db_url, kafka_bootstrap, tmp_path_factory.mktemp("interop"), jaeger.otlp_grpc
+    ) as pipe:
+        yield pipe
 
 
 @pytest.fixture(scope="module")
@@ -111,18 +49,10 @@ def payment(pipeline: Pipeline, jaeger: Jaeger) -> tuple[str, dict[str, Any]]:
     """One payment run end to end; its trace as Jaeger returns it once every service's spans
     have arrived."""
     cid = pipeline.pay()
-
-    def complete() -> dict[str, Any] | None:
-        traces = jaeger.find("payment-service", {CORRELATION: cid})
-        done = [t for t in traces if services_of(t) >= ALL_SERVICES]
-        steps = {tag(s, "hoptrace.step") for t in traces for s in t["spans"]}
-        return done[0] if done and {s.id for s in pipeline.spec.steps} <= steps else None
-
     try:
-        trace = poll(complete, 60, f"payment {cid} in Jaeger from {sorted(ALL_SERVICES)}")
+        trace = wait_for_payment_trace(jaeger, cid, {st.id for st in pipeline.spec.steps})
     except AssertionError as exc:
-        logs = "\n".join(f"--- {n}\n{pipeline.services.tail(n)}" for n in ORDER)
-        raise AssertionError(f"{exc}\n{logs}\n--- jaeger\n{jaeger.tail()}") from None
+        raise AssertionError(f"{exc}\n{pipeline.logs()}\n--- jaeger\n{jaeger.tail()}") from None
     return cid, trace
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .gotools import OTELCOL_CONFIG, OTELCOL_KAFKA_OVERLAY, clean_env, go_tool
+from .gotools import OTELCOL_CONFIG, OTELCOL_KAFKA_OVERLAY, clean_env, go_tool, timeout_for
+
+pytestmark = timeout_for("otelcol", 120)
 
 ENV = {
     "JAEGER_OTLP_ENDPOINT": "jaeger:4317",
