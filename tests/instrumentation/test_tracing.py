@@ -128,6 +128,12 @@ async def test_unreachable_collector_never_blocks_or_raises(protocol, monkeypatc
         timeout=15,
         what="a counted export failure",
     )
+    # after a failed export, batches are dropped unseen for a cool-down (no encode, no connect)
+    await wait_for(
+        lambda: _async(export_stats()["skipped_unreachable"] > before["skipped_unreachable"]),
+        timeout=15,
+        what="batches skipped while the collector is unreachable",
+    )
     t0 = time.perf_counter()
     shutdown_tracing(timeout_s=1.0)
     assert time.perf_counter() - t0 < 3.0
@@ -139,3 +145,30 @@ async def _async(value: object) -> object:
 
 async def _has(receiver, name: str) -> bool:
     return bool(receiver.received.named(name))
+
+
+def test_sdk_disabled_is_a_noop(tmp_path) -> None:
+    """OTEL_SDK_DISABLED=true: no spans recorded, no library instrumented, nothing raised."""
+    import subprocess
+    import sys
+
+    code = (
+        "from hoptrace.instrumentation import configure_tracing, step_span, load_spec\n"
+        "from hoptrace.instrumentation.tracing import export_stats\n"
+        "from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor\n"
+        f"spec = load_spec({str(REFERENCE_SPEC)!r})\n"
+        "configure_tracing('x')\n"
+        "with step_span(spec, 'payment.confirmed', 'p-1') as s:\n"
+        "    assert not s.is_recording()\n"
+        "assert not AIOKafkaInstrumentor().is_instrumented_by_opentelemetry\n"
+        "assert export_stats()['ended'] == 0\n"
+        "print('OK')\n"
+    )
+    import os
+
+    env = {**os.environ, "OTEL_SDK_DISABLED": "true"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "OK"
