@@ -205,6 +205,8 @@ class Diagnosis:
     missing: Mapping[str, str]
     checked_at: datetime
     queries: tuple[str, ...] = ()
+    #: things worth a look that did not stop the correlation (e.g. consumed under another group)
+    warnings: tuple[str, ...] = ()
     #: the evidence this diagnosis was computed from (Kafka facts, processed_events, effect rows)
     facts: Evidence | None = field(default=None, compare=False, repr=False)
 
@@ -476,6 +478,7 @@ def diagnose(spec: PipelineSpec, evidence: Evidence, now: datetime) -> Diagnosis
             lines += [f"{k} could not be read: {v}" for k, v in evidence.missing.items()]
 
     summary = _summary(cause, stop_id, lines)
+    warnings = _warnings(views)
     steps = tuple(
         StepResult(
             id=v.step.id,
@@ -507,8 +510,26 @@ def diagnose(spec: PipelineSpec, evidence: Evidence, now: datetime) -> Diagnosis
         missing=dict(evidence.missing),
         checked_at=now,
         queries=evidence.queries,
+        warnings=warnings,
         facts=evidence,
     )
+
+
+def _warnings(views: list[_StepView]) -> tuple[str, ...]:
+    out: list[str] = []
+    for v in views:
+        groups = {str(s.attributes.get(A_GROUP)) for s in v.runs if s.attributes.get(A_GROUP)}
+        for g in sorted(groups - {v.step.group}):
+            if v.step.group:
+                out.append(
+                    f"{v.step.id} was consumed as group {g}, the spec's group is {v.step.group} "
+                    "(a worker on a wrong group: check `hoptrace check deploy`)"
+                )
+        if len(v.ok) > 1:
+            out.append(
+                f"{v.step.id} ran {len(v.ok)} times ({', '.join(_outcome(s) for s in v.ok)})"
+            )
+    return tuple(out)
 
 
 def _completed(views: list[_StepView]) -> list[str]:
@@ -636,6 +657,12 @@ def _decide(
     if kf is not None and kf.topic_exists is False:
         lines.append(f"topic {kf.topic} does not exist")
         return "topic_missing", lines, f"create topic {kf.topic} (hoptrace topics ensure)"
+    nxt = spec.next_step(step.id)
+    nkf = ev.kafka.get(nxt.id) if nxt else None
+    if step.emits and nkf is not None and nkf.topic_exists is False:
+        lines.append(f"topic {step.emits}, which {step.id} emits to, does not exist")
+        lines.append(deadline)
+        return "topic_missing", lines, f"create topic {step.emits} (hoptrace topics ensure)"
 
     if kf is not None and kf.dlq is not None:
         lines.append(_dlq_line(kf) or "")

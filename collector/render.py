@@ -104,6 +104,7 @@ def to_dict(d: Diagnosis, jaeger_url: str | None = None) -> dict[str, Any]:
         "summary": d.summary,
         "evidence": list(d.evidence),
         "next_action": d.next_action,
+        "warnings": list(d.warnings),
         "missing_evidence": dict(d.missing),
         "checked_at": _iso(d.checked_at),
         "trace_ids": list(d.trace_ids),
@@ -146,6 +147,8 @@ def to_text(d: Diagnosis, jaeger_url: str | None = None) -> str:
     for e in d.evidence:
         lines.append(f"  - {e}")
     lines.append(f"next: {d.next_action}")
+    for w in d.warnings:
+        lines.append(f"warning: {w}")
     if d.missing:
         lines.append("missing evidence: " + "; ".join(f"{k}: {v}" for k, v in d.missing.items()))
     for url in _links(jaeger_url, d.trace_ids) or list(d.trace_ids):
@@ -173,6 +176,9 @@ def to_markdown(d: Diagnosis, jaeger_url: str | None = None) -> str:
         "",
     ]
     out += [f"- {e}" for e in d.evidence] or ["- (none)"]
+    if d.warnings:
+        out += ["", "### Warnings", ""]
+        out += [f"- {w}" for w in d.warnings]
     if d.missing:
         out += ["", "### Missing evidence", ""]
         out += [f"- {k}: {v}" for k, v in d.missing.items()]

@@ -492,3 +492,21 @@ def test_effect_unknown_does_not_claim_marked_without_effect() -> None:
     d = diagnose(SPEC, ev, LATE)
     assert d.cause == "completed"
     assert d.missing == {"database": "timed out"}
+
+
+def test_first_step_whose_emit_topic_is_missing_is_topic_missing() -> None:
+    """payment-service cannot emit: no span yet (the send is still waiting), the payment row is
+    there, and the topic it emits to does not exist."""
+    kafka = healthy_kafka(**{"purchase.created": {"topic_exists": False, "record": None}})
+    ev = evidence([], kafka=kafka, effects={"payment.confirmed": True}, marks=())
+    d = diagnose(SPEC, ev, SOON)
+    assert (d.stopped_at, d.cause) == ("payment.confirmed", "topic_missing")
+    assert d.next_action.startswith("create topic purchase-confirmed")
+
+
+def test_wrong_group_is_a_warning_when_the_payment_went_through() -> None:
+    spans = done_through(2) + [span("trainer.allocated", group="allocation-worker-v2")]
+    spans.append(span("session.created"))
+    d = diagnose(SPEC, evidence(spans), LATE)
+    assert d.cause == "completed"
+    assert any("allocation-worker-v2" in w for w in d.warnings)
