@@ -53,6 +53,7 @@ class Jaeger:
     query_port: int
     otlp_grpc_port: int
     otlp_http_port: int
+    health_port: int
 
     @property
     def url(self) -> str:
@@ -113,6 +114,7 @@ def start_jaeger(workdir: Path, timeout: float = 60.0) -> Jaeger:
         ports["JAEGER_QUERY_HTTP_PORT"],
         ports["JAEGER_OTLP_GRPC_PORT"],
         ports["JAEGER_OTLP_HTTP_PORT"],
+        ports["JAEGER_HEALTH_PORT"],
     )
     deadline = time.monotonic() + timeout
     while True:

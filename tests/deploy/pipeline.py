@@ -43,8 +43,10 @@ class Pipeline:
 
 @contextlib.contextmanager
 def running_pipeline(
-    admin_db_url: str, bootstrap: str, workdir: Path, otlp_grpc_endpoint: str
+    admin_db_url: str, bootstrap: str, workdir: Path, otlp_grpc_endpoint: str, start: bool = True
 ) -> Iterator[Pipeline]:
+    """Database, spec and topics; the services too unless ``start`` is false (then the caller
+    runs ``pipeline.services.start_all()``). Everything is removed on exit."""
     name = unique("hoptrace_d_")
     db_url = asyncio.run(create_database(admin_db_url, name))
     spec_path = isolated_spec(workdir, unique(""))
@@ -63,7 +65,8 @@ def running_pipeline(
             [HOPTRACE, "topics", "ensure"], env=env, capture_output=True, text=True, check=False
         )
         assert res.returncode == 0, res.stderr
-        services.start_all()
+        if start:
+            services.start_all()
         yield Pipeline(db_url, spec_path, spec, env, services)
     finally:
         services.stop_all()

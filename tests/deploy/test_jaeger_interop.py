@@ -7,6 +7,7 @@ names that trace."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -116,3 +117,12 @@ def test_hoptrace_trace_link_names_the_jaeger_trace(
     (by_id,) = jaeger.get(f"/api/traces/{trace_id}")["data"]
     assert services_of(by_id) == ALL_SERVICES
     assert httpx.get(link, timeout=5.0, trust_env=False).status_code == 200
+
+
+def test_health_endpoint_the_compose_healthcheck_probes(jaeger: Jaeger) -> None:
+    """docker-compose.yml probes Jaeger's healthcheckv2 extension at /status (port 13133)."""
+    url = f"http://127.0.0.1:{jaeger.health_port}/status"
+    resp = httpx.get(url, timeout=5.0, trust_env=False)
+    assert resp.status_code == 200, resp.text
+    compose = (Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text()
+    assert "http://127.0.0.1:13133/status" in compose
