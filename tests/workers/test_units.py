@@ -1,0 +1,123 @@
+"""Events, migrations and `topics ensure` on their own (no services running)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import asyncpg
+import pytest
+
+from hoptrace.instrumentation.envelope import Envelope, PoisonRecord
+from hoptrace.instrumentation.spec import load_spec
+from hoptrace.workers.events import (
+    PURCHASE_CONFIRMED,
+    PURCHASE_CREATED,
+    PurchaseConfirmedV1,
+    new_event,
+    payload_of,
+    validator,
+)
+from hoptrace.workers.schema import MIGRATIONS, migrate
+from tests.support import delete_topics
+
+from .harness import HOPTRACE
+
+
+def _confirmed() -> Envelope:
+    payload = PurchaseConfirmedV1(
+        payment_id="p-1", student="student-1", course="course-1", amount="9.50"
+    )
+    return new_event(PURCHASE_CONFIRMED, "p-1", payload)
+
+
+def test_event_round_trips_through_the_envelope() -> None:
+    env = Envelope.parse(_confirmed().to_bytes())
+    assert env.type == PURCHASE_CONFIRMED and env.version == 1 and env.correlation_id == "p-1"
+    assert payload_of(env) == PurchaseConfirmedV1(
+        payment_id="p-1", student="student-1", course="course-1", amount="9.50"
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"type": PURCHASE_CREATED}, {"version": 2}, {"payload": {"payment_id": "p-1"}}],
+    ids=["wrong type", "unknown version", "bad payload"],
+)
+def test_validator_turns_mismatches_into_poison(change: dict) -> None:
+    env = _confirmed().model_copy(update=change)
+    with pytest.raises(PoisonRecord):
+        validator(PURCHASE_CONFIRMED)(env)
+
+
+def test_new_event_refuses_the_wrong_payload_model() -> None:
+    with pytest.raises(TypeError):
+        new_event(PURCHASE_CREATED, "p-1", _confirmed_payload())
+
+
+def _confirmed_payload() -> PurchaseConfirmedV1:
+    return PurchaseConfirmedV1(payment_id="p", student="s", course="c", amount="1")
+
+
+async def test_migrations_are_idempotent_and_safe_concurrently(db_url: str) -> None:
+    results = await asyncio.gather(migrate(db_url), migrate(db_url), migrate(db_url))
+    assert sorted(v for r in results for v in r) == [v for v, _, _ in MIGRATIONS]
+    assert await migrate(db_url) == []
+    conn = await asyncpg.connect(db_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM students") == 100
+        assert await conn.fetchval("SELECT count(*) FROM courses") == 20
+        await conn.execute(
+            "INSERT INTO trainer_allocations (correlation_id, student, course, trainer)"
+            " VALUES ('c1', 's', 'c', 't')"
+        )
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute(
+                "INSERT INTO trainer_allocations (correlation_id, student, course, trainer)"
+                " VALUES ('c1', 's', 'c', 't2')"
+            )
+        assert await conn.fetchval("SELECT to_regclass('processed_events') IS NOT NULL")
+    finally:
+        await conn.close()
+
+
+def _ensure(env: dict[str, str]) -> dict[str, str]:
+    res = subprocess.run([HOPTRACE, "topics", "ensure"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return dict(line.split()[:2] for line in res.stdout.splitlines() if line.strip())
+
+
+def test_topics_ensure_creates_every_topic_once(
+    hoptrace_env: dict[str, str], spec_path, kafka_bootstrap: str
+) -> None:
+    spec = load_spec(spec_path)
+    try:
+        first = _ensure(hoptrace_env)
+        assert first == {t: "created" for t in spec.topics} and len(first) == 6
+        assert any(t.endswith(".dlq") for t in first)
+        assert _ensure(hoptrace_env) == {t: "exists" for t in spec.topics}
+    finally:
+        asyncio.run(delete_topics(kafka_bootstrap, spec.topics))
+
+
+def test_topics_ensure_says_when_kafka_is_unreachable(hoptrace_env: dict[str, str]) -> None:
+    from .harness import free_port
+
+    env = {**hoptrace_env, "HOPTRACE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+    res = subprocess.run(
+        [HOPTRACE, "topics", "ensure"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2
+    assert "cannot reach Kafka" in res.stderr
+
+
+def test_worker_refuses_an_unknown_fault(hoptrace_env: dict[str, str]) -> None:
+    res = subprocess.run(
+        [HOPTRACE, "worker", "session-worker", "--fault", "no-verify"],
+        env=hoptrace_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2
+    assert "allowed: crash-after-write" in res.stderr
