@@ -27,6 +27,9 @@ say "fault: admin-service silent-no-write + allocation-worker no-verify (the ori
 bad=$(pay student-42 course-7 99.00)
 echo "payment $bad"
 sleep 3  # let it travel: allocation-worker marks it processed although no trainer row exists
+echo "restoring admin-service and allocation-worker (the faulty payment stays as evidence)"
+"$H" dev stop admin-service >/dev/null && "$H" dev start admin-service
+"$H" dev stop allocation-worker >/dev/null && "$H" dev start allocation-worker
 
 say "fault: session-worker stopped (the payment stalls at session.created)"
 "$H" dev stop session-worker
@@ -34,9 +37,6 @@ stalled=$(pay student-43 course-8 59.00)
 echo "payment $stalled"
 sleep 2
 
-say "restoring the healthy pipeline (the two faulty payments stay as evidence)"
-"$H" dev stop admin-service >/dev/null && "$H" dev start admin-service
-"$H" dev stop allocation-worker >/dev/null && "$H" dev start allocation-worker
 echo "session-worker left stopped: \`hoptrace dev start session-worker\` lets the stalled payment finish"
 
 say "look each payment up"
