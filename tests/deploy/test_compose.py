@@ -267,3 +267,55 @@ def test_env_example_defines_every_required_variable() -> None:
 def test_env_file_is_kept_out_of_the_image() -> None:
     dockerignore = (PROJECT_ROOT / ".dockerignore").read_text().split()
     assert ".env" in dockerignore and ".env.*" in dockerignore
+
+
+# --------------------------------------------------------------------- commands the image runs
+
+
+def hoptrace_commands(services: dict[str, Any]) -> dict[str, list[list[str]]]:
+    """Per hoptrace service, the `hoptrace ...` argument lists it runs."""
+    out: dict[str, list[list[str]]] = {}
+    for name in HOPTRACE_SERVICES:
+        svc = services[name]
+        if svc.get("entrypoint"):  # a shell line: `hoptrace a && hoptrace b`
+            line = " ".join(svc["command"])
+            out[name] = [part.split()[1:] for part in line.split("&&")]
+            assert all(part.split()[0] == "hoptrace" for part in line.split("&&")), line
+        else:
+            out[name] = [svc["command"]]
+    return out
+
+
+def test_every_hoptrace_command_parses(services: dict[str, Any]) -> None:
+    """The image's ENTRYPOINT is `hoptrace`: each service's arguments are a real command."""
+    from typer.testing import CliRunner
+
+    from hoptrace.cli import app
+
+    for name, commands in hoptrace_commands(services).items():
+        for args in commands:
+            res = CliRunner().invoke(app, [*args, "--help"])
+            assert res.exit_code == 0, f"{name}: hoptrace {' '.join(args)}: {res.output}"
+
+
+def test_worker_names_are_services_of_hoptrace_worker(services: dict[str, Any]) -> None:
+    from hoptrace.workers.run import SERVICES
+
+    for name in PIPELINE_SERVICES:
+        assert services[name]["command"][1] in SERVICES
+
+
+def test_healthchecks_probe_the_ports_the_services_listen_on(services: dict[str, Any]) -> None:
+    defaults = Settings()
+    expected = {
+        "payment-service": f"http://127.0.0.1:{defaults.payment_service_port}/healthz",
+        "admin-service": f"http://127.0.0.1:{defaults.admin_service_port}/healthz",
+        "collector": f"http://127.0.0.1:{defaults.otlp_http_port}/healthz",
+        "dashboard": "http://127.0.0.1:8501/_stcore/health",
+    }
+    for name, url in expected.items():
+        assert url in " ".join(services[name]["healthcheck"]["test"]), name
+    assert services["dashboard"]["command"] == ["dashboard", "--port", "8501"]
+    for name in CONSUMERS:
+        ready = services[name]["environment"]["HOPTRACE_READY_FILE"]
+        assert services[name]["healthcheck"]["test"] == ["CMD", "test", "-f", ready]

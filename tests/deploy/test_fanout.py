@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,3 +206,34 @@ def test_hoptrace_collector_refuses_spans_without_the_token(topology: Topology) 
         trust_env=False,
     )
     assert resp.status_code == 401
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "collector",
+        "payment-service",
+        "admin-service",
+        *sorted(ALL_SERVICES - {"payment-service", "admin-service"}),
+    ],
+)
+def test_compose_healthcheck_commands_pass_on_the_running_services(
+    topology: Topology, services: dict[str, Any], name: str
+) -> None:
+    """Each hoptrace service's compose healthcheck, run as written against the live process
+    (only the port and the ready-file path differ from the container)."""
+    hc = services[name]["healthcheck"]["test"]
+    assert hc[0] == "CMD"
+    argv = [sys.executable if a == "python" else a for a in hc[1:]]
+    env = topology.pipeline.env
+    swaps = {
+        "127.0.0.1:4318/": f"127.0.0.1:{topology.collector_env['HOPTRACE_OTLP_HTTP_PORT']}/",
+        "127.0.0.1:8081/": f"127.0.0.1:{env['HOPTRACE_PAYMENT_SERVICE_PORT']}/",
+        "127.0.0.1:8082/": f"127.0.0.1:{env['HOPTRACE_ADMIN_SERVICE_PORT']}/",
+        "/tmp/hoptrace/ready": str(topology.pipeline.services.workdir / f"{name}.ready"),
+    }
+    for old, new in swaps.items():
+        argv = [a.replace(old, new) for a in argv]
+    assert argv != [sys.executable if a == "python" else a for a in hc[1:]], "nothing swapped"
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, f"{argv}: {proc.stderr}"
