@@ -24,15 +24,15 @@ log = logging.getLogger("hoptrace.collector.stalls")
 CauseFn = Callable[[str], Awaitable[tuple[str | None, str | None]]]
 
 SCAN_SQL = """
-WITH due AS (
-    SELECT correlation_id FROM correlations
-    WHERE state = 'in_progress' AND next_deadline < now()
-    ORDER BY next_deadline LIMIT $1
-    FOR UPDATE SKIP LOCKED
-), upd AS (
-    UPDATE correlations c SET state = 'stalled', updated_at = now()
-    FROM due WHERE c.correlation_id = due.correlation_id
-    RETURNING c.correlation_id, c.pipeline, c.next_step
+WITH upd AS (
+    UPDATE correlations SET state = 'stalled', updated_at = now()
+    WHERE correlation_id = ANY(ARRAY(
+        SELECT correlation_id FROM correlations
+        WHERE state = 'in_progress' AND next_deadline < now()
+        ORDER BY next_deadline LIMIT $1
+        FOR UPDATE SKIP LOCKED
+    )) AND state = 'in_progress'
+    RETURNING correlation_id, pipeline, next_step
 )
 INSERT INTO alerts (correlation_id, pipeline, step)
 SELECT correlation_id, pipeline, next_step FROM upd

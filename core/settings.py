@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     span_group: str = "hoptrace-collector"
     stall_scan_interval: float = Field(default=1.0, description="Seconds between stall scans.")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, description="OTLP request size cap.")
-    queue_max_spans: int = Field(default=200_000, description="Receive->write queue bound.")
+    queue_max_spans: int = Field(default=50_000, description="Receive->write queue bound.")
     write_batch_spans: int = 5000
     writers: int = 2
 
