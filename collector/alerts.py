@@ -1,6 +1,8 @@
 """Alert delivery from the ``alerts`` table (outbox): Alertmanager v2 API and/or a plain webhook
 in Alertmanager's webhook JSON (version 4). Undelivered events are retried with exponential
 backoff (1s .. 5min), so a receiver that is down loses no alert. Run by the scan leader only.
+Firing alerts are re-sent to Alertmanager every ``resend_interval`` (as Prometheus does), else
+Alertmanager would resolve them after its ``resolve_timeout``; the webhook gets each event once.
 
 Firing alerts wait for their diagnosis (``diagnosed``) for at most ``diagnosis_wait`` seconds.
 """
@@ -33,6 +35,12 @@ WHERE (NOT a.delivered_firing OR (a.status = 'resolved' AND NOT a.delivered_reso
   AND a.next_attempt_at <= now()
   AND (a.diagnosed OR a.status = 'resolved' OR a.fired_at < now() - make_interval(secs => $1))
 ORDER BY a.next_attempt_at LIMIT $2
+"""
+_RESEND = """
+SELECT a.*, NULL::text AS trace_id FROM alerts a
+WHERE a.status = 'firing' AND a.delivered_firing
+  AND a.last_sent_at < now() - make_interval(secs => $1)
+ORDER BY a.last_sent_at LIMIT $2
 """
 
 
@@ -118,7 +126,9 @@ class AlertDispatcher:
         interval: float = 1.0,
         diagnosis_wait: float = 30.0,
         timeout: float = 5.0,
+        resend_interval: float = 60.0,
     ) -> None:
+        self.resend_interval = resend_interval
         self.pool = pool
         self.targets = targets
         self.is_leader = is_leader
@@ -126,14 +136,14 @@ class AlertDispatcher:
         self.diagnosis_wait = diagnosis_wait
         self.client = httpx.AsyncClient(timeout=timeout)
 
-    async def _send(self, a: dict[str, Any]) -> None:
+    async def _send(self, a: dict[str, Any], webhook: bool = True) -> None:
         t = self.targets
         if t.alertmanager_url:
             r = await self.client.post(
                 f"{t.alertmanager_url.rstrip('/')}/api/v2/alerts", json=alertmanager_payload(a, t)
             )
             r.raise_for_status()
-        if t.webhook_url:
+        if t.webhook_url and webhook:
             r = await self.client.post(t.webhook_url, json=webhook_payload(a, t))
             r.raise_for_status()
 
@@ -159,11 +169,38 @@ class AlertDispatcher:
             metrics.ALERT_DELIVERIES.labels("ok").inc()
             delivered += 1
             if a["status"] == "resolved":
-                sql = "UPDATE alerts SET delivered_firing = true, delivered_resolved = true, last_error = NULL WHERE id = $1 AND status = 'resolved'"
+                sql = (
+                    "UPDATE alerts SET delivered_firing = true, delivered_resolved = true, "
+                    "last_error = NULL, last_sent_at = now() WHERE id = $1 AND status = 'resolved'"
+                )
             else:
-                sql = "UPDATE alerts SET delivered_firing = true, last_error = NULL WHERE id = $1"
+                sql = (
+                    "UPDATE alerts SET delivered_firing = true, last_error = NULL, "
+                    "last_sent_at = now() WHERE id = $1"
+                )
             await self.pool.execute(sql, a["id"])
+        if self.targets.alertmanager_url:
+            await self._resend(limit)
         return delivered
+
+    async def _resend(self, limit: int) -> None:
+        """Keep firing alerts alive in Alertmanager (errors: tried again next pass)."""
+        for rec in await self.pool.fetch(_RESEND, self.resend_interval, limit):
+            a = dict(rec)
+            a["trace_id"] = await self.pool.fetchval(
+                "SELECT trace_id FROM spans WHERE correlation_id = $1 ORDER BY start_time LIMIT 1",
+                a["correlation_id"],
+            )
+            try:
+                await self._send(a, webhook=False)
+            except (httpx.HTTPError, OSError):
+                metrics.ALERT_DELIVERIES.labels("error").inc()
+                continue
+            metrics.ALERT_DELIVERIES.labels("ok").inc()
+            await self.pool.execute(
+                "UPDATE alerts SET last_sent_at = now() WHERE id = $1 AND status = 'firing'",
+                a["id"],
+            )
 
     async def run(self) -> None:
         while True:

@@ -95,6 +95,8 @@ CREATE TABLE IF NOT EXISTS alerts (
     last_error          text
 );
 
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS last_sent_at timestamptz;
+
 CREATE UNIQUE INDEX IF NOT EXISTS alerts_one_firing_idx ON alerts (correlation_id)
     WHERE status = 'firing';
 CREATE INDEX IF NOT EXISTS alerts_correlation_idx ON alerts (correlation_id);
