@@ -1,9 +1,12 @@
-"""The Dockerfile, checked without a Docker engine: its structure (slim pinned base, non-root,
-ENTRYPOINT hoptrace), and its install step run for real on exactly the files it COPYs: a wheel
-built from that context holds every hoptrace package the image needs."""
+"""The Dockerfile, checked without a Docker engine: BuildKit's own Dockerfile frontend (parser,
+instruction checks, parse-time build checks; tools/dockerfilecheck) accepts it, its structure
+(slim pinned base, non-root, ENTRYPOINT hoptrace) is read from that parse, and its install step
+is run for real on exactly the files it COPYs: a wheel built from that context holds every
+hoptrace package the image needs."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -11,80 +14,93 @@ import sys
 import tomllib
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hoptrace.settings import PROJECT_ROOT
 
+from .gotools import clean_env, go_tool, timeout_for
+
+pytestmark = timeout_for("dockerfilecheck", 120)
+
 DOCKERFILE = PROJECT_ROOT / "Dockerfile"
 PYPROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
 
 
-def instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
-
-
-def build_arg(name: str) -> str:
-    for word, rest in instructions():
-        if word == "ARG" and rest.startswith(f"{name}="):
-            return rest.split("=", 1)[1]
-    raise AssertionError(f"ARG {name} not found")
-
-
-def final_stage() -> list[tuple[str, str]]:
-    ins = instructions()
-    last_from = max(i for i, (w, _) in enumerate(ins) if w == "FROM")
-    return ins[last_from:]
-
-
-def build_stage_copies() -> list[str]:
-    """Sources of the COPY instructions of the build stage (before the second FROM)."""
-    ins = instructions()
-    froms = [i for i, (w, _) in enumerate(ins) if w == "FROM"]
-    sources = []
-    for word, rest in ins[froms[0] : froms[-1]]:
-        if word == "COPY" and not rest.startswith("--from"):
-            sources += rest.split()[:-1]
-    return sources
-
-
-def test_base_image_is_a_pinned_slim_python_311() -> None:
-    image = build_arg("PYTHON_IMAGE")
-    assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", image), image
-    assert all(
-        rest == "${PYTHON_IMAGE}" or "AS" in rest for w, rest in instructions() if w == "FROM"
+def dockerfilecheck(path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(go_tool("dockerfilecheck")), *flags, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        check=False,
     )
 
 
-def test_runs_as_a_non_root_user() -> None:
-    users = [rest for word, rest in final_stage() if word == "USER"]
-    assert users, "no USER in the final stage"
-    assert users[-1].split(":")[0] not in ("root", "0")
+@pytest.fixture(scope="module")
+def parsed() -> dict[str, Any]:
+    """The Dockerfile as BuildKit's frontend parses it (stages, copies, user, entrypoint)."""
+    proc = dockerfilecheck(DOCKERFILE, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
-def test_entrypoint_is_hoptrace() -> None:
-    entrypoints = [rest for word, rest in final_stage() if word == "ENTRYPOINT"]
-    assert entrypoints == ['["hoptrace"]']
+def build_stage_copies(parsed: dict[str, Any]) -> list[str]:
+    return [src for c in parsed["stages"][0]["copies"] for src in c["sources"]]
 
 
-def test_pipeline_spec_is_where_the_image_points() -> None:
-    stage = " ".join(f"{word} {rest}" for word, rest in final_stage())
-    assert "COPY pipelines /app/pipelines" in stage
-    assert "HOPTRACE_PIPELINE=/app/pipelines/payments.toml" in stage
+def test_buildkit_frontend_accepts_it_without_warnings() -> None:
+    proc = dockerfilecheck(DOCKERFILE)
+    assert proc.returncode == 0, proc.stderr
+    assert "no build-check warning" in proc.stdout
+
+
+def test_buildkit_frontend_rejects_broken_variants(tmp_path: Path) -> None:
+    """Proves the checker checks: a parse error and a build-check rule both fail it."""
+    text = DOCKERFILE.read_text()
+    bad = tmp_path / "Dockerfile"
+    bad.write_text(text.replace(" AS build", " as build"))
+    proc = dockerfilecheck(bad)
+    assert proc.returncode == 1 and "FromAsCasing" in proc.stderr, proc.stderr
+    bad.write_text(text.replace("COPY pipelines /app/pipelines", "COPY pipelines"))
+    proc = dockerfilecheck(bad)
+    assert proc.returncode == 1 and "COPY requires at least two arguments" in proc.stderr
+
+
+def test_base_image_is_a_pinned_slim_python_311(parsed: dict[str, Any]) -> None:
+    image = parsed["meta_args"]["PYTHON_IMAGE"]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", image), image
+    assert {st["base"] for st in parsed["stages"]} == {"${PYTHON_IMAGE}"}
+
+
+def test_runs_as_a_non_root_user(parsed: dict[str, Any]) -> None:
+    user = parsed["stages"][-1].get("user", "")
+    assert user, "no USER in the final stage"
+    assert user.split(":")[0] not in ("root", "0")
+
+
+def test_entrypoint_is_hoptrace(parsed: dict[str, Any]) -> None:
+    final = parsed["stages"][-1]
+    assert final["entrypoint"] == ["hoptrace"]
+    assert not final.get("entrypoint_shell_form")
+
+
+def test_pipeline_spec_is_where_the_image_points(parsed: dict[str, Any]) -> None:
+    final = parsed["stages"][-1]
+    assert {"sources": ["pipelines"], "dest": "/app/pipelines"} in final["copies"]
+    assert "HOPTRACE_PIPELINE=/app/pipelines/payments.toml" in final["env"]
+    assert "HOPTRACE_BIND_HOST=0.0.0.0" in final["env"]
     assert (PROJECT_ROOT / "pipelines" / "payments.toml").exists()
+    assert {"sources": ["/opt/hoptrace"], "dest": "/opt/hoptrace", "from": "build"} in final[
+        "copies"
+    ]
 
 
-def test_copies_every_package_folder_of_pyproject() -> None:
+def test_copies_every_package_folder_of_pyproject(parsed: dict[str, Any]) -> None:
     folders = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
-    copied = {s.rstrip("/") for s in build_stage_copies()}
+    copied = {s.rstrip("/") for s in build_stage_copies(parsed)}
     assert folders <= copied, folders - copied
     dockerignore = (PROJECT_ROOT / ".dockerignore").read_text().split()
     for folder in folders | {"pyproject.toml", "pipelines"}:
@@ -92,12 +108,14 @@ def test_copies_every_package_folder_of_pyproject() -> None:
 
 
 @pytest.mark.timeout(300)
-def test_install_step_builds_a_complete_wheel_from_the_copied_files(tmp_path: Path) -> None:
+def test_install_step_builds_a_complete_wheel_from_the_copied_files(
+    tmp_path: Path, parsed: dict[str, Any]
+) -> None:
     """`pip install .` of the build stage, run on a context holding only what it COPYs (with
     build isolation, as in the image: setuptools and wheel come from the package index)."""
     ctx = tmp_path / "ctx"
     ctx.mkdir()
-    for source in build_stage_copies():
+    for source in build_stage_copies(parsed):
         for path in PROJECT_ROOT.glob(source):
             if path.is_dir():
                 shutil.copytree(
