@@ -251,6 +251,21 @@ def funnel_frame(funnel: Any, step_order: list[str] | None = None) -> pd.DataFra
     return pd.DataFrame({"step": keys, "count": [data[k] for k in keys]})
 
 
+def last_step_frame(funnel: pd.DataFrame, total: int) -> pd.DataFrame:
+    """Payments by their LAST completed step, from the cumulative funnel (steps in order):
+    done(step i) - done(step i+1); ``(none)`` for payments with no step done."""
+    counts = funnel["count"].tolist()
+    after = counts[1:] + [0]
+    rows = [
+        {"last completed step": "(none)", "payments": max(0, total - (counts[0] if counts else 0))}
+    ]
+    rows += [
+        {"last completed step": step, "payments": max(0, n - nxt)}
+        for step, n, nxt in zip(funnel["step"], counts, after, strict=True)
+    ]
+    return pd.DataFrame(rows)
+
+
 def latency_frames(latencies: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(percentiles per hop, raw samples) from either raw samples or precomputed percentiles.
 

@@ -53,7 +53,12 @@ def _body(source: Source, window: timedelta) -> None:
     if funnel.empty:
         st.caption("No payments in this window.")
     else:
-        st.plotly_chart(charts.funnel(funnel), key="funnel", config={"displayModeBar": False})
+        left, right = st.columns([3, 1])
+        with left:
+            st.plotly_chart(charts.funnel(funnel), key="funnel", config={"displayModeBar": False})
+        with right:
+            last = frames.last_step_frame(funnel, int(counts["count"].sum()))
+            st.dataframe(last, hide_index=True, key="last_step_table")
 
     st.markdown("#### Per-hop latency")
     stats, samples = frames.latency_frames(source.hop_latencies(since))

@@ -13,9 +13,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from hoptrace.collector import api
 from hoptrace.collector.decode import I_STEP, decode_request
 from hoptrace.collector.schema import migrate
-from hoptrace.collector.stalls import CauseFn, StallScanner, no_cause
+from hoptrace.collector.stalls import CauseFn, StallScanner
 from hoptrace.collector.writer import Writer, init_connection
 from hoptrace.instrumentation.spec import PipelineSpec
 
@@ -187,14 +188,11 @@ async def mark_stalled(db_url: str, pool: asyncpg.Pool) -> None:
         await wait_for(diagnosed, timeout=30, what="alert causes")
     finally:
         await scanner.release()
+        await api.close()  # the diagnosis clients the cause hook opened on this loop
 
 
 def _cause_for() -> CauseFn:
-    try:
-        from hoptrace.collector.api import cause_for  # type: ignore[attr-defined]
-    except ImportError:  # until the diagnosis API lands
-        return no_cause
-    return cause_for
+    return api.cause_for
 
 
 async def grant_readonly(db_url: str) -> None:

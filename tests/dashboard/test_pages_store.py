@@ -45,8 +45,16 @@ def test_overview_shows_the_store_counts_and_stalled_payments(seeded: Seeded) ->
     for cid in seeded.stalled:
         assert f"[{cid}](/?id={cid})" in body
     assert "waiting on **trainer.allocated**" in body
-    latency = at.dataframe[0].value
+    last, latency = (d.value for d in at.dataframe)
     assert latency.loc[latency["hop"] == "session.created", "count"].item() == len(seeded.completed)
+    by_last = dict(zip(last["last completed step"], last["payments"], strict=True))
+    assert by_last == {
+        "(none)": 0,
+        "payment.confirmed": len(seeded.in_progress),
+        "purchase.created": len(seeded.stalled) + len(seeded.failed),
+        "trainer.allocated": 0,
+        "session.created": len(seeded.completed),
+    }
 
 
 def test_alerts_page_lists_the_firing_stall_alerts(seeded: Seeded) -> None:
