@@ -308,6 +308,7 @@ class HopRuntime:
     async def run(self) -> None:
         """Consume until ``stop()`` / SIGTERM / SIGINT; then finish the record in hand, commit
         its offset, close the clients and flush spans."""
+        self._tracer = get_tracer()  # tracing may have been configured after __init__
         self._pool = await asyncpg.create_pool(self.database_url, min_size=1, max_size=2)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
