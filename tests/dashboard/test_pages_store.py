@@ -66,6 +66,8 @@ def test_alerts_page_lists_the_firing_stall_alerts(seeded: Seeded) -> None:
     for cid in seeded.stalled + seeded.recovered:
         assert f"**{cid}** at **trainer.allocated**" in body
         assert f"[lookup](/?id={cid})" in body
+    # the collector's stall scan asked the diagnosis for the cause: nobody consumes the topic
+    assert body.count("`no_consumer` — Nobody is consuming the topic") == len(seeded.stalled) + 1
     firing, resolved = body.split("Resolved (")
     assert seeded.recovered[0] in resolved and seeded.recovered[0] not in firing
 
