@@ -62,12 +62,17 @@ class Received:
 class GrpcReceiver:
     """OTLP/gRPC TraceService on 127.0.0.1:<free port>."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay_s: float = 0.0) -> None:
         self.received = Received()
         received = self.received
+        self.release = threading.Event()  # set to end a slow receiver's waits early
+
+        outer = self
 
         class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
             def Export(self, request, context):  # noqa: N802 - gRPC method name
+                if delay_s:
+                    outer.release.wait(delay_s)  # a slow collector
                 received.add(request)
                 return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -81,6 +86,7 @@ class GrpcReceiver:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release.set()
         self.server.stop(grace=None)
 
 

@@ -59,7 +59,8 @@ async def test_spans_reach_an_otlp_receiver(receiver_cls, protocol) -> None:
     assert step.attributes["payment.amount"] == 10
     assert child.attributes[c.ATTR_CORRELATION_ID] == cid  # via baggage, BaggageSpanProcessor
     assert child.parent_span_id == step.span_id and child.trace_id == step.trace_id
-    assert step.service == "hoptrace-tests"
+    # the resource is fixed by the first configure_tracing in the process
+    assert step.service == provider.resource.attributes["service.name"]
     assert export_stats()["exported"] >= 2
 
 
@@ -137,6 +138,34 @@ async def test_unreachable_collector_never_blocks_or_raises(protocol, monkeypatc
     t0 = time.perf_counter()
     shutdown_tracing(timeout_s=1.0)
     assert time.perf_counter() - t0 < 3.0
+
+
+async def test_slow_collector_never_blocks(monkeypatch) -> None:
+    """The collector answers, but only after 5 s per batch: spans queue up and drop (counted);
+    the caller keeps its speed."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "10")
+    spec = load_spec(REFERENCE_SPEC)
+    with GrpcReceiver(delay_s=5.0) as receiver:
+        before = export_stats()
+        configure_tracing(
+            "hoptrace-tests",
+            endpoint=receiver.endpoint,
+            protocol="grpc",
+            max_queue_size=64,
+            max_export_batch_size=32,
+            schedule_delay_millis=10,
+        )
+        n = 3000
+        t0 = time.perf_counter()
+        for i in range(n):
+            with step_span(spec, "payment.confirmed", f"pay-{i}"):
+                pass
+        elapsed = time.perf_counter() - t0
+        assert elapsed / n < 0.001, f"{elapsed / n * 1e6:.0f} us per span with a slow collector"
+        assert export_stats()["dropped_queue_full"] > before["dropped_queue_full"] + n // 2
+        t0 = time.perf_counter()
+        shutdown_tracing(timeout_s=1.0)
+        assert time.perf_counter() - t0 < 3.0
 
 
 async def _async(value: object) -> object:
