@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from hoptrace.collector import api
@@ -85,6 +86,24 @@ class Stack:
         doc = self.trace(cid)
         assert (doc["stopped_at"], doc["cause"]) == (stopped_at, cause), doc["evidence"]
         return doc
+
+
+async def wait_alert(db_url: str, cid: str, timeout: float = 30.0) -> asyncpg.Record:
+    """The collector's alert for ``cid`` once its cause is filled in."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = await asyncpg.connect(db_url)
+        try:
+            row = await conn.fetchrow(
+                "SELECT cause, evidence FROM alerts WHERE correlation_id = $1 AND cause IS NOT NULL",
+                cid,
+            )
+        finally:
+            await conn.close()
+        if row is not None:
+            return row
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"no alert with a cause for {cid} in {timeout}s")
 
 
 def short_deadlines(path: Path) -> None:
@@ -213,6 +232,10 @@ async def test_worker_stopped_is_no_consumer(pipe: Stack) -> None:
     await stack.wait_cause(cid, "no_consumer")
     doc = stack.assert_trace(cid, "session.created", "no_consumer")
     assert doc["next_action"] == "start session-worker"
+    # past the deadline the collector's stall alert carries the cause and its evidence
+    alert = await wait_alert(stack.db_url, cid)
+    assert alert["cause"] == "no_consumer", dict(alert)
+    assert "has no members" in alert["evidence"] and "start session-worker" in alert["evidence"]
     # started again, it picks the record up and the payment completes
     stack.services.start("session-worker")
     await stack.wait_cause(cid, "completed")
