@@ -673,7 +673,15 @@ class ServicePart(Part):
     def start(self, extra_env: dict[str, str] | None = None) -> bool:
         if self.pid() is None:
             self.ready_file.unlink(missing_ok=True)
-        env = {"HOPTRACE_READY_FILE": str(self.ready_file), **(extra_env or {})}
+        env = {
+            # a private stack (other HOPTRACE_HOME / ports) points its services at itself
+            "HOPTRACE_DATABASE_URL": os.environ.get("HOPTRACE_DATABASE_URL", self.cfg.database_url),
+            "HOPTRACE_KAFKA_BOOTSTRAP": os.environ.get(
+                "HOPTRACE_KAFKA_BOOTSTRAP", self.cfg.kafka_bootstrap
+            ),
+            "HOPTRACE_READY_FILE": str(self.ready_file),
+            **(extra_env or {}),
+        }
         return super().start(env)
 
     def ready(self) -> bool:
