@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format bootstrap install up down status bench chaos clean-stack
+.PHONY: demo test lint format bootstrap install up down status bench chaos tools
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 test: bootstrap install lint
+	scripts/go-tools.sh
 	$(BIN)/hoptrace dev up --infra-only
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
@@ -42,6 +43,9 @@ down:
 
 status:
 	$(BIN)/hoptrace dev status
+
+tools:
+	scripts/go-tools.sh
 
 bench: install
 	$(BIN)/hoptrace dev up --infra-only
