@@ -36,6 +36,8 @@ _TS = "timestamptz 'epoch' + {} * interval '1 microsecond'"
 _TARGET = ", ".join(
     c.replace("_us", "_time") if c in ("start_us", "end_us") else c for c in COLUMNS
 ).replace("received_us", "received_at")
+#: ``spans`` columns in span-row order (for the direct COPY).
+SPAN_COLUMNS = tuple(_TARGET.split(", "))
 _SOURCE = ", ".join(
     _TS.format(c) if c in ("start_us", "end_us", "received_us") else c for c in COLUMNS
 )
@@ -99,9 +101,29 @@ _FIELDS = (
 )
 
 
+_PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_PG_EPOCH_US = 946_684_800_000_000
+_ONE_US = timedelta(microseconds=1)
+
+
+def _encode_ts(value: int | datetime) -> tuple[int]:
+    """timestamptz from an aware datetime or integer microseconds since the Unix epoch."""
+    if type(value) is int:
+        return (value - _PG_EPOCH_US,)
+    return ((value - _PG_EPOCH) // _ONE_US,)  # type: ignore[operator]
+
+
+def _decode_ts(value: tuple[int]) -> datetime:
+    return _PG_EPOCH + timedelta(microseconds=value[0])
+
+
 async def init_connection(conn: asyncpg.Connection) -> None:
-    """Pool ``init``: the per-connection staging table."""
+    """Pool ``init``: the per-connection staging table, and timestamptz accepting integer
+    microseconds (span rows carry ints: no datetime per value on the hot path)."""
     await conn.execute(_STAGE_DDL)
+    await conn.set_type_codec(
+        "timestamptz", schema="pg_catalog", encoder=_encode_ts, decoder=_decode_ts, format="tuple"
+    )
 
 
 class Writer:
@@ -141,23 +163,37 @@ class Writer:
         async with self.pool.acquire() as conn:
             await self._ensure_days(conn, rows)
             async with conn.transaction():
-                await conn.copy_records_to_table("spans_stage", records=rows, columns=COLUMNS)
-                res = await conn.fetchrow(_INSERT)
-                keys = set(res["keys"])
-                if keys:
+                n = await self._copy_direct(conn, rows)
+                if n is not None:  # all new: every step span counts
+                    step_rows = [r for r in rows if r[I_STEP] is not None]
+                else:  # some already stored: staging table + ON CONFLICT DO NOTHING
+                    await conn.copy_records_to_table("spans_stage", records=rows, columns=COLUMNS)
+                    res = await conn.fetchrow(_INSERT)
+                    n = res["n"]
+                    keys = set(res["keys"])
                     step_rows = []
                     for r in rows:  # each new key once (a batch may repeat a span)
                         k = r[I_TRACE] + r[I_SPAN]
                         if r[I_STEP] is not None and k in keys:
                             keys.discard(k)
                             step_rows.append(r)
+                if step_rows:
                     await self._fold(conn, step_rows)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
-        n = res["n"]
         metrics.SPANS_STORED.inc(n)
         if len(rows) > n:
             metrics.SPANS_DUPLICATE.inc(len(rows) - n)
         return n
+
+    async def _copy_direct(self, conn: asyncpg.Connection, rows: list[SpanRow]) -> int | None:
+        """COPY straight into ``spans`` (the common case: no duplicates); None when a span is
+        already there (the savepoint is rolled back and the caller takes the staging path)."""
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table("spans", records=rows, columns=SPAN_COLUMNS)
+        except asyncpg.UniqueViolationError:
+            return None
+        return len(rows)
 
     async def _fold(self, conn: asyncpg.Connection, rows: list[SpanRow]) -> None:
         obs = observations(rows, self.spec)
