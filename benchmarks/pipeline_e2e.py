@@ -154,7 +154,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     cfg = devstack.StackConfig.from_env()
     tmp = Path(tempfile.mkdtemp(prefix="hoptrace-bench-"))
     suffix = uuid.uuid4().hex[:8]
-    db_name = f"hoptrace_bench_{suffix}"
+    db_name = f"hoptrace_e2e_{suffix}"
     admin = await asyncpg.connect(cfg.database_url)
     await admin.execute(f'CREATE DATABASE "{db_name}"')
     await admin.close()
@@ -175,6 +175,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "HOPTRACE_FAULT": "",
     }
+    if args.no_tracing:
+        env["OTEL_SDK_DISABLED"] = "true"
     procs: list[subprocess.Popen] = []
     try:
         procs.append(start("admin-service", env, tmp))
@@ -200,7 +202,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         lat, _ = await e2e(db_url, fixed_ids)
         return {
             "benchmark": "pipeline_e2e",
-            "tracing": "on (OTLP/HTTP to an in-process sink)",
+            "tracing": "off" if args.no_tracing else "on (OTLP/HTTP to an in-process sink)",
             "replicas_per_worker": args.replicas,
             "partitions": spec.partitions,
             "throughput": {
@@ -252,6 +254,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="fixed rate for the latency run")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of the latency run")
     parser.add_argument("--replicas", type=int, default=1, help="processes per worker")
+    parser.add_argument("--no-tracing", action="store_true", help="comparison run: SDK disabled")
     args = parser.parse_args()
     devstack.up(devstack.StackConfig.from_env(), services=False, echo=lambda _l: None)
     result = asyncio.run(run(args))

@@ -34,6 +34,7 @@ SERVICES = (
     "admin-service",
 )
 CRASH_EXIT_CODE = 17
+READY_CHECK_S = 3.0
 
 
 def _url(explicit: str | None, host: str, port: int) -> str:
@@ -138,12 +139,7 @@ async def _worker(
     )
     task = asyncio.create_task(runtime.run(), name=f"{name}-runtime")
     try:
-        ready = asyncio.create_task(runtime.ready.wait())
-        await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            ready.cancel()
-            task.result()
-            raise RuntimeError(f"{name}: the hop runtime stopped before it was ready")
+        await _until_assigned(runtime, task, settings.kafka_bootstrap, step.consumes or "")
         yield task
     finally:
         await runtime.stop()
@@ -151,6 +147,52 @@ async def _worker(
             await asyncio.wait_for(task, 15)
         if client is not None:
             await client.aclose()
+
+
+async def _until_assigned(
+    runtime: HopRuntime, task: asyncio.Task, bootstrap: str, topic: str
+) -> None:
+    """Wait until the consumer has partitions. If its topic does not exist, say so and count
+    as ready anyway (the worker runs and consumes nothing until `hoptrace topics ensure`)."""
+    ready = asyncio.create_task(runtime.ready.wait())
+    while True:
+        await asyncio.wait(
+            {ready, task}, timeout=READY_CHECK_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        if task.done():
+            ready.cancel()
+            task.result()
+            raise RuntimeError("the hop runtime stopped before it was ready")
+        if ready.done():
+            return
+        if await _topic_missing(bootstrap, topic):
+            log.warning(
+                "topic %s does not exist: consuming nothing until it is created "
+                "(`hoptrace topics ensure`)",
+                topic,
+            )
+            logging.getLogger("aiokafka.cluster").setLevel(logging.CRITICAL)  # 10 lines/s
+
+            def appeared(_t: asyncio.Task) -> None:
+                logging.getLogger("aiokafka.cluster").setLevel(logging.NOTSET)
+                log.info("topic %s exists now; partitions assigned", topic)
+
+            ready.add_done_callback(appeared)
+            return
+
+
+async def _topic_missing(bootstrap: str, topic: str) -> bool:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    try:
+        await asyncio.wait_for(admin.start(), 10)
+        return topic not in set(await admin.list_topics())
+    except Exception:  # Kafka unreachable: not a verdict on the topic
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
 
 
 def _service(

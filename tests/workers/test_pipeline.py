@@ -134,3 +134,27 @@ def cid_bytes() -> bytes:
     import uuid
 
     return uuid.uuid4().hex.encode()
+
+
+async def test_demo_traffic_drives_payments_through(running: Pipeline) -> None:
+    import asyncio
+    import subprocess
+
+    from .harness import HOPTRACE
+
+    res = await asyncio.to_thread(
+        subprocess.run,
+        [HOPTRACE, "demo", "traffic", "--rate", "25", "--count", "10"],
+        env=running.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    ids = res.stdout.split()
+    assert len(ids) == 10 and "10 payments accepted, 0 failed" in res.stderr
+
+    async def all_done() -> bool:
+        return all([await count(running.db_url, "tutoring_sessions", i) == 1 for i in ids])
+
+    await wait_for(all_done, timeout=30, what="10 payments through the pipeline")

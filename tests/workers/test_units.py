@@ -121,3 +121,27 @@ def test_worker_refuses_an_unknown_fault(hoptrace_env: dict[str, str]) -> None:
     )
     assert res.returncode == 2
     assert "allowed: crash-after-write" in res.stderr
+
+
+async def test_worker_started_before_its_topic_waits_for_it(
+    hoptrace_env: dict[str, str], db_url: str, spec_path, kafka_bootstrap: str, tmp_path
+) -> None:
+    from tests.support import wait_for
+
+    from .harness import Services, count, produce, service_env
+
+    spec = load_spec(spec_path)
+    env = {**service_env(db_url, kafka_bootstrap, spec_path, None), **{"HOPTRACE_FAULT": ""}}
+    services = Services(env, tmp_path)
+    try:
+        await asyncio.to_thread(services.start, "purchase-worker")
+        assert "does not exist" in services.tail("purchase-worker", 50)
+        await asyncio.to_thread(_ensure, env)
+        event = _confirmed()
+        await produce(kafka_bootstrap, spec.step("purchase.created").consumes, event.to_bytes())
+        await wait_for(
+            lambda: count(db_url, "student_course_purchases", "p-1"), timeout=30, what="purchase"
+        )
+    finally:
+        services.stop_all()
+        await delete_topics(kafka_bootstrap, spec.topics)
