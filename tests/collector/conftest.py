@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -65,3 +66,11 @@ async def pool(db_url: str, collector: Collector) -> AsyncIterator[asyncpg.Pool]
     p = await asyncpg.create_pool(db_url, min_size=1, max_size=3)
     yield p
     await p.close()
+
+
+@pytest.fixture
+def fast_spec(spec_path: Path) -> Path:
+    """The reference pipeline with 300ms deadlines."""
+    out = spec_path.with_name("fast-" + spec_path.name)
+    out.write_text(re.sub(r'deadline = "[^"]+"', 'deadline = "300ms"', spec_path.read_text()))
+    return out

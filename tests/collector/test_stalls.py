@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from pathlib import Path
 
 import asyncpg
 import httpx
-import pytest
 
 from hoptrace.collector import store
 from hoptrace.collector.service import Collector
@@ -19,14 +17,6 @@ from .helpers import request, step_span
 from .receiver import Receiver
 
 PB = {"content-type": "application/x-protobuf"}
-
-
-@pytest.fixture
-def fast_spec(spec_path: Path) -> Path:
-    """The reference pipeline with 300ms deadlines."""
-    out = spec_path.with_name("fast-" + spec_path.name)
-    out.write_text(re.sub(r'deadline = "[^"]+"', 'deadline = "300ms"', spec_path.read_text()))
-    return out
 
 
 async def _post(c: Collector, spans: list) -> None:  # type: ignore[type-arg]
