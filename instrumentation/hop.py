@@ -452,7 +452,12 @@ class HopRuntime:
             span.set_attribute(c.ATTR_EVENT_ID, envelope.event_id)
             span.set_attribute(c.ATTR_EVENT_TYPE, envelope.type)
             if self.validate is not None:
-                self.validate(envelope)
+                try:
+                    self.validate(envelope)
+                except PoisonRecord:
+                    raise
+                except Exception as exc:  # a validator that raises anything else: still poison
+                    raise PoisonRecord(f"invalid: {type(exc).__name__}: {exc}") from exc
         except PoisonRecord as exc:
             with _baggage(cid):
                 await self._dead_letter(record, headers, span, exc.reason, exc, attempts=0)

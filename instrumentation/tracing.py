@@ -102,6 +102,7 @@ class _CountingExporter(SpanExporter):
                 self._open_until = time.monotonic() + self._cooldown
                 self._cooldown = min(30.0, self._cooldown * 2)
                 _stats.warn_dropped()
+        _dump_stats()
         return result
 
     def shutdown(self) -> None:
@@ -359,6 +360,25 @@ def export_stats() -> dict[str, int]:
             "dropped": _stats.export_failed + _stats.dropped_queue_full,
             "ended": _stats.ended,
         }
+
+
+def _dump_stats() -> None:
+    """With ``HOPTRACE_EXPORT_STATS_DIR`` set, write ``export_stats()`` to
+    ``<dir>/<service>-<pid>.json`` after every export (a killed process leaves its last counts;
+    the chaos run compares them with the store). Never raises."""
+    folder = os.environ.get("HOPTRACE_EXPORT_STATS_DIR")
+    state = _state
+    if not folder or state is None:
+        return
+    try:
+        import json
+
+        path = os.path.join(folder, f"{state.service_name}-{os.getpid()}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"service": state.service_name, **export_stats()}, f)
+        os.replace(path + ".tmp", path)
+    except Exception:  # noqa: BLE001 - accounting must never break export
+        log.debug("tracing: could not write export stats", exc_info=True)
 
 
 def get_tracer() -> trace.Tracer:
