@@ -282,3 +282,83 @@ async def _committed_any(bootstrap, step) -> bool:
 
 async def _committed_is(bootstrap, step, expected) -> bool:
     return await committed(bootstrap, step.group, step.consumes) == expected
+
+
+async def test_lost_db_connection_is_retried_on_a_new_one(
+    spec, topics, tables, spans, kafka_bootstrap
+):
+    """The backend dies mid-transaction (real pg_terminate_backend): retried on a fresh
+    connection, written once."""
+    import asyncpg
+
+    db_url = tables
+    attempts: list[int] = []
+
+    async def purchase(ctx: HopContext) -> Emit:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            pid = await ctx.conn.fetchval("SELECT pg_backend_pid()")
+            admin = await asyncpg.connect(db_url)
+            try:
+                await admin.execute("SELECT pg_terminate_backend($1)", pid)
+            finally:
+                await admin.close()
+        await ctx.conn.execute(
+            "INSERT INTO student_course_purchases VALUES ($1, 1)", ctx.correlation_id
+        )
+        return Emit("PURCHASE_CREATED", {"payment_id": ctx.correlation_id})
+
+    await emit_payment(spec, kafka_bootstrap, unique("pay-"))
+    rt = runtime(spec, purchase, kafka_bootstrap, db_url, backoff_s=0.01)
+    async with running(rt):
+        await read_topic(kafka_bootstrap, spec.step("purchase.created").emits, 1)
+    assert attempts == [1, 2]
+    assert await fetchval(db_url, "SELECT count(*) FROM student_course_purchases") == 1
+    assert await fetchval(db_url, "SELECT count(*) FROM processed_events") == 1
+    assert rt.stats["ok"] == 1 and rt.stats["retries"] == 1
+
+
+async def test_concurrent_mark_turns_into_duplicate(spec, topics, tables, spans, kafka_bootstrap):
+    """Another consumer marks the same event while this one is handling it (e.g. after a
+    rebalance): the unique violation rolls this attempt back and the retry sees a duplicate."""
+    import asyncpg
+
+    db_url = tables
+    calls = 0
+
+    async def purchase(ctx: HopContext) -> Emit:
+        nonlocal calls
+        calls += 1
+        other = await asyncpg.connect(db_url)
+        try:
+            await other.execute(
+                "INSERT INTO student_course_purchases VALUES ($1, 1)", ctx.correlation_id
+            )
+            await other.execute(
+                "INSERT INTO processed_events (event_id, event_type, correlation_id, source)"
+                " VALUES ($1, $2, $3, 'other-consumer')",
+                ctx.envelope.event_id,
+                ctx.envelope.type,
+                ctx.correlation_id,
+            )
+        finally:
+            await other.close()
+        return Emit("PURCHASE_CREATED", {"payment_id": ctx.correlation_id})
+
+    src = await emit_payment(spec, kafka_bootstrap, unique("pay-"))
+    rt = runtime(spec, purchase, kafka_bootstrap, db_url, backoff_s=0.01)
+    async with running(rt):
+        await wait_for(lambda: _async(rt.stats["duplicate"] == 1), what="the duplicate outcome")
+    assert calls == 1
+    assert (
+        await fetchval(
+            db_url, "SELECT source FROM processed_events WHERE event_id = $1", src.event_id
+        )
+        == "other-consumer"
+    )
+    span = next(s for s in spans.get_finished_spans() if s.name == "purchase.created")
+    assert span.attributes[c.ATTR_OUTCOME] == "duplicate"
+
+
+async def _async(value: object) -> object:
+    return value
