@@ -183,8 +183,15 @@ async def fill(db_url: str, n: int, topics: list[str], groups: list[str]) -> dic
     return took
 
 
-async def kafka_setup(bootstrap: str, spec) -> list[AIOKafkaConsumer]:
+async def kafka_setup(bootstrap: str, spec, db_url: str, n: int) -> list[AIOKafkaConsumer]:
     """Topics with records at the offsets the spans name; one live member per group."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        first = await conn.fetchval("SELECT min(start_time) FROM spans")
+    finally:
+        await conn.close()
+    step_ms = 30 * 3600 * 1000 / n
+    t0_ms = int(first.timestamp() * 1000) - int(step_ms)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -201,10 +208,12 @@ async def kafka_setup(bootstrap: str, spec) -> list[AIOKafkaConsumer]:
         # dead letters of the failed correlations among the first DLQ_RECORDS ids (keyed by id)
         dlq = spec.step("trainer.allocated").dlq
         for c in range(10, DLQ_RECORDS + 1, 10):
+            # timestamped like the failed run (spans start 30 h ago, one correlation per step_ms)
             await producer.send(
                 dlq,
                 b"{}",
                 key=f"bench-{c}".encode(),
+                timestamp_ms=t0_ms + int(c * step_ms) + 1000,
                 headers=[
                     ("x-correlation-id", f"bench-{c}".encode()),
                     ("x-dlq-reason", b"gave up after 5 attempts: KeyError: 'course'"),
@@ -260,6 +269,7 @@ async def lookups(settings: Settings, spec, n: int, count: int) -> dict[str, obj
     times: list[float] = []
     causes: dict[str, int] = {}
     sources: dict[str, list[float]] = {}
+    cpu0 = time.process_time()
     for cid in ids:
         t0 = time.perf_counter()
         d = await api.diagnose(f"bench-{cid}", settings=settings, spec=spec)
@@ -267,6 +277,7 @@ async def lookups(settings: Settings, spec, n: int, count: int) -> dict[str, obj
         causes[d.cause] = causes.get(d.cause, 0) + 1
         for name, ms in (d.facts.timings_ms if d.facts else {}).items():
             sources.setdefault(name, []).append(ms)
+    cpu_ms = (time.process_time() - cpu0) * 1000 / count
     # the unknown-id path
     unknown: list[float] = []
     for i in range(100):
@@ -281,6 +292,7 @@ async def lookups(settings: Settings, spec, n: int, count: int) -> dict[str, obj
         "p99_ms": round(pct(times, 99), 2),
         "max_ms": round(max(times), 2),
         "mean_ms": round(statistics.mean(times), 2),
+        "client_cpu_ms_per_lookup": round(cpu_ms, 2),
         "causes": causes,
         "per_source_ms": {
             k: {"n": len(v), "p50": round(pct(v, 50), 2), "p99": round(pct(v, 99), 2)}
@@ -350,7 +362,7 @@ async def main() -> int:
         if args.fill_only:
             print(f"kept {dbname}; measure with --reuse {dbname}")
             return 0
-        members = await kafka_setup(base.kafka_bootstrap, spec)
+        members = await kafka_setup(base.kafka_bootstrap, spec, db_url, args.correlations)
         figures = await lookups(settings, spec, args.correlations, args.lookups)
     finally:
         if members:

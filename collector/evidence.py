@@ -411,7 +411,12 @@ async def _other_groups(
 
 
 async def _dlq_lookup(
-    sources: EvidenceSources, dlq: str, cid: str, deadline: float
+    sources: EvidenceSources,
+    dlq: str,
+    cid: str,
+    deadline: float,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> DlqRecord | None:
     """Scan the tail of ``dlq`` for a record whose correlation header is ``cid``: the partition
     its key (the correlation id) hashes to first, then the others; at most ``DLQ_SCAN_LIMIT``
@@ -427,6 +432,16 @@ async def _dlq_lookup(
     todo = [tp for tp in tps if ends[tp] > begins[tp]]
     if not todo:
         return None
+    starts = {tp: max(begins[tp], ends[tp] - DLQ_SCAN_LIMIT) for tp in todo}
+    if since is not None:
+        # dead-lettered when the failed run ended: start at that time, not at the tail
+        at = int((since.timestamp() - 5) * 1000)
+        found = await consumer.offsets_for_times({tp: at for tp in todo})
+        for tp in todo:
+            hit = found.get(tp)
+            starts[tp] = hit.offset if hit is not None else ends[tp]
+        todo = [tp for tp in todo if starts[tp] < ends[tp]]
+    until_ms = int((until.timestamp() + 5) * 1000) if until is not None else None
     keyed = DefaultPartitioner()(cid.encode(), parts, parts)
     first = [tp for tp in todo if tp.partition == keyed]
     rest = [tp for tp in todo if tp.partition != keyed]
@@ -437,7 +452,7 @@ async def _dlq_lookup(
                 continue
             scanner.assign(group)
             for tp in group:
-                scanner.seek(tp, max(begins[tp], ends[tp] - DLQ_SCAN_LIMIT))
+                scanner.seek(tp, starts[tp])
             left = set(group)
             while left and time.monotonic() < deadline:
                 batch = await scanner.getmany(*left, timeout_ms=100)
@@ -453,7 +468,9 @@ async def _dlq_lookup(
                                 rec.offset,
                                 reason.decode("utf-8", "replace") if reason else None,
                             )
-                        if rec.offset + 1 >= ends[tp]:
+                        if rec.offset + 1 >= min(ends[tp], starts[tp] + DLQ_SCAN_LIMIT) or (
+                            until_ms is not None and rec.timestamp > until_ms
+                        ):
                             left.discard(tp)
     return None
 
@@ -518,15 +535,16 @@ async def gather(
             extra["other_groups"] = others
         # a dead-lettered run says so (hoptrace.dlq.topic); a record consumed without any span
         # may have been dead-lettered by an uninstrumented consumer
-        dead_lettered = any(s.attributes.get("hoptrace.dlq.topic") for s in step_runs)
-        if stop.dlq and (dead_lettered or (not step_runs and kf.record_consumed)):
-            queries.append(
-                f"kafka: scan the last {DLQ_SCAN_LIMIT} records per partition of {stop.dlq}"
-            )
+        lettered = [s for s in step_runs if s.attributes.get("hoptrace.dlq.topic")]
+        since = min((s.start_time for s in lettered), default=None)
+        until = max((s.end_time or s.start_time for s in lettered), default=None)
+        if stop.dlq and (lettered or (not step_runs and kf.record_consumed)):
+            where = f"from {since.isoformat()}" if since else f"the last {DLQ_SCAN_LIMIT} records"
+            queries.append(f"kafka: scan {stop.dlq} ({where}) for x-correlation-id")
             deadline = time.monotonic() + timeout
             dlq = await _bounded(
                 "kafka (dead letters)",
-                lambda: _dlq_lookup(sources, stop.dlq, cid, deadline),
+                lambda: _dlq_lookup(sources, stop.dlq, cid, deadline, since, until),
                 timeout,
                 missing,
             )
