@@ -13,11 +13,11 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from datetime import UTC, datetime
 
 import asyncpg
 
+from hoptrace.ids import PATTERN, validate_correlation_id
 from hoptrace.instrumentation.spec import PipelineSpec, load_spec
 from hoptrace.settings import Settings, get_settings
 
@@ -43,7 +43,7 @@ from .store import (
 )
 
 #: What a correlation id may look like (format and length).
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ID_PATTERN = PATTERN
 
 
 class MalformedId(ValueError):
@@ -51,12 +51,11 @@ class MalformedId(ValueError):
 
 
 def validate_id(cid: str) -> str:
-    if not isinstance(cid, str) or not ID_PATTERN.match(cid):
-        shown = cid if isinstance(cid, str) and len(cid) <= 60 else f"{str(cid)[:60]}..."
-        raise MalformedId(
-            f"{shown!r} is not a valid correlation id (1-128 characters: letters, digits, . _ : -)"
-        )
-    return cid
+    """``cid`` when it is a correlation id (:func:`hoptrace.ids.validate_correlation_id`)."""
+    try:
+        return validate_correlation_id(cid)
+    except ValueError as exc:
+        raise MalformedId(str(exc)) from None
 
 
 # one set of long-lived clients per (event loop, database, Kafka, pool) ------------------------

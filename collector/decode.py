@@ -17,6 +17,8 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from hoptrace.ids import is_valid_correlation_id
+
 CORRELATION_ATTR = "hoptrace.correlation_id"
 PIPELINE_ATTR = "hoptrace.pipeline"
 STEP_ATTR = "hoptrace.step"
@@ -57,8 +59,35 @@ _ZERO_TRACE = b"\x00" * 16
 _ZERO_SPAN = b"\x00" * 8
 
 
+def _scrub(value: Any) -> Any:
+    """``value`` with every NUL character (in strings and keys) replaced by U+FFFD."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def _text(value: str) -> str:
+    """PostgreSQL text cannot hold NUL: replaced (a NUL would fail the whole batch's COPY)."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _cid(value: Any) -> str | None:
+    """The correlation id column: a string (or integer) id in the correlation id format; an id
+    that is not (too long, odd characters) stays in the attributes but is not indexed."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return value if is_valid_correlation_id(value) else None
+
+
 def _dumps(value: Any) -> str:
-    return orjson.dumps(value, default=str).decode()
+    out = orjson.dumps(value, default=str).decode()
+    if "\\u0000" in out:  # jsonb refuses \u0000: re-encode without NULs (rare path)
+        out = orjson.dumps(_scrub(value), default=str).decode()
+    return out
 
 
 def us_to_dt(us: int) -> datetime:
@@ -103,6 +132,8 @@ def parse_json(body: bytes) -> ExportTraceServiceRequest:
     """OTLP/JSON (hex ids, lowerCamelCase, int64 as strings, enums as integers)."""
     try:
         doc = json.loads(body)
+    except RecursionError:
+        raise DecodeFailure("invalid JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise DecodeFailure(f"invalid JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -120,6 +151,8 @@ def parse_json(body: bytes) -> ExportTraceServiceRequest:
         raise
     except (json_format.ParseError, AttributeError, TypeError, ValueError) as exc:
         raise DecodeFailure(f"invalid OTLP/JSON: {exc}") from None
+    except RecursionError:
+        raise DecodeFailure("invalid OTLP/JSON: nested too deeply") from None
     return req
 
 
@@ -161,10 +194,10 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
     for rs in req.resource_spans:
         res = attributes(rs.resource.attributes)
         service = res.get("service.name")
-        service = service if isinstance(service, str) and service else "unknown_service"
+        service = _text(service) if isinstance(service, str) and service else "unknown_service"
         res_json = dumps(res)
         for ss in rs.scope_spans:
-            scope = ss.scope.name or None
+            scope = _text(ss.scope.name) if ss.scope.name else None
             for sp in ss.spans:
                 tid = sp.trace_id
                 sid = sp.span_id
@@ -202,11 +235,11 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
                 step = attrs.get(STEP_ATTR)
                 pipeline = attrs.get(PIPELINE_ATTR)
                 if pipeline is not None:
-                    pipeline = str(pipeline)
+                    pipeline = _text(str(pipeline))
                 if step is not None:
                     outcome = attrs.get(OUTCOME_ATTR)
-                    step = str(step)
-                    outcome = str(outcome) if outcome is not None else None
+                    step = _text(str(step))
+                    outcome = _text(str(outcome)) if outcome is not None else None
                 else:
                     outcome = None
                 parent = sp.parent_span_id
@@ -216,15 +249,17 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
                         tid.hex(),
                         sid.hex(),
                         parent.hex() if len(parent) == 8 and parent != _ZERO_SPAN else None,
-                        sp.name,
+                        _text(sp.name),
                         service,
                         sp.kind,
                         start_us,
                         end_us,
                         end_us - start_us,
                         status.code,
-                        status.message or None,
-                        str(cid) if cid is not None and cid != "" else None,
+                        _text(status.message) if status.message else None,
+                        # an id that is not in the correlation id format is kept in the
+                        # attributes but not indexed: no lookup can ask for it
+                        _cid(cid),
                         pipeline,
                         step,
                         outcome,
