@@ -405,26 +405,26 @@ class HopRuntime:
         if not cid:
             raw = _header(headers, CORRELATION_HEADER)
             cid = raw.decode("utf-8", "replace") if raw else None
+        attrs: dict[str, Any] = {
+            c.ATTR_PIPELINE: self.spec.name,
+            c.ATTR_STEP: self.step.id,
+            c.MSG_SYSTEM: "kafka",
+            c.MSG_DESTINATION: record.topic,
+            c.MSG_PARTITION: str(record.partition),
+            c.MSG_OFFSET: record.offset,
+            c.MSG_GROUP: self.group,
+            c.MSG_OPERATION_TYPE: "process",
+        }
+        if cid:
+            attrs[c.ATTR_CORRELATION_ID] = cid
         with self._tracer.start_as_current_span(
             self.step.id,
             context=parent,
             kind=SpanKind.CONSUMER,
+            attributes=attrs,
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            if span.is_recording():
-                span.set_attributes(
-                    {
-                        c.ATTR_PIPELINE: self.spec.name,
-                        c.ATTR_STEP: self.step.id,
-                        c.MSG_SYSTEM: "kafka",
-                        c.MSG_DESTINATION: record.topic,
-                        c.MSG_PARTITION: str(record.partition),
-                        c.MSG_OFFSET: record.offset,
-                        c.MSG_GROUP: self.group,
-                        c.MSG_OPERATION_TYPE: "process",
-                    }
-                )
             outcome = await self._process_in_span(record, info, headers, span, cid)
             span.set_attribute(c.ATTR_OUTCOME, outcome)
         await self._commit(record)
@@ -439,8 +439,6 @@ class HopRuntime:
         span: Span,
         cid: str | None,
     ) -> str:
-        if cid:
-            span.set_attribute(c.ATTR_CORRELATION_ID, cid)
         try:
             envelope = Envelope.parse(record.value)
             cid = cid or envelope.correlation_id or _payload_cid(envelope, self.spec)
@@ -448,9 +446,14 @@ class HopRuntime:
                 raise PoisonRecord("no correlation id (baggage, header, envelope and payload)")
             if envelope.correlation_id != cid:
                 envelope = envelope.with_correlation_id(cid)
-            span.set_attribute(c.ATTR_CORRELATION_ID, cid)
-            span.set_attribute(c.ATTR_EVENT_ID, envelope.event_id)
-            span.set_attribute(c.ATTR_EVENT_TYPE, envelope.type)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        c.ATTR_CORRELATION_ID: cid,
+                        c.ATTR_EVENT_ID: envelope.event_id,
+                        c.ATTR_EVENT_TYPE: envelope.type,
+                    }
+                )
             if self.validate is not None:
                 try:
                     self.validate(envelope)

@@ -56,18 +56,20 @@ def record_emit(span: Span, md: RecordMetadata, envelope: Envelope | None = None
     ``hoptrace.emit.*``; as messaging.* too when the span has no consume side."""
     if not span.is_recording():
         return
-    span.set_attribute(c.ATTR_EMIT_TOPIC, md.topic)
-    span.set_attribute(c.ATTR_EMIT_PARTITION, md.partition)
-    span.set_attribute(c.ATTR_EMIT_OFFSET, md.offset)
+    attrs: dict[str, Any] = {
+        c.ATTR_EMIT_TOPIC: md.topic,
+        c.ATTR_EMIT_PARTITION: md.partition,
+        c.ATTR_EMIT_OFFSET: md.offset,
+    }
     if envelope is not None:
-        span.set_attribute(c.ATTR_EMIT_EVENT_ID, envelope.event_id)
-    attrs = getattr(span, "attributes", None) or {}
-    if c.MSG_DESTINATION not in attrs:
-        span.set_attribute(c.MSG_SYSTEM, "kafka")
-        span.set_attribute(c.MSG_DESTINATION, md.topic)
-        span.set_attribute(c.MSG_PARTITION, str(md.partition))
-        span.set_attribute(c.MSG_OFFSET, md.offset)
-        span.set_attribute(c.MSG_OPERATION_TYPE, "send")
+        attrs[c.ATTR_EMIT_EVENT_ID] = envelope.event_id
+    if c.MSG_DESTINATION not in (getattr(span, "attributes", None) or {}):
+        attrs[c.MSG_SYSTEM] = "kafka"
+        attrs[c.MSG_DESTINATION] = md.topic
+        attrs[c.MSG_PARTITION] = str(md.partition)
+        attrs[c.MSG_OFFSET] = md.offset
+        attrs[c.MSG_OPERATION_TYPE] = "send"
+    span.set_attributes(attrs)
 
 
 class HopProducer:
