@@ -3,8 +3,9 @@ read-only role (``get_settings().readonly_database_url()``). Overview reads are 
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import streamlit as st
@@ -19,6 +20,8 @@ CACHE_TTL_S = 5
 SPANS_LIMIT = 2000
 #: Most recent payments whose hop latencies feed the percentiles and the histogram.
 LATENCY_SAMPLES = 5000
+#: Windows this long or longer are cached for a minute.
+LONG_WINDOW = timedelta(hours=6)
 
 
 class ApiSource:
@@ -85,14 +88,25 @@ class ApiSource:
     def spans(self, correlation_id: str) -> list[Any]:
         return run(api.spans_for_correlation(self.pool(), correlation_id, limit=SPANS_LIMIT))
 
+    def overview(self, since: datetime, stalled_limit: int) -> dict[str, Any]:
+        """The overview's four reads, run concurrently on the pool, cached as one. ``since`` is
+        rounded to the cache's grain (5 s, or 60 s for windows of 6 hours and more: those scan
+        many payments and a minute-old figure is fine), so refreshes share a cached read."""
+        window = datetime.now(UTC) - since
+        long = window >= LONG_WINDOW
+        grain = 60 if long else CACHE_TTL_S
+        since = datetime.fromtimestamp(since.timestamp() // grain * grain, tz=UTC)
+        cached = _cached_long if long else _cached
+        return cached(self, "overview", (since, stalled_limit))
+
     def state_counts(self, since: datetime) -> Any:
-        return _cached(self, "state_counts", since)
+        return self.overview(since, 0)["state_counts"]
 
     def funnel(self, since: datetime) -> Any:
-        return _cached(self, "funnel", since)
+        return self.overview(since, 0)["funnel"]
 
     def hop_latencies(self, since: datetime) -> Any:
-        return _cached(self, "hop_latencies", since)
+        return self.overview(since, 0)["hop_latencies"]
 
     def stalled(self, limit: int) -> list[Any]:
         return _cached(self, "stalled", limit)
@@ -107,16 +121,35 @@ class ApiSource:
         return self._jaeger_url
 
     def read(self, name: str, arg: Any) -> Any:
-        fn = getattr(api, name)
-        if name in ("stalled", "alerts"):
-            return run(fn(self.pool(), limit=arg))
-        if name == "hop_latencies":
-            return run(fn(self.pool(), arg, limit=LATENCY_SAMPLES))
-        return run(fn(self.pool(), arg))
+        pool = self.pool()
+        if name == "overview":
+            since, limit = arg
+
+            async def together() -> dict[str, Any]:
+                counts, funnel, latencies, stalled = await asyncio.gather(
+                    api.state_counts(pool, since),
+                    api.funnel(pool, since),
+                    api.hop_latencies(pool, since, limit=LATENCY_SAMPLES),
+                    api.stalled(pool, limit=limit) if limit else asyncio.sleep(0, []),
+                )
+                return {
+                    "state_counts": counts,
+                    "funnel": funnel,
+                    "hop_latencies": latencies,
+                    "stalled": stalled,
+                }
+
+            return run(together())
+        return run(getattr(api, name)(pool, limit=arg))  # stalled, alerts
 
 
 @st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, hash_funcs={ApiSource: lambda s: s.dsn})
 def _cached(source: ApiSource, name: str, arg: Any) -> Any:
+    return source.read(name, arg)
+
+
+@st.cache_data(ttl=60, show_spinner=False, hash_funcs={ApiSource: lambda s: s.dsn})
+def _cached_long(source: ApiSource, name: str, arg: Any) -> Any:
     return source.read(name, arg)
 
 

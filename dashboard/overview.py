@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import streamlit as st
 
 from hoptrace.dashboard import charts, frames
-from hoptrace.dashboard.source import Source, get_source
+from hoptrace.dashboard.source import Source, get_source, overview_of
 
 WINDOWS: dict[str, timedelta] = {
     "15 minutes": timedelta(minutes=15),
@@ -40,16 +40,16 @@ def render(source: Source | None = None) -> None:
 
 def _body(source: Source, window: timedelta) -> None:
     now = datetime.now(UTC)
-    # Rounded to the cache TTL's grain so repeated runs within seconds share one cached read.
-    since = datetime.fromtimestamp((now - window).timestamp() // 5 * 5, tz=UTC)
-    counts = frames.state_counts_frame(source.state_counts(since))
+    since = now - window
+    data = overview_of(source, since, STALLED_LIMIT)
+    counts = frames.state_counts_frame(data["state_counts"])
     cols = st.columns(len(counts))
     for col, row in zip(cols, counts.itertuples(), strict=True):
         col.metric(row.state.replace("_", " "), int(row.count))
     st.caption(f"Payments first seen since {since:%Y-%m-%d %H:%M:%S} UTC · updated {now:%H:%M:%S}")
 
     st.markdown("#### Funnel: payments that got each step done")
-    funnel = frames.funnel_frame(source.funnel(since), source.step_order())
+    funnel = frames.funnel_frame(data["funnel"], source.step_order())
     if funnel.empty:
         st.caption("No payments in this window.")
     else:
@@ -61,7 +61,7 @@ def _body(source: Source, window: timedelta) -> None:
             st.dataframe(last, hide_index=True, key="last_step_table")
 
     st.markdown("#### Per-hop latency")
-    stats, samples = frames.latency_frames(source.hop_latencies(since))
+    stats, samples = frames.latency_frames(data["hop_latencies"])
     if stats.empty:
         st.caption("No completed hops in this window.")
     else:
@@ -77,7 +77,7 @@ def _body(source: Source, window: timedelta) -> None:
             )
 
     st.markdown("#### Stalled payments")
-    stalled = frames.stalled_frame(source.stalled(STALLED_LIMIT), now)
+    stalled = frames.stalled_frame(data["stalled"], now)
     if stalled.empty:
         st.success("No stalled payments.")
         return

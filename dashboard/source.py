@@ -32,6 +32,10 @@ class Source(Protocol):
 
     def diagnose(self, correlation_id: str) -> Any: ...
     def spans(self, correlation_id: str) -> list[Any]: ...
+    def overview(self, since: datetime, stalled_limit: int) -> dict[str, Any]:
+        """``state_counts``, ``funnel``, ``hop_latencies`` (since) and ``stalled`` (limit)."""
+        ...
+
     def state_counts(self, since: datetime) -> Any: ...
     def funnel(self, since: datetime) -> Any: ...
     def hop_latencies(self, since: datetime) -> Any: ...
@@ -67,6 +71,18 @@ def run(value: Any, timeout: float = 20.0) -> Any:
         if _loop is None:
             _loop = _Loop()
     return _loop.run(value, timeout)
+
+
+def overview_of(source: Any, since: datetime, stalled_limit: int) -> dict[str, Any]:
+    """The source's combined overview read, or its four reads one by one."""
+    if hasattr(source, "overview"):
+        return source.overview(since, stalled_limit)
+    return {
+        "state_counts": source.state_counts(since),
+        "funnel": source.funnel(since),
+        "hop_latencies": source.hop_latencies(since),
+        "stalled": source.stalled(stalled_limit),
+    }
 
 
 def get_source() -> Source:
