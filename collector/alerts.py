@@ -156,6 +156,13 @@ class AlertDispatcher:
         for rec in rows:
             a = dict(rec)
             try:
+                if a["status"] == "resolved" and not a["delivered_firing"]:
+                    # resolved before its firing went out: receivers still get the firing first
+                    await self._send({**a, "status": "firing", "resolved_at": None})
+                    await self.pool.execute(
+                        "UPDATE alerts SET delivered_firing = true WHERE id = $1", a["id"]
+                    )
+                    a["delivered_firing"] = True
                 await self._send(a)
             except (httpx.HTTPError, OSError) as exc:
                 metrics.ALERT_DELIVERIES.labels("error").inc()

@@ -99,6 +99,12 @@ ALTER TABLE alerts ADD COLUMN IF NOT EXISTS last_sent_at timestamptz;
 
 CREATE UNIQUE INDEX IF NOT EXISTS alerts_one_firing_idx ON alerts (correlation_id)
     WHERE status = 'firing';
+DO $$ BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'hoptrace_ro') THEN
+        GRANT SELECT ON spans, correlations, alerts TO hoptrace_ro;
+    END IF;
+END $$;
+
 CREATE INDEX IF NOT EXISTS alerts_correlation_idx ON alerts (correlation_id);
 CREATE INDEX IF NOT EXISTS alerts_outbox_idx ON alerts (next_attempt_at)
     WHERE NOT delivered_firing OR (status = 'resolved' AND NOT delivered_resolved);

@@ -9,6 +9,7 @@ import subprocess
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
 
 from hoptrace.collector import schema
 from hoptrace.settings import PROJECT_ROOT
@@ -80,3 +81,21 @@ async def test_stalls_cli_lists_stalled(db_url: str, hoptrace_env: dict[str, str
         text.returncode == 0 and "cli-stalled" in text.stdout and "trainer.allocated" in text.stdout
     )
     assert "1m3" in text.stdout  # overdue by 1m30s..1m39s
+
+
+async def test_readonly_role_can_read_store(db_url: str) -> None:
+    conn = await asyncpg.connect(db_url)
+    try:
+        await schema.migrate(conn, timedelta(days=1))
+    finally:
+        await conn.close()
+    ro = await asyncpg.connect(db_url.replace("hoptrace:hoptrace@", "hoptrace_ro:hoptrace_ro@", 1))
+    try:
+        assert await ro.fetchval("SELECT count(*) FROM spans") == 0
+        assert await ro.fetchval("SELECT count(*) FROM correlations") == 0
+        with pytest.raises(
+            (asyncpg.InsufficientPrivilegeError, asyncpg.ReadOnlySQLTransactionError)
+        ):
+            await ro.execute("DELETE FROM alerts")
+    finally:
+        await ro.close()
