@@ -23,9 +23,9 @@ SCAN_LOCK = 0x686F7074_0002
 
 DDL = """
 CREATE TABLE IF NOT EXISTS spans (
-    trace_id        text        NOT NULL,
-    span_id         text        NOT NULL,
-    parent_span_id  text,
+    trace_id        text        COLLATE "C" NOT NULL,
+    span_id         text        COLLATE "C" NOT NULL,
+    parent_span_id  text        COLLATE "C",
     name            text        NOT NULL,
     service         text        NOT NULL,
     kind            smallint    NOT NULL DEFAULT 0,
@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS spans (
     duration_us     bigint      NOT NULL,
     status_code     smallint    NOT NULL DEFAULT 0,
     status_message  text,
-    correlation_id  text,
+    correlation_id  text        COLLATE "C",
     pipeline        text,
     step            text,
     outcome         text,
@@ -52,7 +52,7 @@ CREATE INDEX IF NOT EXISTS spans_correlation_idx ON spans (correlation_id, start
     WHERE correlation_id IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS correlations (
-    correlation_id  text PRIMARY KEY,
+    correlation_id  text COLLATE "C" PRIMARY KEY,
     pipeline        text,
     state           text NOT NULL DEFAULT 'in_progress'
                     CHECK (state IN ('in_progress', 'completed', 'failed', 'stalled')),
