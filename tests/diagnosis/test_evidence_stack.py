@@ -329,3 +329,11 @@ async def test_cli_exit_codes_for_malformed_and_unknown_ids(env) -> None:
     assert long.returncode == 2
     unknown = cli(env, "trace", "pay-does-not-exist")
     assert unknown.returncode == 2 and "no payment with id 'pay-does-not-exist'" in unknown.stderr
+
+
+async def test_cli_exit_1_when_the_span_store_cannot_be_read(env) -> None:
+    e = env
+    e.env = {**e.env, "HOPTRACE_DATABASE_URL": "postgresql://x:y@127.0.0.1:1/none"}
+    out = cli(e, "trace", "pay-1")
+    assert out.returncode == 1
+    assert "the span store could not be read" in out.stderr
