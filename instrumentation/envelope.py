@@ -19,6 +19,10 @@ EVENT_TYPE_HEADER = "x-event-type"
 
 _EVENT_NS = uuid.UUID("5f1c1c52-8a55-4c1e-9a67-6b7f0d6b6a11")
 
+MAX_RECORD_BYTES = 512 * 1024
+"""A record value larger than this is poison (an envelope is a few hundred bytes); the limit is
+under the producer's default 1 MiB request size, so its dead-letter copy fits."""
+
 
 class PoisonRecord(Exception):
     """A record that can never be processed (not JSON, schema mismatch, no correlation id, wrong
@@ -76,6 +80,10 @@ class Envelope(pydantic.BaseModel):
         a header); the runtime decides when a record has none at all."""
         if data is None:
             raise PoisonRecord("empty record value")
+        if len(data) > MAX_RECORD_BYTES:
+            raise PoisonRecord(
+                f"record of {len(data)} bytes is over the {MAX_RECORD_BYTES}-byte limit"
+            )
         try:
             raw = json.loads(data)
         except (UnicodeDecodeError, ValueError) as exc:

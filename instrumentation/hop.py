@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import baggage, context, propagate
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -34,6 +34,7 @@ from . import conventions as c
 from .envelope import (
     BAGGAGE_KEY,
     CORRELATION_HEADER,
+    MAX_RECORD_BYTES,
     Envelope,
     PoisonRecord,
     RetryableError,
@@ -225,7 +226,9 @@ class HopRuntime:
     ``receive_spans=True`` keeps the aiokafka instrumentation's per-record receive span (off by
     default: the process span is the child of the same extracted context and carries the same
     messaging attributes); ``trace_bookkeeping=True`` traces the runtime's own guard/mark
-    queries too (the handler's queries are always traced)."""
+    queries too (the handler's queries are always traced); ``commit_after_export=True`` (the
+    default) commits offsets every ``commit_interval_s`` after exporting the spans of the
+    records handled, so a SIGKILL never leaves a committed record without its step span."""
 
     def __init__(
         self,
@@ -251,6 +254,8 @@ class HopRuntime:
         flush_timeout_s: float = 5.0,
         receive_spans: bool = False,
         trace_bookkeeping: bool = False,
+        commit_after_export: bool = True,
+        commit_interval_s: float = 0.2,
     ) -> None:
         self.spec = spec
         self.step = spec.step(step_id)
@@ -277,6 +282,10 @@ class HopRuntime:
         self.flush_timeout_s = flush_timeout_s
         self.receive_spans = receive_spans
         self.trace_bookkeeping = trace_bookkeeping
+        self.commit_after_export = commit_after_export
+        self.commit_interval_s = commit_interval_s
+        self._pending: dict[TopicPartition, int] = {}
+        self._committer: asyncio.Task[None] | None = None
         self._own_producer = producer is None
         self.producer = producer or HopProducer(bootstrap)
         self.ready = asyncio.Event()
@@ -324,11 +333,20 @@ class HopRuntime:
             await self.producer.start()
             self._consumer.subscribe([self.step.consumes], listener=_Assigned(self))
             await self._consumer.start()
+            if self.commit_after_export:
+                self._committer = asyncio.create_task(self._commit_loop())
             installed = self._install_signals()
             await self._loop()
         finally:
             if installed:
                 self._remove_signals()
+            if self._committer is not None:
+                self._committer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._committer
+                self._committer = None
+                with contextlib.suppress(Exception):
+                    await self._commit_pending()
             with contextlib.suppress(Exception):
                 await self._consumer.stop()
             if self._own_producer:
@@ -649,10 +667,21 @@ class HopRuntime:
             (c.DLQ_ATTEMPTS_HEADER, str(attempts).encode()),
         ]
         delay = self.backoff_s
+        value = record.value
         while True:
             try:
-                await self.producer.send_raw(dlq, record.value, key=record.key, headers=out)
+                await self.producer.send_raw(dlq, value, key=record.key, headers=out)
                 break
+            except MessageSizeTooLargeError:
+                # never retried into a wedge: park the head of the value, say so in a header
+                # (the full record stays at its source offset until the topic's retention)
+                log.warning("%s: record too large for %s; parking its head", self.step.id, dlq)
+                size = len(record.value or b"")
+                value = (record.value or b"")[:MAX_RECORD_BYTES]
+                out = [(k, v) for k, v in out if k != "x-dlq-truncated-from"]
+                out.append(("x-dlq-truncated-from", str(size).encode()))
+                if len(value) == size:  # the headers alone are too large: drop the record value
+                    value = b""
             except Exception as send_exc:  # noqa: BLE001 - keep the record until it is parked
                 log.error("%s: cannot write to %s (%s); retrying", self.step.id, dlq, send_exc)
                 if await self._stop_during(delay):
@@ -661,11 +690,35 @@ class HopRuntime:
         self.stats["dead_lettered"] += 1
 
     async def _commit(self, record: ConsumerRecord) -> None:
-        assert self._consumer is not None
         tp = TopicPartition(record.topic, record.partition)
+        if self._committer is not None and not self._committer.done():
+            # committed by the commit loop once this record's spans are exported: a process
+            # killed before that gets the record again (a duplicate), never a lost step span
+            self._pending[tp] = record.offset + 1
+            return
+        await self._commit_offsets({tp: record.offset + 1})
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.commit_interval_s)
+            try:
+                await self._commit_pending()
+            except Exception:  # noqa: BLE001 - the offsets stay uncommitted: redelivered
+                log.warning("deferred offset commit failed", exc_info=True)
+
+    async def _commit_pending(self) -> None:
+        """Export the spans of the records handled so far, then commit their offsets."""
+        if not self._pending:
+            return
+        offsets, self._pending = self._pending, {}
+        await asyncio.to_thread(flush_tracing, self.flush_timeout_s)
+        await self._commit_offsets(offsets)
+
+    async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
+        assert self._consumer is not None
         for attempt in range(1, 4):
             try:
-                await self._consumer.commit({tp: record.offset + 1})
+                await self._consumer.commit(offsets)
                 return
             except CommitFailedError as exc:
                 log.warning(
