@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -238,14 +239,9 @@ async def _spans(sources: EvidenceSources, cid: str) -> tuple[SpanRecord, ...]:
 async def _database(
     sources: EvidenceSources, spec: PipelineSpec, cid: str, missing: dict[str, str]
 ) -> tuple[tuple[ProcessedEvent, ...], dict[str, bool | None]]:
+    """processed_events rows and one EXISTS per step table, in one round trip."""
     pool = await sources.db()
-    processed: tuple[ProcessedEvent, ...] = ()
-    if await sources.table_exists(pool, "processed_events"):
-        rows = await pool.fetch(PROCESSED_SQL, cid)
-        processed = tuple(
-            ProcessedEvent(r["event_id"], r["event_type"], r["source"], r["processed_at"])
-            for r in rows
-        )
+    has_processed = await sources.table_exists(pool, "processed_events")
     effects: dict[str, bool | None] = {}
     exprs: list[tuple[str, str]] = []
     for step in spec.steps:
@@ -255,17 +251,33 @@ async def _database(
             exprs.append((step.id, step.table))
         else:
             effects[step.id] = None
-            missing.setdefault("database", "")
-            missing["database"] = (missing["database"] + f"; table {step.table} not found").lstrip(
-                "; "
+            gone = f"table {step.table} not found"
+            missing["database"] = (
+                f"{missing['database']}; {gone}" if "database" in missing else gone
             )
-    if exprs:
-        # identifiers come from the spec and are quoted; the id is a bind parameter
-        exists = [effect_sql(t).removeprefix("SELECT ") for _, t in exprs]
-        sql = "SELECT " + ", ".join(f"{e} AS e{i}" for i, e in enumerate(exists))  # noqa: S608
-        row = await pool.fetchrow(sql, cid)
+    # identifiers come from the spec and are quoted; the id is a bind parameter
+    cols = [f"{effect_sql(t).removeprefix('SELECT ')} AS e{i}" for i, (_, t) in enumerate(exprs)]
+    if has_processed:
+        cols.append(
+            "(SELECT coalesce(json_agg(json_build_object('event_id', event_id, 'event_type', "
+            "event_type, 'source', source, 'processed_at', processed_at) ORDER BY processed_at), "
+            "'[]') FROM processed_events WHERE correlation_id = $1)::text AS processed"
+        )
+    processed: tuple[ProcessedEvent, ...] = ()
+    if cols:
+        row = await pool.fetchrow("SELECT " + ", ".join(cols), cid)  # noqa: S608
         for i, (sid, _) in enumerate(exprs):
             effects[sid] = bool(row[f"e{i}"])
+        if has_processed:
+            processed = tuple(
+                ProcessedEvent(
+                    p["event_id"],
+                    p["event_type"],
+                    p["source"],
+                    datetime.fromisoformat(p["processed_at"]) if p["processed_at"] else None,
+                )
+                for p in json.loads(row["processed"])
+            )
     return processed, effects
 
 
@@ -296,7 +308,12 @@ async def _kafka_base(
     admin, consumer = await sources.kafka()
     consuming = [s for s in spec.steps if s.consumes and s.group]
     topics = list(dict.fromkeys(s.consumes for s in consuming if s.consumes))
-    described = await admin.describe_topics(topics) if topics else []
+    groups_listed = asyncio.ensure_future(admin.list_consumer_groups())
+    try:
+        described = await admin.describe_topics(topics) if topics else []
+    except BaseException:
+        groups_listed.cancel()
+        raise
     parts: dict[str, list[int] | None] = {t: None for t in topics}
     for t in described:
         if t.get("error_code") == 0:
@@ -307,7 +324,7 @@ async def _kafka_base(
         # DescribeGroups on a group the broker does not know, or on several groups at once,
         # returns bodies aiokafka 0.14 misreads with Kafka 4: list the groups first, then
         # describe each existing group in its own request (concurrently).
-        known = {g[0] for g in await admin.list_consumer_groups()}
+        known = {g[0] for g in await groups_listed}
         present = [g for g in groups if g in known]
 
         async def one(group: str) -> list[Any]:
