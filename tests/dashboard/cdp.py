@@ -68,8 +68,9 @@ class Browser:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"chromium exited with {self.proc.returncode}")
-            if marker.exists() and marker.read_text().strip():
-                return int(marker.read_text().split()[0])
+            lines = marker.read_text().splitlines() if marker.exists() else []
+            if len(lines) >= 2:  # "port" and "/devtools/browser/<id>": written completely
+                return int(lines[0])
             time.sleep(0.1)
         raise RuntimeError("chromium did not open its DevTools port")
 
