@@ -53,7 +53,7 @@ def gantt(
             opacity=0.15,
             line_width=0,
             annotation_text="⛔ stopped here",
-            annotation_position="top left",
+            annotation_position="inside right",
             annotation_font_color=STOP_COLOR,
         )
         if stop_time is not None:
