@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 
 import asyncpg
 import httpx
@@ -229,6 +229,16 @@ async def serve(
     return 0
 
 
+def _run(coro: Coroutine[object, object, int]) -> int:
+    """Run on uvloop when it is installed (less CPU per record), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def main(name: str, fault: str | None = None) -> None:
     """Entry point of `hoptrace worker NAME [--fault FAULT]`."""
     logging.basicConfig(
@@ -248,7 +258,7 @@ def main(name: str, fault: str | None = None) -> None:
     configure_tracing(name)
     code = 1
     try:
-        code = asyncio.run(serve(name, fault, settings))
+        code = _run(serve(name, fault, settings))
     except SpecError as exc:
         print(f"hoptrace: {exc}", file=sys.stderr)
         code = 2
