@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Annotated
 
 import asyncpg
 from opentelemetry import trace
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from hoptrace.ids import validate_correlation_id
 
 from . import faults
 from .http import BadRequest, error, instrumented, parse_body
@@ -22,7 +25,7 @@ TRAINERS = tuple(f"trainer-{n}" for n in range(1, 11))
 class AllocationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    correlation_id: str = Field(min_length=1, max_length=200)
+    correlation_id: Annotated[str, AfterValidator(validate_correlation_id)]
     student: str = Field(min_length=1, max_length=200)
     course: str = Field(min_length=1, max_length=200)
 

@@ -34,13 +34,28 @@ def error(status: int, message: str, field: str | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
     """The JSON body as ``model``; :class:`BadRequest` (422, naming each bad field) otherwise."""
     raw = await request.body()
     try:
         data = json.loads(raw or b"null")
+        nul = _has_nul(data)
+    except RecursionError:
+        raise BadRequest(error(422, "body is not valid JSON: nested too deeply")) from None
     except ValueError as exc:
         raise BadRequest(error(422, f"body is not valid JSON: {exc}")) from None
+    if nul:  # PostgreSQL text cannot hold NUL: a clear 422, not a failed query
+        raise BadRequest(error(422, "body holds a NUL character (\\u0000), which is not allowed"))
     if not isinstance(data, dict):
         raise BadRequest(error(422, "body must be a JSON object"))
     try:
