@@ -22,7 +22,9 @@ from typing import Any, TypeVar
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import for_code
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.protocol.admin import ListGroupsRequest
 
 from hoptrace.instrumentation.spec import PipelineSpec, Step
 from hoptrace.settings import Settings, get_settings
@@ -284,6 +286,25 @@ async def _database(
 # ------------------------------------------------------------------------------------ kafka
 
 
+async def _list_groups(admin: AIOKafkaAdminClient) -> list[str]:
+    """Group ids on every known broker. ``AIOKafkaAdminClient.list_consumer_groups`` fetches the
+    metadata of every topic first; the cached broker list is enough."""
+    try:
+        brokers = [b.nodeId for b in admin._client.cluster.brokers()]  # noqa: SLF001
+    except AttributeError:
+        brokers = []
+    if not brokers:
+        return [g[0] for g in await admin.list_consumer_groups()]
+    out: list[str] = []
+    for resp in await asyncio.gather(
+        *(admin._send_request(ListGroupsRequest(), node) for node in brokers)  # noqa: SLF001
+    ):
+        if resp.error_code:
+            raise for_code(resp.error_code)("listing consumer groups")
+        out.extend(g[0] for g in resp.groups)
+    return out
+
+
 def _groups_described(responses: list[Any]) -> dict[str, tuple[str, int]]:
     """DescribeGroups responses -> {group: (state, members)} for groups that exist."""
     out: dict[str, tuple[str, int]] = {}
@@ -308,7 +329,7 @@ async def _kafka_base(
     admin, consumer = await sources.kafka()
     consuming = [s for s in spec.steps if s.consumes and s.group]
     topics = list(dict.fromkeys(s.consumes for s in consuming if s.consumes))
-    groups_listed = asyncio.ensure_future(admin.list_consumer_groups())
+    groups_listed = asyncio.ensure_future(_list_groups(admin))
     try:
         described = await admin.describe_topics(topics) if topics else []
     except BaseException:
@@ -324,7 +345,7 @@ async def _kafka_base(
         # DescribeGroups on a group the broker does not know, or on several groups at once,
         # returns bodies aiokafka 0.14 misreads with Kafka 4: list the groups first, then
         # describe each existing group in its own request (concurrently).
-        known = {g[0] for g in await groups_listed}
+        known = set(await groups_listed)
         present = [g for g in groups if g in known]
 
         async def one(group: str) -> list[Any]:
@@ -409,7 +430,7 @@ async def _other_groups(
     """Groups other than the step's own with committed offsets on the step's topic."""
     admin, _ = await sources.kafka()
     assert step.consumes
-    listed = [g[0] for g in await admin.list_consumer_groups() if g[0] != step.group]
+    listed = [g for g in await _list_groups(admin) if g != step.group]
     # likeliest first: names derived from the expected group
     listed.sort(key=lambda g: (not (step.group and g.startswith(step.group)), g))
     tps = [TopicPartition(step.consumes, p) for p in partitions]
