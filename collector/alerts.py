@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -54,6 +55,21 @@ class Targets:
     @property
     def any(self) -> bool:
         return bool(self.alertmanager_url or self.webhook_url)
+
+
+def redact(text: str, urls: tuple[str | None, ...]) -> str:
+    """``text`` without the secret parts of ``urls`` (a webhook's path and query are its token,
+    e.g. Slack's; a password may sit in the userinfo): each URL is cut to scheme://host:port."""
+    for url in urls:
+        if not url:
+            continue
+        parts = urlsplit(url)
+        shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
+        text = text.replace(url.rstrip("/"), f"{shown}/<redacted>")
+        for secret in (parts.password, parts.query, parts.path if len(parts.path) > 1 else None):
+            if secret:
+                text = text.replace(secret, "<redacted>")
+    return text
 
 
 def _iso(t: datetime | None) -> str:
@@ -170,7 +186,9 @@ class AlertDispatcher:
                     "UPDATE alerts SET attempts = attempts + 1, last_error = $2, next_attempt_at = "
                     "now() + make_interval(secs => least(300, power(2, attempts))) WHERE id = $1",
                     a["id"],
-                    str(exc)[:500],
+                    redact(str(exc), (self.targets.alertmanager_url, self.targets.webhook_url))[
+                        :500
+                    ],
                 )
                 continue
             metrics.ALERT_DELIVERIES.labels("ok").inc()
