@@ -11,6 +11,9 @@ from hoptrace.dashboard.frames import STOP_MARKER, first, get
 from hoptrace.dashboard.source import LookupError_, Source, get_source
 from hoptrace.dashboard.words import cause_words
 
+#: Spans drawn in the timeline at most (the evidence lines still count every span).
+GANTT_MAX_SPANS = 500
+
 
 def render(source: Source | None = None) -> None:
     source = source or get_source()
@@ -73,8 +76,12 @@ def show(diagnosis: Any, source: Source) -> None:
         st.markdown(f"**What to do next:** {next_action}")
 
     st.markdown("#### Timeline")
-    spans = get(diagnosis, "spans")
-    spans = frames.spans_frame(spans if spans is not None else source.spans(cid))
+    raw = get(diagnosis, "spans")
+    raw = list(raw if raw is not None else source.spans(cid))
+    if len(raw) > GANTT_MAX_SPANS:  # a payment redelivered in a loop: keep the page light
+        st.caption(f"Showing the first {GANTT_MAX_SPANS} of {len(raw)} spans.")
+        raw = raw[:GANTT_MAX_SPANS]
+    spans = frames.spans_frame(raw)
     if spans.empty:
         st.caption("No spans recorded for this payment.")
     else:
