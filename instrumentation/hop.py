@@ -166,8 +166,8 @@ def is_retryable(exc: BaseException) -> bool:
     """RetryableError, connection/DB-availability errors, httpx errors, Kafka errors, timeouts."""
     if isinstance(exc, RetryableError | httpx.HTTPError | KafkaError | OSError | TimeoutError):
         return True
-    if isinstance(exc, asyncpg.InterfaceError):
-        return True
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg.InternalClientError):
+        return True  # InternalClientError: used while still consuming a terminated backend's error
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
         if state == "23505" and getattr(exc, "table_name", None) == "processed_events":

@@ -70,14 +70,26 @@ _stats = _Stats()
 
 
 class _CountingExporter(SpanExporter):
-    """Wraps the real exporter: counts exported and failed spans, never lets an error escape,
-    and after a failed export drops batches unseen for a cool-down (1 s doubling to 30 s) so
-    an unreachable collector costs no encoding or connection CPU."""
+    """Wraps the real exporter: counts exported and failed spans, never lets an error escape.
+    A failed batch is held and retried (0.5 s doubling to 5 s) for up to ``hold_s`` on the
+    batch thread, so a collector restart or outage shorter than that loses nothing (new spans
+    wait in the bounded queue; the business path is never blocked). After a batch is given up,
+    batches are dropped unseen for a cool-down (1 s doubling to 30 s) so an unreachable
+    collector costs no encoding or connection CPU."""
 
-    def __init__(self, inner: SpanExporter) -> None:
+    def __init__(self, inner: SpanExporter, hold_s: float = 0.0) -> None:
         self.inner = inner
+        self.hold_s = hold_s
+        self.closing = threading.Event()
         self._open_until = 0.0
         self._cooldown = 1.0
+
+    def _try(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            return self.inner.export(spans)
+        except Exception:  # noqa: BLE001 - an exporter bug must not kill the export thread
+            log.debug("tracing: exporter raised", exc_info=True)
+            return SpanExportResult.FAILURE
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         now = time.monotonic()
@@ -87,11 +99,13 @@ class _CountingExporter(SpanExporter):
                 _stats.skipped_unreachable += len(spans)
                 _stats.warn_dropped()
             return SpanExportResult.FAILURE
-        try:
-            result = self.inner.export(spans)
-        except Exception:  # noqa: BLE001 - an exporter bug must not kill the export thread
-            log.debug("tracing: exporter raised", exc_info=True)
-            result = SpanExportResult.FAILURE
+        result = self._try(spans)
+        end, delay = time.monotonic() + self.hold_s, 0.5
+        while result is not SpanExportResult.SUCCESS and time.monotonic() + delay < end:
+            if self.closing.wait(delay):
+                break
+            delay = min(5.0, delay * 2)
+            result = self._try(spans)
         with _stats.lock:
             if result is SpanExportResult.SUCCESS:
                 _stats.exported += len(spans)
@@ -106,6 +120,7 @@ class _CountingExporter(SpanExporter):
         return result
 
     def shutdown(self) -> None:
+        self.closing.set()
         with contextlib.suppress(Exception):
             self.inner.shutdown()
 
@@ -168,6 +183,14 @@ class _State:
         self.switch = switch
         self.exporter_key: object = None
         self.instrumented = False
+
+
+def _default_hold_s() -> float:
+    """``HOPTRACE_EXPORT_HOLD_S`` (default 60): how long a failed batch is held and retried."""
+    try:
+        return max(0.0, float(os.environ.get("HOPTRACE_EXPORT_HOLD_S", "60")))
+    except ValueError:
+        return 60.0
 
 
 def _sdk_disabled() -> bool:
@@ -235,7 +258,8 @@ def configure_tracing(
     the OTEL_* variables; ``max_queue_size`` (2048), ``schedule_delay_millis`` (500),
     ``max_export_batch_size`` (512), ``export_timeout_millis``; ``simple=True`` exports each
     span synchronously (tests only); ``instrument=False`` skips the library instrumentations;
-    ``resource_attributes`` adds resource attributes.
+    ``resource_attributes`` adds resource attributes; ``hold_s`` how long a failed batch is
+    held and retried (``HOPTRACE_EXPORT_HOLD_S``, 60; 0 drops it at once).
 
     With ``OTEL_SDK_DISABLED=true`` nothing is exported and no library is instrumented.
     """
@@ -278,7 +302,8 @@ def configure_tracing(
         inner = exporter if exporter is not None else _default_exporter(dict(opts))
         new: SpanProcessor | None = None
         if inner is not None:
-            counted = _CountingExporter(inner)
+            hold = 0.0 if opts.get("simple") else opts.get("hold_s", _default_hold_s())
+            counted = _CountingExporter(inner, hold_s=hold)
             if opts.get("simple"):
                 new = SimpleSpanProcessor(counted)
             else:

@@ -113,6 +113,7 @@ async def test_unreachable_collector_never_blocks_or_raises(protocol, monkeypatc
         max_queue_size=64,
         max_export_batch_size=32,
         schedule_delay_millis=10,
+        hold_s=0,
     )
     spec = load_spec(REFERENCE_SPEC)
     n = 3000
