@@ -3,6 +3,7 @@ database, fed random and mutated bodies over HTTP and gRPC, lying headers, then 
 oversized and compressed bodies while its RSS is sampled.
 
     .venv/bin/python benchmarks/fuzz_otlp.py [--http 16000] [--grpc 4000] [--memory 200]
+        [--max-body BYTES] [--out FILE]
 
 Prints the figures and writes ``benchmarks/results/fuzz_otlp.json`` (cases, answers by status,
 crashes, hangs, 500s, RSS before/peak/after). Exit 1 when any crash, hang or 500 was seen."""
@@ -58,5 +59,9 @@ if __name__ == "__main__":
     p.add_argument("--grpc", type=int, default=4_000)
     p.add_argument("--memory", type=int, default=200)
     p.add_argument("--seed", type=int, default=20261127)
+    p.add_argument("--max-body", type=int, default=net.MAX_BODY, help="collector size cap")
+    p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
+    net.MAX_BODY = a.max_body
+    RESULTS = a.out
     sys.exit(asyncio.run(main(a.http, a.grpc, a.memory, a.seed)))

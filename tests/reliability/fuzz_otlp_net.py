@@ -524,6 +524,15 @@ async def run(
                 await _grpc_one(call, *grpc_case(rng), rep)
 
         await asyncio.gather(*(one_grpc() for _ in range(grpc_cases)))
+        if grpc_cases:  # over the size cap: RESOURCE_EXHAUSTED from grpc itself, not a crash
+            try:
+                await call(os.urandom(MAX_BODY + 1024), timeout=TIMEOUT_S)
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+            rep.note("grpc-oversized", f"grpc-{code.name}")
+            if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                rep.server_errors.append(f"grpc oversized: {code.name}")
     rep.grpc_cases = grpc_cases
     await _lying_headers(col, rep)
     if memory_cases:
