@@ -30,6 +30,8 @@ from opentelemetry import baggage, context, propagate
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from hoptrace.ids import is_valid_correlation_id
+
 from . import conventions as c
 from .envelope import (
     BAGGAGE_KEY,
@@ -462,6 +464,9 @@ class HopRuntime:
             cid = cid or envelope.correlation_id or _payload_cid(envelope, self.spec)
             if not cid:
                 raise PoisonRecord("no correlation id (baggage, header, envelope and payload)")
+            if not is_valid_correlation_id(cid):
+                shown = cid if len(cid) <= 60 else f"{cid[:60]}..."
+                raise PoisonRecord(f"invalid correlation id {shown!r} (see hoptrace.ids)")
             if envelope.correlation_id != cid:
                 envelope = envelope.with_correlation_id(cid)
             if span.is_recording():

@@ -130,6 +130,7 @@ async def test_poison_records_go_to_the_dlq_and_the_worker_keeps_going(rig: Rig)
             (json.dumps(no_cid).encode(), []),
             (json.dumps(huge).encode(), hdr(ids["huge"])),
             (json.dumps(huger).encode(), hdr(ids["huger"])),
+            (good_event(good).to_bytes(), hdr("x'; DROP TABLE payments; --")),
             (good_event(good).to_bytes(), hdr(good)),
         ],
     )
@@ -143,9 +144,9 @@ async def test_poison_records_go_to_the_dlq_and_the_worker_keeps_going(rig: Rig)
 
     async def dead_letters() -> list:
         recs = await read_topic(rig.bootstrap, dlq)
-        return recs if len(recs) >= 5 else []
+        return recs if len(recs) >= 6 else []
 
-    recs = await wait_for(dead_letters, timeout=30, what="5 dead letters")
+    recs = await wait_for(dead_letters, timeout=30, what="6 dead letters")
     reasons, truncated = {}, {}
     for r in recs:
         h = dict(r.headers)
@@ -162,6 +163,8 @@ async def test_poison_records_go_to_the_dlq_and_the_worker_keeps_going(rig: Rig)
     # worker wedged); now its head is parked with the original size in a header
     assert int(truncated[ids["huger"]]) == len(json.dumps(huger))
     assert truncated[ids["huge"]] is None  # under the producer's limit: parked whole
+    # an id that is not in the correlation id format is refused at the Kafka entry point too
+    assert reasons["x'; DROP TABLE payments; --"].startswith("invalid correlation id"), reasons
     for cid in ids.values():
         assert await count(rig.db_url, "student_course_purchases", cid) == 0
     assert rig.services.procs["purchase-worker"].poll() is None  # still running
