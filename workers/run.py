@@ -35,6 +35,7 @@ SERVICES = (
 )
 CRASH_EXIT_CODE = 17
 READY_CHECK_S = 3.0
+DEFAULT_CONSUMERS = 3  # per worker process: records wait on I/O, so a few consumers overlap
 
 
 def _url(explicit: str | None, host: str, port: int) -> str:
@@ -122,38 +123,60 @@ async def _worker(
         handler, consumes = allocator.handle, allocation_worker.CONSUMES
         opts["verify_effect"] = fault != faults.NO_VERIFY
         if fault == faults.WRONG_GROUP:
+            # A misconfigured deployment: a new group starts at the end of the log, as Kafka
+            # clients do by default, so records produced before it joined are never handled.
             opts["group"] = f"{step.group or name}{faults.WRONG_GROUP_SUFFIX}"
+            opts["auto_offset_reset"] = "latest"
     elif name == "purchase-worker":
         handler, consumes = purchase_worker.handle, purchase_worker.CONSUMES
     else:
         handler, consumes = session_worker.handle, session_worker.CONSUMES
-    runtime = HopRuntime(
-        spec,
-        step.id,
-        handler,
-        bootstrap=settings.kafka_bootstrap,
-        database_url=settings.database_url,
-        validate=validator(consumes),
-        handle_signals=False,
-        **opts,
-    )
-    task = asyncio.create_task(runtime.run(), name=f"{name}-runtime")
+    consumers = settings.worker_consumers or min(DEFAULT_CONSUMERS, spec.partitions)
+    runtimes = [
+        HopRuntime(
+            spec,
+            step.id,
+            handler,
+            bootstrap=settings.kafka_bootstrap,
+            database_url=settings.database_url,
+            validate=validator(consumes),
+            handle_signals=False,
+            **opts,
+        )
+        for _ in range(consumers)
+    ]
+    tasks = [
+        asyncio.create_task(rt.run(), name=f"{name}-runtime-{i}") for i, rt in enumerate(runtimes)
+    ]
     try:
-        await _until_assigned(runtime, task, settings.kafka_bootstrap, step.consumes or "")
-        yield task
+        if await _until_assigned(
+            runtimes[0], tasks[0], settings.kafka_bootstrap, step.consumes or ""
+        ):
+            others = [asyncio.create_task(rt.ready.wait()) for rt in runtimes[1:]]
+            if others:  # best effort: a topic with fewer partitions leaves some idle
+                await asyncio.wait(others, timeout=READY_CHECK_S * 3)
+        yield asyncio.create_task(_first_to_end(tasks), name=f"{name}-supervisor")
     finally:
-        await runtime.stop()
+        for rt in runtimes:
+            await rt.stop()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 15)
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
         if client is not None:
             await client.aclose()
 
 
+async def _first_to_end(tasks: list[asyncio.Task]) -> None:
+    """Ends (raising its error) as soon as one consumer's runtime ends."""
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        task.result()
+
+
 async def _until_assigned(
     runtime: HopRuntime, task: asyncio.Task, bootstrap: str, topic: str
-) -> None:
-    """Wait until the consumer has partitions. If its topic does not exist, say so and count
-    as ready anyway (the worker runs and consumes nothing until `hoptrace topics ensure`)."""
+) -> bool:
+    """Wait until the consumer has partitions (True). If its topic does not exist, say so and
+    count as ready anyway (False: it consumes nothing until `hoptrace topics ensure`)."""
     ready = asyncio.create_task(runtime.ready.wait())
     while True:
         await asyncio.wait(
@@ -164,7 +187,7 @@ async def _until_assigned(
             task.result()
             raise RuntimeError("the hop runtime stopped before it was ready")
         if ready.done():
-            return
+            return True
         if await _topic_missing(bootstrap, topic):
             log.warning(
                 "topic %s does not exist: consuming nothing until it is created "
@@ -178,7 +201,7 @@ async def _until_assigned(
                 log.info("topic %s exists now; partitions assigned", topic)
 
             ready.add_done_callback(appeared)
-            return
+            return False
 
 
 async def _topic_missing(bootstrap: str, topic: str) -> bool:

@@ -89,7 +89,7 @@ async def test_wrong_group_leaves_the_real_group_without_members(running: Pipeli
 
     await wait_for(wrong_group_span, timeout=30, what="record consumed under the wrong group")
     assert await group_members(running.bootstrap, real) == 0
-    assert await group_members(running.bootstrap, real + "-v2") == 1
+    assert await group_members(running.bootstrap, real + "-v2") >= 1
     assert await committed(running.bootstrap, real, topic) == before
 
 
