@@ -56,6 +56,11 @@ class Settings(BaseSettings):
         default=None,
         description="admin-service base URL; default http://<bind_host>:<admin_service_port>.",
     )
+    worker_consumers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Kafka consumers per worker process (default: min(3, the spec's partitions)).",
+    )
     # collector (write side)
     span_topic: str | None = Field(default=None, description="Kafka topic of OTLP span records.")
     span_group: str = "hoptrace-collector"
