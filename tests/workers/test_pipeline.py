@@ -158,3 +158,21 @@ async def test_demo_traffic_drives_payments_through(running: Pipeline) -> None:
         return all([await count(running.db_url, "tutoring_sessions", i) == 1 for i in ids])
 
     await wait_for(all_done, timeout=30, what="10 payments through the pipeline")
+
+
+async def test_admin_service_rejects_a_malformed_allocation(running: Pipeline) -> None:
+    import httpx
+
+    port = running.env["HOPTRACE_ADMIN_SERVICE_PORT"]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        bad_id = {"correlation_id": "'; drop table x", "student": "s", "course": "c"}
+        resp = await client.post("/allocations", json=bad_id)
+        assert resp.status_code == 422 and resp.json()["field"] == "correlation_id"
+        resp = await client.post("/allocations", json={"correlation_id": "abc", "student": "s"})
+        assert resp.status_code == 422 and resp.json()["field"] == "course"
+        ok = {"correlation_id": "admin-direct-1", "student": "s", "course": "c"}
+        first = (await client.post("/allocations", json=ok)).json()
+        again = (await client.post("/allocations", json=ok)).json()
+    assert first["created"] is True and again["created"] is False
+    assert first["trainer"] == again["trainer"]
+    assert await count(running.db_url, "trainer_allocations", "admin-direct-1") == 1
