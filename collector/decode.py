@@ -191,6 +191,8 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
     append = rows.append
     received_us = (received_at - _EPOCH) // timedelta(microseconds=1)
     dumps = _dumps
+    cids: dict[str, str | None] = {}  # correlation id -> indexed value (validated once)
+    rejected = 0
     for rs in req.resource_spans:
         res = attributes(rs.resource.attributes)
         service = res.get("service.name")
@@ -202,16 +204,20 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
                 tid = sp.trace_id
                 sid = sp.span_id
                 if len(tid) != 16 or len(sid) != 8 or tid == _ZERO_TRACE or sid == _ZERO_SPAN:
-                    out.rejected += 1
+                    rejected += 1
                     continue
                 attrs: dict[str, Any] = {}
                 for kv in sp.attributes:
                     v = kv.value
+                    sv = v.string_value
+                    if sv:  # the common case: one access, no oneof lookup
+                        attrs[kv.key] = sv
+                        continue
                     w = v.WhichOneof("value")
-                    if w == "string_value":
-                        attrs[kv.key] = v.string_value
-                    elif w == "int_value":
+                    if w == "int_value":
                         attrs[kv.key] = v.int_value
+                    elif w == "string_value":
+                        attrs[kv.key] = sv
                     else:
                         attrs[kv.key] = any_value(v)
                 start_us = sp.start_time_unix_nano // 1000 or received_us
@@ -232,34 +238,44 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
                 else:
                     events = "[]"
                 cid = attrs.get(CORRELATION_ATTR)
+                # an id that is not in the correlation id format is kept in the attributes but
+                # not indexed: no lookup can ask for it
+                if type(cid) is str:
+                    if cid in cids:
+                        cid = cids[cid]
+                    else:
+                        cid = cids[cid] = _cid(cid)
+                elif cid is not None:
+                    cid = _cid(cid)
                 step = attrs.get(STEP_ATTR)
                 pipeline = attrs.get(PIPELINE_ATTR)
                 if pipeline is not None:
-                    pipeline = _text(str(pipeline))
+                    pipeline = _text(pipeline if type(pipeline) is str else str(pipeline))
                 if step is not None:
                     outcome = attrs.get(OUTCOME_ATTR)
-                    step = _text(str(step))
-                    outcome = _text(str(outcome)) if outcome is not None else None
+                    step = _text(step if type(step) is str else str(step))
+                    if outcome is not None:
+                        outcome = _text(outcome if type(outcome) is str else str(outcome))
                 else:
                     outcome = None
                 parent = sp.parent_span_id
                 status = sp.status
+                name = sp.name
+                message = status.message
                 append(
                     (
                         tid.hex(),
                         sid.hex(),
                         parent.hex() if len(parent) == 8 and parent != _ZERO_SPAN else None,
-                        _text(sp.name),
+                        name.replace("\x00", "\ufffd") if "\x00" in name else name,
                         service,
                         sp.kind,
                         start_us,
                         end_us,
                         end_us - start_us,
                         status.code,
-                        _text(status.message) if status.message else None,
-                        # an id that is not in the correlation id format is kept in the
-                        # attributes but not indexed: no lookup can ask for it
-                        _cid(cid),
+                        _text(message) if message else None,
+                        cid,
                         pipeline,
                         step,
                         outcome,
@@ -270,8 +286,9 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
                         scope,
                     )
                 )
-    if out.rejected:
-        out.error = f"{out.rejected} span(s) rejected: missing or invalid trace_id/span_id"
+    if rejected:
+        out.rejected = rejected
+        out.error = f"{rejected} span(s) rejected: missing or invalid trace_id/span_id"
     return out
 
 

@@ -7,6 +7,8 @@ Tables:
   a partial index serves correlation-id lookups.
 - ``correlations``: per correlation id progress, updated incrementally by the writer.
   ``correlations_deadline_idx`` (partial, ``state = 'in_progress'``) is the stall scan's index.
+  ``done_mask`` (bit i: spec step i done) and ``correlations_overview_idx`` make the overview's
+  counts (by state, the funnel) index-only scans.
 - ``alerts``: stall alerts and their delivery (outbox) state.
 """
 
@@ -15,6 +17,9 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
+
+from hoptrace.instrumentation.spec import PipelineSpec, load_spec
+from hoptrace.settings import get_settings
 
 #: Advisory lock key serialising migrations and partition creation across replicas.
 MIGRATE_LOCK = 0x686F7074_0001
@@ -75,7 +80,14 @@ CREATE INDEX IF NOT EXISTS correlations_deadline_idx ON correlations (next_deadl
 CREATE INDEX IF NOT EXISTS correlations_stalled_idx ON correlations (next_deadline)
     WHERE state = 'stalled';
 DROP INDEX IF EXISTS correlations_updated_idx;
-CREATE INDEX IF NOT EXISTS correlations_first_seen_idx ON correlations (first_seen);
+ALTER TABLE correlations ADD COLUMN IF NOT EXISTS done_mask integer;
+-- the overview's counts (state, funnel) as index-only scans over the window
+CREATE INDEX IF NOT EXISTS correlations_overview_idx ON correlations (first_seen)
+    INCLUDE (state, done_mask);
+DROP INDEX IF EXISTS correlations_first_seen_idx;
+-- rows still to backfill (written before done_mask existed): empty once migrated
+CREATE INDEX IF NOT EXISTS correlations_mask_todo_idx ON correlations (correlation_id)
+    WHERE done_mask IS NULL;
 
 CREATE TABLE IF NOT EXISTS alerts (
     id                  bigserial PRIMARY KEY,
@@ -115,12 +127,46 @@ def partition_name(day: date) -> str:
     return f"spans_p{day:%Y%m%d}"
 
 
-async def migrate(conn: asyncpg.Connection, retention: timedelta, ahead_days: int = 2) -> None:
+def done_mask_sql(spec: PipelineSpec, steps: str = "steps") -> str:
+    """SQL expression: the ``done_mask`` of a ``steps`` jsonb (bit i = spec step i done)."""
+    return " | ".join(
+        f"(CASE WHEN jsonb_typeof({steps}->{_lit(s.id)}->'done_at') IN ('number', 'string') "
+        f"THEN {1 << i} ELSE 0 END)"
+        for i, s in enumerate(spec.steps)
+    )
+
+
+def _lit(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _configured_spec() -> PipelineSpec | None:
+    try:
+        return load_spec(get_settings().pipeline)
+    except Exception:  # no readable spec: rows stay unfilled, the funnel reads their steps
+        return None
+
+
+async def migrate(
+    conn: asyncpg.Connection,
+    retention: timedelta,
+    ahead_days: int = 2,
+    spec: PipelineSpec | None = None,
+) -> None:
     """Create the schema if missing (idempotent, safe with concurrent replicas) and the daily
-    partitions from the retention window's start to ``ahead_days`` ahead."""
+    partitions from the retention window's start to ``ahead_days`` ahead. Correlations stored
+    before ``done_mask`` existed get it filled from their steps (``spec``: default the configured
+    pipeline)."""
+    spec = spec or _configured_spec()
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
         await conn.execute(DDL)
+        if spec is not None and len(spec.steps) <= 31:
+            await conn.execute(
+                f"UPDATE correlations SET done_mask = {done_mask_sql(spec)} "  # noqa: S608
+                "WHERE done_mask IS NULL AND (pipeline = $1 OR pipeline IS NULL)",
+                spec.name,
+            )
     today = datetime.now(UTC).date()
     first = today - timedelta(days=max(0, retention.days) + 1)
     await ensure_partitions(

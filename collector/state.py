@@ -87,7 +87,8 @@ def fold(
     ``count``, ``ok``, ``duplicate``, ``error``, ``last_error``.
     Returned keys: correlation_id, pipeline, state, last_step, last_step_index, last_step_at,
     failed_step, failed_at, error, next_step, next_deadline, first_seen, completed_at, steps,
-    resolved (True when a stalled correlation moved on: its alert must resolve).
+    done_mask (bit i: spec step i done), resolved (True when a stalled correlation moved on: its
+    alert must resolve).
     """
     cid = obs[0].correlation_id
     old = row or {}
@@ -119,10 +120,12 @@ def fold(
         st["outcome"] = "ok" if st["ok"] else ("duplicate" if st["duplicate"] else "error")
 
     last_idx: int | None = None
+    mask = 0
     for i, s in enumerate(spec.steps):
         st = steps.get(s.id)
         if st is not None and st["done_at"] is not None:
             last_idx = i
+            mask |= 1 << i
     new: dict[str, Any] = {
         "correlation_id": cid,
         "pipeline": spec.name,
@@ -130,6 +133,7 @@ def fold(
         "steps": steps,
         "last_step": None,
         "last_step_index": last_idx,
+        "done_mask": mask,
         "last_step_at": None,
         "failed_step": None,
         "failed_at": None,

@@ -251,6 +251,7 @@ async def correlation(pool: Pool, cid: str) -> CorrelationRow | None:
     if r is None:
         return None
     d = dict(r)
+    d.pop("done_mask", None)  # an index helper (see schema); ``steps`` says the same
     d["steps"] = _steps(d["steps"])
     return CorrelationRow(**d)
 
@@ -318,16 +319,34 @@ async def funnel(pool: Pool, since: datetime, spec: PipelineSpec | None = None) 
     """For correlations first seen at or after ``since``: how many got each step done, in spec
     order (every spec step present)."""
     spec = _spec(spec)
-    counts = {
-        r["step"]: r["n"]
-        for r in await pool.fetch(
-            "SELECT s.key AS step, count(*)::int AS n FROM correlations c, jsonb_each(c.steps) s "
-            "WHERE c.first_seen >= $1 AND jsonb_typeof(s.value->'done_at') IN ('number', 'string') "
-            "GROUP BY s.key",
-            since,
-        )
-    }
-    return {s.id: counts.get(s.id, 0) for s in spec.steps}
+    ids = [s.id for s in spec.steps]
+    counts = dict.fromkeys(ids, 0)
+    unfilled = False
+    # index-only scan: one group per distinct set of done steps (bit i = spec step i done)
+    for r in await pool.fetch(_FUNNEL_MASKS, since):
+        mask, n = r["done_mask"], r["n"]
+        if mask is None:  # stored before done_mask existed and not migrated yet
+            unfilled = True
+            continue
+        for i, sid in enumerate(ids):
+            if mask >> i & 1:
+                counts[sid] += n
+    if unfilled:
+        for r in await pool.fetch(_FUNNEL_STEPS, since):
+            if r["step"] in counts:
+                counts[r["step"]] += r["n"]
+    return counts
+
+
+_FUNNEL_MASKS = (
+    "SELECT done_mask, count(*)::int AS n FROM correlations WHERE first_seen >= $1 "
+    "GROUP BY done_mask"
+)
+_FUNNEL_STEPS = (
+    "SELECT s.key AS step, count(*)::int AS n FROM correlations c, jsonb_each(c.steps) s "
+    "WHERE c.first_seen >= $1 AND c.done_mask IS NULL "
+    "AND jsonb_typeof(s.value->'done_at') IN ('number', 'string') GROUP BY s.key"
+)
 
 
 async def hop_latencies(

@@ -52,14 +52,16 @@ FROM ins
 """  # noqa: S608 - constant column list
 _UNNEST = """unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
             $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::timestamptz[],
-            $12::timestamptz[], $13::timestamptz[], $14::text[])
+            $12::timestamptz[], $13::timestamptz[], $14::text[], $15::int[])
      AS u(cid, pipeline, state, last_step, last_step_index, last_step_at, failed_step, failed_at,
-          error, next_step, next_deadline, first_seen, completed_at, steps)"""
+          error, next_step, next_deadline, first_seen, completed_at, steps, done_mask)"""
 _INSERT_CORR = f"""
 INSERT INTO correlations (correlation_id, pipeline, state, last_step, last_step_index, last_step_at,
-    failed_step, failed_at, error, next_step, next_deadline, first_seen, completed_at, steps)
+    failed_step, failed_at, error, next_step, next_deadline, first_seen, completed_at, steps,
+    done_mask)
 SELECT u.cid, u.pipeline, u.state, u.last_step, u.last_step_index, u.last_step_at, u.failed_step,
-    u.failed_at, u.error, u.next_step, u.next_deadline, u.first_seen, u.completed_at, u.steps::jsonb
+    u.failed_at, u.error, u.next_step, u.next_deadline, u.first_seen, u.completed_at, u.steps::jsonb,
+    u.done_mask
 FROM {_UNNEST}
 ON CONFLICT (correlation_id) DO NOTHING RETURNING correlation_id
 """  # noqa: S608 - constant
@@ -73,12 +75,13 @@ UPDATE correlations c SET
     last_step_index = u.last_step_index, last_step_at = u.last_step_at,
     failed_step = u.failed_step, failed_at = u.failed_at, error = u.error,
     next_step = u.next_step, next_deadline = u.next_deadline, first_seen = u.first_seen,
-    completed_at = u.completed_at, steps = u.steps::jsonb, updated_at = now()
+    completed_at = u.completed_at, steps = u.steps::jsonb, done_mask = u.done_mask,
+    updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
             $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::timestamptz[],
-            $12::timestamptz[], $13::timestamptz[], $14::text[])
+            $12::timestamptz[], $13::timestamptz[], $14::text[], $15::int[])
      AS u(cid, pipeline, state, last_step, last_step_index, last_step_at, failed_step, failed_at,
-          error, next_step, next_deadline, first_seen, completed_at, steps)
+          error, next_step, next_deadline, first_seen, completed_at, steps, done_mask)
 WHERE c.correlation_id = u.cid
 """
 _RESOLVE = """
@@ -207,8 +210,8 @@ class Writer:
         existing and INSERT the new ones; ids another writer inserted meanwhile go round again."""
         current = {r["correlation_id"]: r for r in await conn.fetch(_LOCK_CORR, cids)}
         now = datetime.now(UTC)
-        upd: list[list[Any]] = [[] for _ in range(14)]
-        ins: list[list[Any]] = [[] for _ in range(14)]
+        upd: list[list[Any]] = [[] for _ in range(15)]
+        ins: list[list[Any]] = [[] for _ in range(15)]
         resolved: list[str] = []
         for cid in cids:
             rec = current.get(cid)
@@ -225,6 +228,7 @@ class Writer:
             for i, f in enumerate(_FIELDS, start=1):
                 cols[i].append(new[f])
             cols[13].append(orjson.dumps(new["steps"]).decode())
+            cols[14].append(new["done_mask"])
         if upd[0]:
             await conn.execute(_UPDATE_CORR, *upd)
         if resolved:
