@@ -221,8 +221,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         cpu0 = {i: cpu_s(p.pid) for i, p in enumerate(procs)}
         kafka0 = cpu_s(kafka_pid) if kafka_pid else 0.0
         t0 = time.monotonic()
+        client0 = sum(os.times()[:2])
         burst = await traffic(100_000.0, args.burst, url=url, concurrency=64)
         accept_s = time.monotonic() - t0
+        client_cpu = sum(os.times()[:2]) - client0
         burst_ids: list[str] = burst["ids"]  # type: ignore[assignment]
         await wait_sessions(db_url, burst_ids, timeout=900)
         _, span = await e2e(db_url, burst_ids)
@@ -255,6 +257,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "throughput": {
                 "payments": len(burst_ids),
                 "errors": len(burst["errors"]),  # type: ignore[arg-type]
+                "first_error": (burst["errors"] or [None])[0],  # type: ignore[index]
+                "client_cpu_s_during_intake": round(client_cpu, 2),
+                "intake_s": round(accept_s, 2),
                 "http_accept_per_s": round(len(burst_ids) / accept_s, 1),
                 "end_to_end_per_s": round(throughput, 1),
                 "bar_per_s": 200,
