@@ -5,7 +5,8 @@ against the real thing. Set with `hoptrace dev start NAME --fault FAULT` or ``HO
 - admin-service ``silent-no-write``: answers 200 with a trainer but writes no row.
 - allocation-worker ``no-verify``: the legacy mark-before-verify (marks processed without
   checking the allocation row exists).
-- allocation-worker ``wrong-group``: consumes under the group ``<group>-v2`` instead of the spec's.
+- allocation-worker ``wrong-group``: consumes under the group ``<group>-v2`` instead of the spec's,
+  starting at the end of the log (a new group's default): earlier records are never handled.
 - allocation-worker ``slow``: waits :data:`SLOW_DELAY_S` before handling each record (lag).
 - any worker ``crash-after-write``: the process exits right after its DB commit, before the
   emit and the offset commit (a restart must finish the chain without a second row).
