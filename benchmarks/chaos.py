@@ -266,15 +266,19 @@ async def traffic(
     async with httpx.AsyncClient(base_url=stack.payment_url, timeout=15.0, limits=limits) as cl:
 
         async def one(student: str, course: str, amount: str) -> None:
-            for attempt in range(60):
+            for _attempt in range(60):
                 try:
                     ids.append(await submit(cl, student, course, amount))
                     counts["accepted"] += 1
                     return
                 except PaymentError as exc:
                     counts["refused_or_unreachable"] += 1
-                    if attempt == 0:
-                        tl.log("payment request failed; retrying", error=str(exc)[:120])
+                    if counts["refused_or_unreachable"] % 100 == 1:
+                        tl.log(
+                            "payment request failed; retrying",
+                            failures_so_far=counts["refused_or_unreachable"],
+                            error=str(exc)[:120],
+                        )
                     await asyncio.sleep(0.5)
             counts["given_up"] += 1
 
@@ -309,14 +313,17 @@ def schedule(plan: Plan, rng: random.Random) -> tuple[list[dict[str, Any]], list
         )
     if plan.pg_restart:
         infra.append({"at": round(d * rng.uniform(0.75, 0.85), 2), "what": "postgres-restart"})
+    # every killable service at least once (when there are enough kills), the rest at random
+    targets = rng.sample(KILLABLE, min(plan.kills, len(KILLABLE)))
+    targets += [rng.choice(KILLABLE) for _ in range(plan.kills - len(targets))]
     kills = [
         {
             "at": round(d * rng.uniform(0.05, 0.95), 2),
             "what": "sigkill",
-            "target": rng.choice(KILLABLE),
+            "target": target,
             "down_s": round(rng.uniform(0.5, 3.0), 2),
         }
-        for _ in range(plan.kills)
+        for target in targets
     ]
     if plan.short and kills:
         kills[0]["at"] = round(d * 0.1, 2)

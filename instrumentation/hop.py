@@ -16,6 +16,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,7 +25,14 @@ from typing import Any
 import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    CommitFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NodeNotReadyError,
+)
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import baggage, context, propagate
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -161,6 +169,9 @@ def _mark_with_effect_sql(table: str, column: str) -> str:
     )
 
 
+#: Offsets wait at most this long for their spans to be exported (then they are committed).
+UNFLUSHED_COMMIT_S = 120.0
+
 _RETRYABLE_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57", "58")
 
 
@@ -176,6 +187,25 @@ def is_retryable(exc: BaseException) -> bool:
             return True  # another consumer marked it meanwhile: the retry sees a duplicate
         return state[:2] in _RETRYABLE_SQLSTATE_CLASSES
     return False
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A dependency is unreachable (database down or restarting, broker unreachable, a
+    downstream service refusing connections): retried until it is back, attempts not used up,
+    so an outage never dead-letters (loses) a healthy record."""
+    if isinstance(
+        exc,
+        OSError
+        | httpx.ConnectError
+        | asyncpg.InterfaceError
+        | asyncpg.InternalClientError
+        | KafkaConnectionError
+        | KafkaTimeoutError
+        | NodeNotReadyError,
+    ):
+        return True
+    state = getattr(exc, "sqlstate", "") or "" if isinstance(exc, asyncpg.PostgresError) else ""
+    return state[:2] == "08" or state in ("57P01", "57P02", "57P03")
 
 
 class _HeaderGetter:
@@ -288,6 +318,7 @@ class HopRuntime:
         self.commit_interval_s = commit_interval_s
         self._pending: dict[TopicPartition, int] = {}
         self._committer: asyncio.Task[None] | None = None
+        self._unflushed_since: float | None = None
         self._own_producer = producer is None
         self.producer = producer or HopProducer(bootstrap)
         self.ready = asyncio.Event()
@@ -501,7 +532,9 @@ class HopRuntime:
         cid: str,
     ) -> str:
         hdrs = {k: v for k, v in headers if v is not None}
-        for attempt in range(1, self.max_attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 outcome = await self._attempt(envelope, cid, info, span, attempt, hdrs)
                 span.set_attribute(c.ATTR_ATTEMPTS, attempt)
@@ -516,13 +549,13 @@ class HopRuntime:
                     log.warning("%s: %s", self.step.id, reason)
                     await self._dead_letter(record, headers, span, reason, exc, attempt)
                     return c.OUTCOME_ERROR
-                if attempt >= self.max_attempts:
+                if attempt >= self.max_attempts and not is_outage(exc):
                     reason = f"gave up after {attempt} attempts: {type(exc).__name__}: {exc}"
                     log.warning("%s: %s", self.step.id, reason)
                     await self._dead_letter(record, headers, span, reason, exc, attempt)
                     return c.OUTCOME_ERROR
                 self.stats["retries"] += 1
-                delay = min(self.max_backoff_s, self.backoff_s * (2 ** (attempt - 1)))
+                delay = min(self.max_backoff_s, self.backoff_s * (2 ** (min(attempt, 30) - 1)))
                 log.info(
                     "%s: attempt %d failed (%s); retrying in %.2fs",
                     self.step.id,
@@ -533,7 +566,6 @@ class HopRuntime:
                 if await self._stop_during(delay):
                     span.set_attribute(c.ATTR_ERROR_REASON, "stopped during retry backoff")
                     raise _Abandon() from exc
-        raise AssertionError("unreachable")
 
     async def _attempt(
         self,
@@ -624,8 +656,13 @@ class HopRuntime:
     async def _connection(self) -> asyncpg.Connection:
         """The runtime's connection (held across records: no pool reset per record)."""
         assert self._pool is not None
-        if self._conn is not None and self._conn.is_closed():
-            await self._drop_connection()
+        if self._conn is not None:
+            try:
+                closed = self._conn.is_closed()
+            except asyncpg.InterfaceError:  # the pool took it back when its backend went away
+                closed = True
+            if closed:
+                await self._drop_connection()
         if self._conn is None:
             self._conn = await self._pool.acquire()
         return self._conn
@@ -716,7 +753,15 @@ class HopRuntime:
         if not self._pending:
             return
         offsets, self._pending = self._pending, {}
-        await asyncio.to_thread(flush_tracing, self.flush_timeout_s)
+        flushed = await asyncio.to_thread(flush_tracing, self.flush_timeout_s)
+        now = time.monotonic()
+        since = self._unflushed_since = self._unflushed_since or now
+        if not flushed and now - since < UNFLUSHED_COMMIT_S:
+            # the spans are still queued (collector down): a kill now must redeliver, not lose
+            for tp, offset in offsets.items():
+                self._pending.setdefault(tp, offset)  # a newer offset of the same partition wins
+            return
+        self._unflushed_since = None
         await self._commit_offsets(offsets)
 
     async def _commit_offsets(self, offsets: dict[TopicPartition, int]) -> None:
@@ -784,5 +829,6 @@ __all__ = [
     "RecordInfo",
     "default_effect_check",
     "ensure_processed_events",
+    "is_outage",
     "is_retryable",
 ]

@@ -339,24 +339,35 @@ def _shutdown_processor(proc: SpanProcessor, timeout_s: float) -> None:
         )
 
 
+_flush: tuple[threading.Thread, threading.Event, list[bool]] | None = None
+
+
 def flush_tracing(timeout_s: float = 5.0) -> bool:
-    """Export what is queued, waiting at most ``timeout_s`` (never raises)."""
+    """Export what is queued, waiting at most ``timeout_s`` (never raises). True once it was
+    exported (or given up after the hold). A flush still running (e.g. held while the collector
+    is down) is joined, not duplicated: it drains the queue, later spans included."""
+    global _flush
     state = _state
     if state is None or state.switch.current is None:
         return True
-    done = threading.Event()
-    ok: list[bool] = [False]
+    with _lock:
+        cur = _flush
+        if cur is None or not cur[0].is_alive():
+            done = threading.Event()
+            ok: list[bool] = [False]
 
-    def run() -> None:
-        try:
-            ok[0] = bool(state.switch.force_flush(int(timeout_s * 1000)))
-        except Exception:  # noqa: BLE001
-            ok[0] = False
-        finally:
-            done.set()
+            def run() -> None:
+                try:
+                    ok[0] = bool(state.switch.force_flush(int(timeout_s * 1000)))
+                except Exception:  # noqa: BLE001
+                    ok[0] = False
+                finally:
+                    done.set()
 
-    threading.Thread(target=run, name="hoptrace-tracing-flush", daemon=True).start()
-    return done.wait(timeout_s) and ok[0]
+            thread = threading.Thread(target=run, name="hoptrace-tracing-flush", daemon=True)
+            cur = _flush = (thread, done, ok)
+            thread.start()
+    return cur[1].wait(timeout_s) and cur[2][0]
 
 
 def shutdown_tracing(timeout_s: float = 5.0) -> None:

@@ -212,6 +212,15 @@ async def test_offsets_are_committed_only_after_the_spans_are_exported(monkeypat
         assert rt._pending == {TopicPartition("purchase-confirmed", 1): 6}
         await rt._commit_pending()
         assert calls == ["flush", "commit [(1, 6)]"]
+        # collector down: the flush cannot finish, so the offset waits (a kill redelivers)
+        monkeypatch.setattr(hop, "flush_tracing", lambda timeout_s=5.0: calls.append("x") and False)
+        rec = ConsumerRecord("purchase-confirmed", 1, 6, 0, 0, None, b"", None, 0, 0, [])
+        await rt._commit(rec)
+        await rt._commit_pending()
+        assert calls[-1] == "x" and rt._pending == {TopicPartition("purchase-confirmed", 1): 7}
+        monkeypatch.setattr(hop, "flush_tracing", flush)
+        await rt._commit_pending()
+        assert calls[-2:] == ["flush", "commit [(1, 7)]"] and rt._pending == {}
     finally:
         rt._committer.cancel()
 
@@ -224,6 +233,113 @@ def test_client_error_of_a_terminated_backend_is_retryable() -> None:
         "cannot switch to state 11; another operation (2) is in progress"
     )
     assert hop.is_retryable(exc)
+
+
+def _runtime(db_url: str, **kw: object) -> hop.HopRuntime:
+    return hop.HopRuntime(
+        load_spec(REFERENCE_SPEC),
+        "session.created",
+        kw.pop("handler", None) or (lambda ctx: None),  # type: ignore[arg-type]
+        bootstrap="127.0.0.1:1",
+        database_url=db_url,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def _released_by_pool(conn: asyncpg.Connection) -> bool:
+    try:
+        conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+    return False
+
+
+async def test_connection_taken_back_by_the_pool_is_replaced(db_url) -> None:
+    """Fix: after a PostgreSQL restart the pool takes the runtime's held connection back; the
+    runtime kept calling it ('connection has been released back to the pool') and dead-lettered
+    every following record (the long chaos run lost 502 payments at allocation-worker)."""
+    rt = _runtime(db_url)
+    rt._pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    try:
+        conn = await rt._connection()
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        admin = await asyncpg.connect(db_url)
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await conn.fetchval("SELECT 1")
+        await wait_for(lambda: _released_by_pool(conn), timeout=10, what="pool took it back")
+        fresh = await rt._connection()
+        assert await fresh.fetchval("SELECT 1") == 1
+    finally:
+        await rt._drop_connection()
+        await rt._pool.close()
+
+
+def test_outages_are_told_apart_from_failures() -> None:
+    import httpx
+    from aiokafka.errors import KafkaConnectionError
+
+    outages = [
+        asyncpg.CannotConnectNowError("the database system is starting up"),
+        asyncpg.ConnectionDoesNotExistError("connection was closed"),
+        asyncpg.InterfaceError("connection has been released back to the pool"),
+        ConnectionRefusedError(111, "refused"),
+        httpx.ConnectError("refused"),
+        KafkaConnectionError("broker down"),
+    ]
+    assert all(hop.is_outage(e) for e in outages)
+    request = httpx.Request("POST", "http://admin/allocate")
+    failures = [
+        httpx.HTTPStatusError("500", request=request, response=httpx.Response(500)),
+        hop.EffectMissing("no row"),
+        asyncpg.UniqueViolationError("dup"),
+    ]
+    assert not any(hop.is_outage(e) for e in failures)
+
+
+async def test_an_outage_longer_than_the_retries_does_not_dead_letter(db_url) -> None:
+    """Fix: retryable errors were dead-lettered after max_attempts (~3 s with the defaults), so
+    a database restart, a broker restart or a restarting admin-service longer than that parked
+    healthy records in the DLQ: lost payments. An outage is now retried until it ends."""
+    from aiokafka.structs import ConsumerRecord
+    from opentelemetry.trace import INVALID_SPAN
+
+    from hoptrace.instrumentation.envelope import Envelope
+
+    conn = await asyncpg.connect(db_url)
+    try:
+        await hop.ensure_processed_events(conn)
+        await conn.execute(
+            "CREATE TABLE tutoring_sessions (correlation_id text PRIMARY KEY, trainer text)"
+        )
+    finally:
+        await conn.close()
+    failures = 0
+
+    async def handler(ctx: hop.HopContext) -> None:
+        nonlocal failures
+        if failures < 8:  # the dependency is down for 8 attempts; max_attempts is 3
+            failures += 1
+            raise ConnectionRefusedError(111, "Connection refused")
+        await ctx.conn.execute("INSERT INTO tutoring_sessions VALUES ($1, 't')", ctx.correlation_id)
+
+    rt = _runtime(db_url, handler=handler, max_attempts=3, backoff_s=0.01, max_backoff_s=0.02)
+    rt._pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    env = Envelope.new("TRAINER_ALLOCATED", 1, "outage-1", {"payment_id": "outage-1"})
+    rec = ConsumerRecord("trainer-allocated", 0, 7, 0, 0, None, env.to_bytes(), None, 0, 0, [])
+    info = hop.RecordInfo("trainer-allocated", 0, 7, "session-worker")
+    try:
+        outcome = await asyncio.wait_for(
+            rt._attempts(rec, info, [], INVALID_SPAN, env, "outage-1"), 20
+        )
+    finally:
+        await rt._drop_connection()
+        await rt._pool.close()
+    assert outcome == "ok" and failures == 8
+    assert rt.stats["dead_lettered"] == 0 and rt.stats["retries"] == 8
 
 
 async def _value(v: object) -> object:
