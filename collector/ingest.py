@@ -38,6 +38,11 @@ class Ingestor:
         )
 
     def submit(self, req: ExportTraceServiceRequest, transport: str) -> Outcome:
+        n = span_count(req)
+        if n and not self.queue.fits(n):  # refuse before decoding: the sender retries it anyway
+            metrics.SPANS_RECEIVED.labels(transport).inc(n)
+            metrics.SPANS_DROPPED.labels("queue_full").inc(n)
+            return Outcome(False, 0, 0, "queue full: retry later")
         decoded = decode_request(req, datetime.now(UTC))
         total = len(decoded.rows) + decoded.rejected
         metrics.SPANS_RECEIVED.labels(transport).inc(total)

@@ -198,4 +198,10 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(_serve())
+    try:  # uvloop when installed: less CPU per request
+        import uvloop
+    except ImportError:
+        asyncio.run(_serve())
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve())

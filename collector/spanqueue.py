@@ -34,13 +34,14 @@ class SpanQueue:
         """Spans waiting to be written."""
         return self._size
 
-    def _fits(self, n: int) -> bool:
-        # An oversized single request is accepted into an empty queue rather than refused forever.
+    def fits(self, n: int) -> bool:
+        """Would ``n`` spans be accepted now? (An oversized single request is accepted into an
+        empty queue rather than refused forever.)"""
         return self._size == 0 or self._size + n <= self.max_spans
 
     def offer(self, rows: list[SpanRow], done: asyncio.Future[None] | None = None) -> bool:
         """Enqueue without waiting; False when full (nothing enqueued)."""
-        if not self._fits(len(rows)):
+        if not self.fits(len(rows)):
             return False
         self._items.append(Item(rows, done))
         self._size += len(rows)
