@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -53,6 +54,8 @@ SERVICES = [
 TABLES = ["payments", "student_course_purchases", "trainer_allocations", "tutoring_sessions"]
 #: A step gap this far past its deadline must have raised an alert (scan interval + write lag).
 ALERT_MARGIN_S = 2.0
+#: Wall-clock windows in which the collector was down (no stall can be seen in real time).
+COLLECTOR_DOWN: list[tuple[float, float]] = []
 
 
 @dataclass
@@ -67,6 +70,8 @@ class Plan:
     drain_timeout_s: float = 300.0
     cli_checks: int = 5
     short: bool = False
+    #: every step's deadline, when set (a private copy of the spec): short runs see stalls too
+    deadline_s: float | None = None
 
     @classmethod
     def short_plan(cls, seed: int = 7) -> Plan:
@@ -81,6 +86,7 @@ class Plan:
             drain_timeout_s=90.0,
             cli_checks=2,
             short=True,
+            deadline_s=8.0,
         )
 
 
@@ -156,7 +162,9 @@ class Webhook:
 class Stack:
     """A private hoptrace stack (devstack parts) on free ports; everything torn down at close."""
 
-    def __init__(self, home: Path, webhook_url: str, stats_dir: Path) -> None:
+    def __init__(
+        self, home: Path, webhook_url: str, stats_dir: Path, deadline_s: float | None = None
+    ) -> None:
         self.home = home
         ports = {k: free_port() for k in ("pg", "kafka", "ctl", "grpc", "http", "pay", "adm", "d")}
         env = {
@@ -185,6 +193,11 @@ class Stack:
         }
         for k in ("HOPTRACE_DATABASE_URL", "HOPTRACE_KAFKA_BOOTSTRAP", "HOPTRACE_FAULT"):
             os.environ.pop(k, None)  # never inherit the shared stack's
+        if deadline_s is not None:
+            spec = home / "pipeline.toml"
+            text = (ROOT / "pipelines" / "payments.toml").read_text()
+            spec.write_text(re.sub(r'deadline = "[^"]+"', f'deadline = "{deadline_s:g}s"', text))
+            env["HOPTRACE_PIPELINE"] = str(spec)
         os.environ.update(env)
         from hoptrace import devstack
         from hoptrace.settings import get_settings
@@ -346,9 +359,11 @@ async def run_infra(stack: Stack, events: list[dict[str, Any]], t0: float, tl: T
             await asyncio.to_thread(stack.part("kafka").start)
         elif ev["what"] == "collector-stop":
             tl.log("collector: stopping", seconds=ev["for"])
+            down = time.time()
             await asyncio.to_thread(stack.part("collector").stop)
             await asyncio.sleep(ev["for"])
             await asyncio.to_thread(stack.start, "collector")
+            COLLECTOR_DOWN.append((down, time.time()))
         elif ev["what"] == "postgres-restart":
             tl.log("postgres: stopping")
             await asyncio.to_thread(stack.part("postgres").stop)
@@ -566,7 +581,7 @@ async def alert_check(
     done: dict[str, dict[str, Any]] = defaultdict(dict)
     for r in rows:
         done[r["correlation_id"]][r["step"]] = r["done"]
-    must, boundary, worst = set(), set(), {}
+    must, boundary, unseen, worst = set(), set(), set(), {}
     for cid, steps in done.items():
         # a later step done means this one was done by then (its own span may be a redelivery's)
         later = None
@@ -581,7 +596,11 @@ async def alert_check(
                 continue
             over = (b - a).total_seconds() - step.deadline.total_seconds()
             worst[cid] = max(worst.get(cid, -1e9), over)
-            if over > ALERT_MARGIN_S:
+            due = (a + step.deadline).timestamp()
+            if over > ALERT_MARGIN_S and any(d0 <= due and b.timestamp() <= d1 + ALERT_MARGIN_S
+                                             for d0, d1 in COLLECTOR_DOWN):  # fmt: skip
+                unseen.add(cid)  # overdue and moved on while the collector was down
+            elif over > ALERT_MARGIN_S:
                 must.add(cid)
             elif over > 0:
                 boundary.add(cid)
@@ -610,8 +629,10 @@ async def alert_check(
         "table_rows": len(table),
         "table_undelivered": undelivered,
         "expected_without_alert": sorted(must - alerted),
+        "delayed_while_collector_down": len(unseen),
+        "delayed_while_collector_down_alerted": len(unseen & alerted),
         "not_exactly_one_firing_one_resolved": not_exactly_one,
-        "alerted_not_delayed": sorted(alerted - must - boundary),
+        "alerted_not_delayed": sorted(alerted - must - boundary - unseen),
         "examples_expected_without_alert": {
             c: {"over_s": round(worst[c], 2), **{k: str(v) for k, v in done[c].items()}}
             for c in sorted(must - alerted)[:5]
@@ -780,7 +801,9 @@ def summary(r: dict[str, Any]) -> str:
         f"deadline), alerted {a['alerted_correlations']}, fired {a['webhook_firing']}, resolved "
         f"{a['webhook_resolved']}, expected-without-alert {len(a['expected_without_alert'])}, "
         f"not-exactly-one {len(a['not_exactly_one_firing_one_resolved'])}, "
-        f"alerted-not-delayed {len(a['alerted_not_delayed'])}",
+        f"alerted-not-delayed {len(a['alerted_not_delayed'])}, delayed while the collector was "
+        f"down {a['delayed_while_collector_down']} (alerted "
+        f"{a['delayed_while_collector_down_alerted']})",
         f"diagnosis: {r['diagnosis']['causes']} in {r['diagnosis']['seconds']}s; CLI: "
         + ", ".join(f"{c.get('cause')}" for c in r["cli"]),
         f"unexpected exits: {len(r['unexpected_exits'])}; took {r['seconds']}s; ok={r['ok']}",
@@ -817,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     stats_dir = home / "export-stats"
     stats_dir.mkdir()
     hook = Webhook()
-    stack = Stack(home, hook.url, stats_dir)
+    stack = Stack(home, hook.url, stats_dir, plan.deadline_s)
     result: dict[str, Any] | None = None
     try:
         result = asyncio.run(chaos(plan, stack, hook, stats_dir))
