@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 M = TypeVar("M", bound=BaseModel)
+KEEP_ALIVE_S = 30
 
 
 class BadRequest(Exception):
@@ -89,7 +90,15 @@ class Server(uvicorn.Server):
 async def start_server(app: object, host: str, port: int) -> tuple[Server, asyncio.Task[None]]:
     """Start serving; returns once the socket is listening (raises if startup failed)."""
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        # longer than clients keep idle connections (httpx: 5 s), so a client never sends a
+        # request on a connection the server is closing at that moment (a ReadError)
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     server = Server(config)
     task = asyncio.create_task(server.serve())
