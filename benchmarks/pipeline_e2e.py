@@ -26,10 +26,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import asyncpg
@@ -52,31 +50,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_SINK_CODE = """
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self.server.requests += 1
+    def do_GET(self):
+        body = str(self.server.requests).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+srv.requests = 0
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"""
+
+
 class SpanSink:
-    """Accepts OTLP/HTTP exports and counts the bytes (a stand-in for the collector's receiver)."""
+    """Accepts OTLP/HTTP exports in its own process (so it takes no CPU from the load client);
+    a stand-in for the collector's receiver."""
 
     def __init__(self) -> None:
-        self.requests = 0
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                sink.requests += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SINK_CODE], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"http://127.0.0.1:{self.port}"
+
+    def requests(self) -> int:
+        import urllib.request
+
+        with urllib.request.urlopen(self.endpoint, timeout=5) as resp:  # noqa: S310
+            return int(resp.read())
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def isolated_spec(tmp: Path, suffix: str) -> Path:
@@ -279,7 +305,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 "pass": pct(lat, 99) <= 500,
                 "by_rate": by_rate,
             },
-            "otlp_export_requests": sink.requests,
+            "otlp_export_requests": sink.requests(),
             "cpus": os.cpu_count(),
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         }
@@ -291,7 +317,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 p.kill()
-        sink.server.shutdown()
+        sink.close()
         from aiokafka.admin import AIOKafkaAdminClient
 
         ka = AIOKafkaAdminClient(bootstrap_servers=cfg.kafka_bootstrap)
