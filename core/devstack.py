@@ -722,8 +722,25 @@ def infra_parts(cfg: StackConfig) -> list[Part]:
     return [PostgresPart(cfg), KafkaPart(cfg)]
 
 
+def _service_port(name: str) -> int | None:
+    """The port a service listens on (from the settings, so ``HOPTRACE_*_PORT`` moves it)."""
+    from hoptrace.settings import Settings
+
+    s = Settings()
+    return {
+        "collector": s.otlp_http_port,
+        "admin-service": s.admin_service_port,
+        "payment-service": s.payment_service_port,
+        "dashboard": s.dashboard_port,
+    }.get(name)
+
+
 def service_parts(cfg: StackConfig) -> list[ServicePart]:
-    return [ServicePart(name, cfg, args) for name, args, module in SERVICES if _available(module)]
+    return [
+        ServicePart(name, cfg, args, port=_service_port(name))
+        for name, args, module in SERVICES
+        if _available(module)
+    ]
 
 
 def all_parts(cfg: StackConfig) -> list[Part]:
