@@ -114,7 +114,7 @@ class Webhook:
     """A real HTTP receiver for the collector's webhook: counts firing/resolved per correlation."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, str]] = []
+        self.events: list[tuple[str, str, str]] = []
         self.bodies = 0
         lock = threading.Lock()
         hook = self
@@ -125,7 +125,8 @@ class Webhook:
                 try:
                     doc = json.loads(body)
                     alerts = [
-                        (a["labels"]["correlation_id"], a["status"]) for a in doc.get("alerts", [])
+                        (a["labels"]["correlation_id"], a["status"], a["startsAt"])
+                        for a in doc.get("alerts", [])
                     ]
                 except (ValueError, KeyError, TypeError):
                     self.send_response(400)
@@ -145,9 +146,12 @@ class Webhook:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def per_correlation(self) -> dict[str, Counter[str]]:
+    def per_correlation(self, distinct: bool = False) -> dict[str, Counter[str]]:
+        """Notifications per correlation and status; ``distinct``: a re-delivered notification
+        of the same alert (same status and startsAt: at-least-once delivery) counted once."""
         out: dict[str, Counter[str]] = defaultdict(Counter)
-        for cid, status in list(self.events):
+        events = set(self.events) if distinct else list(self.events)
+        for cid, status, _starts in events:
             out[cid][status] += 1
         return out
 
@@ -574,7 +578,7 @@ async def alert_check(
             universe,
         )
         table = await conn.fetch(
-            "SELECT correlation_id, status, delivered_firing, delivered_resolved FROM alerts"
+            "SELECT correlation_id, step, status, delivered_firing, delivered_resolved FROM alerts"
         )
     finally:
         await conn.close()
@@ -605,22 +609,35 @@ async def alert_check(
             elif over > 0:
                 boundary.add(cid)
     per_table: dict[str, Counter[str]] = defaultdict(Counter)
+    steps_alerted: dict[str, list[str]] = defaultdict(list)
     undelivered = 0
     for r in table:
         per_table[r["correlation_id"]][r["status"]] += 1
+        steps_alerted[r["correlation_id"]].append(r["step"])
         if not (r["delivered_firing"] and (r["status"] != "resolved" or r["delivered_resolved"])):
             undelivered += 1
-    hooked = hook.per_correlation()
+    raw = hook.per_correlation()
+    hooked = hook.per_correlation(distinct=True)
     alerted = set(per_table) | set(hooked)
-    not_exactly_one = sorted(
-        c
-        for c in alerted
-        if hooked.get(c, Counter()) != Counter({"firing": 1, "resolved": 1})
-        or per_table.get(c, Counter()) != Counter({"resolved": 1})
-    )
+
+    def exact(c: str) -> bool:
+        """One alert per stall (a payment may stall at two different steps): each row resolved,
+        at a distinct step, each announced once firing and once resolved."""
+        n = len(steps_alerted.get(c, []))
+        return (
+            n >= 1
+            and len(set(steps_alerted[c])) == n
+            and per_table[c] == Counter({"resolved": n})
+            and hooked.get(c, Counter()) == Counter({"firing": n, "resolved": n})
+        )
+
+    not_exactly_one = sorted(c for c in alerted if not exact(c))
     firing = sum(c["firing"] for c in hooked.values())
     resolved = sum(c["resolved"] for c in hooked.values())
     return {
+        "stalled_at_two_steps": sum(1 for v in steps_alerted.values() if len(v) > 1),
+        "redelivered_notifications": sum(sum(v.values()) for v in raw.values())
+        - sum(sum(v.values()) for v in hooked.values()),
         "expected": len(must),
         "boundary": len(boundary),
         "alerted_correlations": len(alerted),
@@ -638,7 +655,11 @@ async def alert_check(
             for c in sorted(must - alerted)[:5]
         },
         "examples_not_exactly_one": {
-            c: {"webhook": dict(hooked.get(c, {})), "table": dict(per_table.get(c, {}))}
+            c: {
+                "webhook": dict(raw.get(c, {})),
+                "table": dict(per_table.get(c, {})),
+                "steps": steps_alerted.get(c, []),
+            }
             for c in not_exactly_one[:5]
         },
     }
@@ -800,7 +821,8 @@ def summary(r: dict[str, Any]) -> str:
         f"alerts: expected {a['expected']} (+{a['boundary']} within {ALERT_MARGIN_S}s of the "
         f"deadline), alerted {a['alerted_correlations']}, fired {a['webhook_firing']}, resolved "
         f"{a['webhook_resolved']}, expected-without-alert {len(a['expected_without_alert'])}, "
-        f"not-exactly-one {len(a['not_exactly_one_firing_one_resolved'])}, "
+        f"not-exactly-one {len(a['not_exactly_one_firing_one_resolved'])} (stalled at two steps "
+        f"{a['stalled_at_two_steps']}, notifications re-delivered {a['redelivered_notifications']}), "
         f"alerted-not-delayed {len(a['alerted_not_delayed'])}, delayed while the collector was "
         f"down {a['delayed_while_collector_down']} (alerted "
         f"{a['delayed_while_collector_down_alerted']})",

@@ -71,7 +71,7 @@ _stats = _Stats()
 
 class _CountingExporter(SpanExporter):
     """Wraps the real exporter: counts exported and failed spans, never lets an error escape.
-    A failed batch is held and retried (0.5 s doubling to 5 s) for up to ``hold_s`` on the
+    A failed batch is held and retried (0.5 s, then every 1 s) for up to ``hold_s`` on the
     batch thread, so a collector restart or outage shorter than that loses nothing (new spans
     wait in the bounded queue; the business path is never blocked). After a batch is given up,
     batches are dropped unseen for a cool-down (1 s doubling to 30 s) so an unreachable
@@ -104,7 +104,7 @@ class _CountingExporter(SpanExporter):
         while result is not SpanExportResult.SUCCESS and time.monotonic() + delay < end:
             if self.closing.wait(delay):
                 break
-            delay = min(5.0, delay * 2)
+            delay = 1.0  # a returning collector gets the backlog within ~1 s
             result = self._try(spans)
         with _stats.lock:
             if result is SpanExportResult.SUCCESS:

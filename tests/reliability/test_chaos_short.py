@@ -40,7 +40,7 @@ def test_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
     a = r["alerts"]
     assert not a["expected_without_alert"], a
     assert not a["not_exactly_one_firing_one_resolved"], a
-    assert a["webhook_firing"] == a["webhook_resolved"] == a["alerted_correlations"], a
+    assert a["webhook_firing"] == a["webhook_resolved"] == a["table_rows"], a
     assert not r["unexpected_exits"], r["unexpected_exits"]
     assert any(e["event"] == "SIGKILL" for e in r["timeline"])
     assert any(e["event"] == "kafka-restart: back" for e in r["timeline"])
