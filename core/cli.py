@@ -87,14 +87,12 @@ def dev_down() -> None:
 
 @dev_app.command("status")
 def dev_status() -> None:
-    """Each part: pid, port, up/down."""
+    """Each part: up, down (should run, does not: exit 3) or stopped (a service not started)."""
     devstack, cfg = _stack()
     any_down = False
     for st in devstack.status(cfg):
-        any_down |= not st.up
-        typer.echo(
-            f"{st.name:<18} {'up' if st.up else 'down':<5} pid {st.pid or '-':<8} port {st.port or '-'}"
-        )
+        any_down |= st.label == "down"
+        typer.echo(f"{st.name:<18} {st.label:<7} pid {st.pid or '-':<8} port {st.port or '-'}")
     raise typer.Exit(3 if any_down else 0)
 
 

@@ -162,6 +162,14 @@ class PartStatus:
     port: int | None
     up: bool
     detail: str = ""
+    expected: bool = True  # infrastructure, or a service `dev up`/`dev start` started (pid file)
+
+    @property
+    def label(self) -> str:
+        """up; down (should run but does not); stopped (a service nobody started)."""
+        if self.up:
+            return "up"
+        return "down" if self.expected else "stopped"
 
 
 @dataclass
@@ -686,6 +694,11 @@ class ServicePart(Part):
 
     def ready(self) -> bool:
         return self.ready_file.exists()
+
+    def status(self) -> PartStatus:
+        st = super().status()
+        st.expected = self.pid_file.exists()
+        return st
 
     def stop(self, timeout: float = 20.0) -> bool:
         stopped = super().stop(timeout)
