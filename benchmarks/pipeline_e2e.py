@@ -277,7 +277,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 lat = rate_lat
         return {
             "benchmark": "pipeline_e2e",
-            "tracing": "off" if args.no_tracing else "on (OTLP/HTTP to an in-process sink)",
+            "tracing": "off" if args.no_tracing else "on (OTLP/HTTP to a sink process)",
             "replicas_per_worker": args.replicas,
             "partitions": spec.partitions,
             "throughput": {

@@ -52,6 +52,15 @@ async def _slow(_ctx: object) -> None:
     await asyncio.sleep(faults.SLOW_DELAY_S)
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """Pool ``reset``: our services keep no session state (no LISTEN, SET or advisory locks),
+    so skip asyncpg's default reset query: one round trip (and one span) less per request."""
+
+
+def _pool(database_url: str, size: int) -> asyncpg.Pool:
+    return asyncpg.create_pool(database_url, min_size=2, max_size=size, reset=_keep_session)
+
+
 @contextlib.asynccontextmanager
 async def _admin_service(
     settings: Settings, spec: PipelineSpec, fault: str | None
@@ -59,7 +68,7 @@ async def _admin_service(
     from .admin_service import build_app
     from .http import start_server, stop_server
 
-    async with asyncpg.create_pool(settings.database_url, min_size=1, max_size=10) as pool:
+    async with _pool(settings.database_url, 10) as pool:
         server, task = await start_server(
             build_app(pool, fault), settings.bind_host, settings.admin_service_port
         )
@@ -81,7 +90,7 @@ async def _payment_service(
     producer = HopProducer(settings.kafka_bootstrap)
     await producer.start()
     try:
-        async with asyncpg.create_pool(settings.database_url, min_size=2, max_size=20) as pool:
+        async with _pool(settings.database_url, 20) as pool:
             service = PaymentService(spec, pool, producer, fault)
             relay = asyncio.create_task(service.relay(), name="outbox-relay")
             server, task = await start_server(
