@@ -21,6 +21,8 @@ import asyncpg
 from hoptrace.instrumentation.spec import PipelineSpec, load_spec
 from hoptrace.settings import get_settings
 
+from .state import MASK_STEPS
+
 #: Advisory lock key serialising migrations and partition creation across replicas.
 MIGRATE_LOCK = 0x686F7074_0001
 #: Advisory lock key held by the stall-scan leader.
@@ -161,7 +163,7 @@ async def migrate(
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
         await conn.execute(DDL)
-        if spec is not None and len(spec.steps) <= 31:
+        if spec is not None and len(spec.steps) <= MASK_STEPS:
             await conn.execute(
                 f"UPDATE correlations SET done_mask = {done_mask_sql(spec)} "  # noqa: S608
                 "WHERE done_mask IS NULL AND (pipeline = $1 OR pipeline IS NULL)",

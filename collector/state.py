@@ -32,6 +32,9 @@ from .decode import (
 )
 
 STATES = ("in_progress", "completed", "failed", "stalled")
+#: Pipelines of up to this many steps get a ``done_mask`` (an int4 column); longer ones store
+#: NULL and the funnel counts from ``steps`` instead.
+MASK_STEPS = 31
 
 
 class StepObs(NamedTuple):
@@ -133,7 +136,7 @@ def fold(
         "steps": steps,
         "last_step": None,
         "last_step_index": last_idx,
-        "done_mask": mask,
+        "done_mask": mask if len(spec.steps) <= MASK_STEPS else None,
         "last_step_at": None,
         "failed_step": None,
         "failed_at": None,

@@ -11,6 +11,7 @@ import httpx
 
 from hoptrace.collector import schema, store
 from hoptrace.collector.service import Collector
+from hoptrace.collector.state import StepObs, fold
 from hoptrace.instrumentation.spec import load_spec
 from hoptrace.settings import PROJECT_ROOT
 
@@ -90,3 +91,20 @@ async def test_rows_without_mask_are_counted_then_backfilled(
         )
         assert "Index Only Scan using correlations_overview_idx" in plan, plan
     assert await store.funnel(pool, since, SPEC) == EXPECTED
+
+
+def test_long_pipelines_store_no_mask(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    body = '[pipeline]\nname = "long"\ncorrelation_key = "id"\n'
+    for i in range(33):
+        body += f'\n[[steps]]\nid = "s{i}"\nservice = "svc{i}"\ndeadline = "5s"\nemits = "t{i}"\n'
+        if i:
+            body += f'consumes = "t{i - 1}"\ngroup = "g{i}"\n'
+    (tmp_path / "long.toml").write_text(body)
+    long_spec = load_spec(tmp_path / "long.toml")
+    now = datetime.now(UTC)
+    us = int(now.timestamp() * 1_000_000)
+    new = fold(long_spec, None, [StepObs("c", "s32", us, us + 1, "ok")], now)
+    assert new["done_mask"] is None and new["last_step"] == "s32"
+    assert fold(SPEC, None, [StepObs("c", SPEC.steps[3].id, us, us + 1, "ok")], now)[
+        "done_mask"
+    ] == (1 << 3)
