@@ -172,5 +172,6 @@ def fold(
         progressed = last_idx is not None and (old_idx is None or last_idx > old_idx)
         state = "stalled" if old_state == "stalled" and not progressed else "in_progress"
     new["state"] = state
-    new["resolved"] = old_state == "stalled" and state in ("in_progress", "completed")
+    # any way out of stalled (on, done, or failed further on) ends the stall's alert
+    new["resolved"] = old_state == "stalled" and state != "stalled"
     return new

@@ -192,7 +192,9 @@ def is_retryable(exc: BaseException) -> bool:
 def is_outage(exc: BaseException) -> bool:
     """A dependency is unreachable (database down or restarting, broker unreachable, a
     downstream service refusing connections): retried until it is back, attempts not used up,
-    so an outage never dead-letters (loses) a healthy record."""
+    so an outage never dead-letters (loses) a healthy record. Follows ``raise ... from``."""
+    if exc.__cause__ is not None and exc.__cause__ is not exc and is_outage(exc.__cause__):
+        return True
     if isinstance(
         exc,
         OSError

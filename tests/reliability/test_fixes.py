@@ -342,5 +342,46 @@ async def test_an_outage_longer_than_the_retries_does_not_dead_letter(db_url) ->
     assert rt.stats["dead_lettered"] == 0 and rt.stats["retries"] == 8
 
 
+def test_a_stalled_correlation_that_fails_further_on_resolves_its_alert() -> None:
+    """Fix: the stall alert was resolved only when the correlation went on to in_progress or
+    completed; stalled -> failed (a later step errored) -> completed never resolved it (the
+    chaos run ended with alerts firing for completed payments)."""
+    from hoptrace.collector.state import StepObs, fold
+
+    spec = load_spec(REFERENCE_SPEC)
+    t0 = 1_767_225_600_000_000  # 2026-01-01 in microseconds
+
+    def ob(i: int, outcome: str = "ok") -> StepObs:
+        at = t0 + i * 1_000_000
+        return StepObs("c", spec.steps[i].id, at, at + 1000, outcome, "boom" * (outcome == "error"))
+
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    row = fold(spec, None, [ob(0)], now)
+    row["state"] = "stalled"  # the scan fired its alert
+    failed = fold(spec, row, [ob(1), ob(2, "error")], now)
+    assert failed["state"] == "failed" and failed["resolved"]
+    done = fold(spec, failed, [ob(2), ob(3)], now)
+    assert done["state"] == "completed" and not done["resolved"]  # nothing left to resolve
+
+
+def test_a_wrapped_connection_error_is_an_outage() -> None:
+    """Fix: allocation-worker wraps admin-service's ConnectError in RetryableError; the runtime
+    did not see an outage and dead-lettered records while admin-service restarted."""
+    import httpx
+
+    from hoptrace.instrumentation.envelope import RetryableError
+
+    try:
+        try:
+            raise httpx.ConnectError("All connection attempts failed")
+        except httpx.ConnectError as inner:
+            raise RetryableError("admin-service unreachable") from inner
+    except RetryableError as exc:
+        assert hop.is_outage(exc)
+    assert not hop.is_outage(RetryableError("admin-service answered 500"))
+
+
 async def _value(v: object) -> object:
     return v
