@@ -27,6 +27,8 @@ from .state import MASK_STEPS
 MIGRATE_LOCK = 0x686F7074_0001
 #: Advisory lock key held by the stall-scan leader.
 SCAN_LOCK = 0x686F7074_0002
+#: A ``done_mask`` backfill of at least this many rows is followed by a VACUUM of correlations.
+BACKFILL_VACUUM_ROWS = 10_000
 
 DDL = """
 CREATE TABLE IF NOT EXISTS spans (
@@ -160,15 +162,20 @@ async def migrate(
     before ``done_mask`` existed get it filled from their steps (``spec``: default the configured
     pipeline)."""
     spec = spec or _configured_spec()
+    filled = 0
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
         await conn.execute(DDL)
         if spec is not None and len(spec.steps) <= MASK_STEPS:
-            await conn.execute(
+            status = await conn.execute(
                 f"UPDATE correlations SET done_mask = {done_mask_sql(spec)} "  # noqa: S608
                 "WHERE done_mask IS NULL AND (pipeline = $1 OR pipeline IS NULL)",
                 spec.name,
             )
+            filled = int(status.rsplit(" ", 1)[-1])
+    if filled >= BACKFILL_VACUUM_ROWS:
+        # index-only scans need the visibility map the big backfill just invalidated
+        await conn.execute("VACUUM (ANALYZE) correlations")
     today = datetime.now(UTC).date()
     first = today - timedelta(days=max(0, retention.days) + 1)
     await ensure_partitions(
