@@ -126,6 +126,7 @@ async def fill(db_url: str, n: int, per: int) -> dict[str, float]:
             print(
                 f"  filled {hi:,}/{n:,} correlations ({time.perf_counter() - t0:.0f}s)", flush=True
             )
+        await migrate(conn, timedelta(days=7))  # fills done_mask of the rows just inserted
         await conn.execute("ANALYZE correlations")
         await conn.execute("ANALYZE spans")
         name = await conn.fetchval("SELECT current_database()")
