@@ -10,10 +10,11 @@ command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
 if [[ "${HOPTRACE_SKIP_BROWSER:-0}" != "1" ]]; then
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  dpkg -s fonts-noto-color-emoji >/dev/null 2>&1 || need+=(fonts-noto-color-emoji)
 fi
 
 if [[ ${#need[@]} -eq 0 ]]; then
-  echo "bootstrap: system packages present (postgresql, java, maven, chromium)"
+  echo "bootstrap: system packages present (postgresql, java, maven, chromium, emoji font)"
   exit 0
 fi
 

@@ -1,6 +1,6 @@
-"""Against a real Alertmanager (built with ``go install github.com/prometheus/alertmanager/cmd/
-alertmanager``; looked up in $HOPTRACE_ALERTMANAGER_BIN, .hoptrace/gobin, then PATH): our v2
-alerts are accepted, routed to a webhook receiver, and resolved when the correlation completes."""
+"""Against a real Alertmanager (built by ``scripts/go-tools.sh alertmanager`` from tools/alertmanager;
+looked up in $HOPTRACE_ALERTMANAGER_BIN, .hoptrace/tools/bin, then PATH): our v2 alerts are
+accepted, routed to a webhook receiver, and resolved when the correlation completes."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .receiver import Receiver
 def _binary() -> str | None:
     for cand in (
         os.environ.get("HOPTRACE_ALERTMANAGER_BIN"),
-        str(PROJECT_ROOT / ".hoptrace" / "gobin" / "alertmanager"),
+        str(PROJECT_ROOT / ".hoptrace" / "tools" / "bin" / "alertmanager"),
     ):
         if cand and os.access(cand, os.X_OK):
             return cand
@@ -34,9 +34,12 @@ def _binary() -> str | None:
 async def alertmanager(tmp_path: Path):  # type: ignore[no-untyped-def]
     exe = _binary()
     if exe is None:
-        pytest.skip(
-            "alertmanager binary not built (go install github.com/prometheus/alertmanager/cmd/alertmanager@v0.28.1)"
+        build = await asyncio.create_subprocess_exec(
+            str(PROJECT_ROOT / "scripts" / "go-tools.sh"), "alertmanager"
         )
+        assert await asyncio.wait_for(build.wait(), 1800) == 0
+        exe = _binary()
+    assert exe is not None, "alertmanager was not built by scripts/go-tools.sh alertmanager"
     async with Receiver() as rx:
         cfg = tmp_path / "am.yml"
         cfg.write_text(

@@ -18,10 +18,15 @@ from ..support import wait_for
 from .cdp import Browser, chromium_path
 from .seed import Seeded
 
-pytestmark = [
-    pytest.mark.stack,
-    pytest.mark.skipif(chromium_path() is None, reason="chromium missing: run scripts/browser.sh"),
-]
+pytestmark = [pytest.mark.stack]
+
+
+@pytest.fixture(autouse=True)
+def _chromium_installed() -> None:
+    # never skipped: `make test` installs it (scripts/bootstrap.sh -> scripts/browser.sh)
+    assert chromium_path() is not None, "chromium missing: run scripts/browser.sh"
+
+
 ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
 HOPTRACE = Path(os.environ.get("VIRTUAL_ENV", PROJECT_ROOT / ".venv")) / "bin" / "hoptrace"
 
