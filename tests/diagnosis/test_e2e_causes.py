@@ -319,6 +319,41 @@ async def test_wrong_group_goes_through_with_a_warning(pipe: Stack) -> None:
     ensure_running(stack, "allocation-worker")
 
 
+def test_wrong_group_deployed_late_leaves_earlier_payments_stalled(
+    admin_db_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """The misconfigured deployment: allocation-worker comes up under the wrong group after a
+    payment's record was produced; a new group starts at the end of the log, so that payment is
+    never handled, and the diagnosis names the group that is consuming instead. (Its own stack:
+    the wrong group must be brand new, as in the incident, not one left by another test.)"""
+    stack, name = make_stack(admin_db_url, kafka_bootstrap, tmp_path)
+    group = stack.spec.step("trainer.allocated").group
+
+    async def scenario() -> None:
+        try:
+            early = stack.pay()
+            await stack.wait_cause(early, "no_consumer", at="trainer.allocated")
+            ensure_running(stack, "allocation-worker", "wrong-group")
+            later = stack.pay()  # produced after the wrong group joined: handled by it
+            await stack.wait_cause(later, "completed", timeout=60)
+            d = await stack.wait_cause(early, "no_consumer", at="trainer.allocated")
+            kf = d.facts.kafka["trainer.allocated"]
+            assert f"{group}-v2" in (kf.other_groups or ()), kf
+            doc = stack.assert_trace(early, "trainer.allocated", "no_consumer")
+            assert f"{group}-v2" in doc["next_action"]
+            ensure_running(stack, "allocation-worker")
+            await stack.wait_cause(early, "completed", timeout=60)
+        finally:
+            await api.close()
+
+    try:
+        for svc in ("admin-service", "payment-service", "purchase-worker", "session-worker"):
+            stack.services.start(svc)
+        asyncio.run(scenario())
+    finally:
+        teardown(stack, admin_db_url, name)
+
+
 async def test_event_not_emitted(pipe: Stack) -> None:
     stack = pipe
     healthy(stack)
