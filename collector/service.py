@@ -74,7 +74,7 @@ class Collector:
                 asyncio.create_task(run_writer(self.writer, self.queue, s.write_batch_spans))
             )
         self.scanner = StallScanner(
-            s.database_url, self.pool, s.stall_scan_interval, self.cause_for, grace=s.stall_grace
+            s.database_url, self.pool, s.stall_scan_interval, self.cause_for
         )
         self.dispatcher = AlertDispatcher(
             self.pool,

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 
 import asyncpg
 
@@ -29,7 +28,7 @@ WITH upd AS (
     UPDATE correlations SET state = 'stalled', updated_at = now()
     WHERE correlation_id = ANY(ARRAY(
         SELECT correlation_id FROM correlations
-        WHERE state = 'in_progress' AND next_deadline < now() AND next_deadline >= $2
+        WHERE state = 'in_progress' AND next_deadline < now()
         ORDER BY next_deadline LIMIT $1
         FOR UPDATE SKIP LOCKED
     )) AND state = 'in_progress'
@@ -47,16 +46,9 @@ async def no_cause(correlation_id: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-#: No lower bound on the deadlines a scan considers.
-ANY_TIME = datetime(1, 1, 1, tzinfo=UTC)
-
-
-async def scan_once(
-    conn: asyncpg.Connection, limit: int = 1000, not_before: datetime = ANY_TIME
-) -> list[tuple[int, str]]:
-    """One scan: mark overdue correlations stalled, fire their alerts; returns (alert id, cid).
-    Only deadlines at or after ``not_before`` are considered."""
-    rows = await conn.fetch(SCAN_SQL, limit, not_before)
+async def scan_once(conn: asyncpg.Connection, limit: int = 1000) -> list[tuple[int, str]]:
+    """One scan: mark overdue correlations stalled, fire their alerts; returns (alert id, cid)."""
+    rows = await conn.fetch(SCAN_SQL, limit)
     return [(r["id"], r["correlation_id"]) for r in rows]
 
 
@@ -69,7 +61,6 @@ class StallScanner:
         cause_for: CauseFn = no_cause,
         limit: int = 1000,
         cause_timeout: float = 15.0,
-        grace: float = 0.0,
     ) -> None:
         self.dsn = dsn
         self.pool = pool
@@ -77,11 +68,6 @@ class StallScanner:
         self.cause_for = cause_for
         self.limit = limit
         self.cause_timeout = cause_timeout
-        # Deadlines that passed while no scanner led (e.g. the collector was down) wait ``grace``
-        # seconds after leadership is taken: the spans the SDKs held meanwhile arrive first, so a
-        # payment that was on time is not alerted as stalled.
-        self.grace = grace
-        self.leader_since: datetime | None = None
         self._conn: asyncpg.Connection | None = None
         self._diag: set[asyncio.Task[None]] = set()
         self.scans = 0
@@ -96,7 +82,6 @@ class StallScanner:
         conn = await asyncpg.connect(self.dsn)
         if await conn.fetchval("SELECT pg_try_advisory_lock($1)", SCAN_LOCK):
             self._conn = conn
-            self.leader_since = datetime.now(UTC)
             log.info("stall scan leadership acquired")
             return True
         await conn.close()
@@ -108,11 +93,7 @@ class StallScanner:
             return []
         assert self._conn is not None
         t0 = time.perf_counter()
-        not_before = ANY_TIME
-        if self.leader_since is not None and self.grace > 0:
-            if (datetime.now(UTC) - self.leader_since).total_seconds() < self.grace:
-                not_before = self.leader_since
-        fired = await scan_once(self._conn, self.limit, not_before)
+        fired = await scan_once(self._conn, self.limit)
         metrics.SCAN_SECONDS.observe(time.perf_counter() - t0)
         self.scans += 1
         if fired:

@@ -65,11 +65,6 @@ class Settings(BaseSettings):
     span_topic: str | None = Field(default=None, description="Kafka topic of OTLP span records.")
     span_group: str = "hoptrace-collector"
     stall_scan_interval: float = Field(default=1.0, description="Seconds between stall scans.")
-    stall_grace: float = Field(
-        default=10.0,
-        description="Seconds a newly leading scanner waits before alerting on deadlines that "
-        "passed while no collector scanned (spans held by the SDKs arrive first).",
-    )
     max_body_bytes: int = Field(default=16 * 1024 * 1024, description="OTLP request size cap.")
     queue_max_spans: int = Field(default=50_000, description="Receive->write queue bound.")
     write_batch_spans: int = 5000
