@@ -13,7 +13,7 @@ import pytest
 from hoptrace.collector.service import Collector
 from hoptrace.settings import Settings
 
-from .helpers import free_port
+from ..support import free_port
 
 MakeCollector = Callable[..., Any]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from typing import Any
 
@@ -13,12 +12,6 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 STEPS = ["payment.confirmed", "purchase.created", "trainer.allocated", "session.created"]
 SERVICES = ["payment-service", "purchase-worker", "allocation-worker", "session-worker"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kv(key: str, value: Any) -> KeyValue:

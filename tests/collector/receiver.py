@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .helpers import free_port
+from ..support import free_port
 
 
 class Receiver:

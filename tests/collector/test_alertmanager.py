@@ -15,8 +15,8 @@ import pytest
 
 from hoptrace.settings import PROJECT_ROOT
 
-from ..support import wait_for
-from .helpers import free_port, request, step_span
+from ..support import free_port, wait_for
+from .helpers import request, step_span
 from .receiver import Receiver
 
 

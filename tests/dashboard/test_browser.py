@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from hoptrace.settings import PROJECT_ROOT
 
-from ..support import wait_for
+from ..support import free_port, wait_for
 from .cdp import Browser, chromium_path
 from .seed import Seeded
 
@@ -29,12 +28,6 @@ def _chromium_installed() -> None:
 
 ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
 HOPTRACE = Path(os.environ.get("VIRTUAL_ENV", PROJECT_ROOT / ".venv")) / "bin" / "hoptrace"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -8,25 +8,14 @@ from hoptrace.dashboard.frames import STOP_MARKER
 from hoptrace.dashboard.serve import APP
 from hoptrace.dashboard.source import SOURCE_KEY
 
+from .apptest import show, text
 from .fakes import FakeSource
 
 
 def app(page: str | None = None, **query: str) -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=30)
     at.session_state[SOURCE_KEY] = FakeSource()
-    for k, v in query.items():
-        at.query_params[k] = v
-    if page:
-        at.switch_page(f"pages/{page}.py")
-    return at.run()
-
-
-def text(at: AppTest) -> str:
-    parts = (
-        [m.value for m in at.markdown] + [e.value for e in at.error] + [e.value for e in at.info]
-    )
-    parts += [e.value for e in at.success] + [e.value for e in at.warning]
-    return "\n".join(str(p) for p in parts)
+    return show(at, page, query)
 
 
 def test_lookup_by_query_param_marks_the_stopped_step() -> None:

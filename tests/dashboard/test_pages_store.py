@@ -8,6 +8,7 @@ from streamlit.testing.v1 import AppTest
 from hoptrace.dashboard.frames import STOP_MARKER
 from hoptrace.dashboard.serve import APP
 
+from .apptest import show, text
 from .seed import Seeded
 
 pytestmark = pytest.mark.stack
@@ -15,19 +16,7 @@ pytestmark = pytest.mark.stack
 
 def app(page: str | None = None, **query: str) -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=60)
-    for k, v in query.items():
-        at.query_params[k] = v
-    if page:
-        at.switch_page(f"pages/{page}.py")
-    return at.run()
-
-
-def text(at: AppTest) -> str:
-    parts = (
-        [m.value for m in at.markdown] + [e.value for e in at.error] + [e.value for e in at.info]
-    )
-    parts += [e.value for e in at.success] + [e.value for e in at.warning]
-    return "\n".join(str(p) for p in parts)
+    return show(at, page, query)
 
 
 def test_overview_shows_the_store_counts_and_stalled_payments(seeded: Seeded) -> None:

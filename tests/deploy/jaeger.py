@@ -4,7 +4,6 @@ and helpers to read traces back through its HTTP query API."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from ..support import free_port
 from .gotools import clean_env, go_tool
 
 CONFIG = Path(__file__).resolve().parent / "jaeger-test.yaml"
@@ -38,12 +38,6 @@ def poll(check: Callable[[], T | None], timeout: float, what: str) -> T:
             return last
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

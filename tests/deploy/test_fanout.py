@@ -19,8 +19,9 @@ import pytest
 
 from tests.workers.harness import HOPTRACE
 
+from ..support import free_port
 from .gotools import OTELCOL_CONFIG, clean_env, go_tool, timeout_for
-from .jaeger import ALL_SERVICES, Jaeger, free_port, poll, services_of, wait_for_payment_trace
+from .jaeger import ALL_SERVICES, Jaeger, poll, services_of, wait_for_payment_trace
 from .pipeline import Pipeline, running_pipeline
 
 pytestmark = [timeout_for("jaeger", 240), timeout_for("otelcol", 240)]

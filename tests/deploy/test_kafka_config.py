@@ -25,7 +25,7 @@ from hoptrace import devstack
 from hoptrace.instrumentation.spec import load_spec
 from hoptrace.settings import PROJECT_ROOT
 
-from .jaeger import free_port
+from ..support import free_port
 
 pytestmark = pytest.mark.timeout(180)
 

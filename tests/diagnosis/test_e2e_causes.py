@@ -22,8 +22,15 @@ import pytest
 from hoptrace.collector import api
 from hoptrace.instrumentation.spec import PipelineSpec, load_spec
 from hoptrace.settings import Settings
-from tests.support import create_database, delete_topics, drop_database, isolated_spec, unique
-from tests.workers.harness import HOPTRACE, Services, free_port, service_env
+from tests.support import (
+    create_database,
+    delete_topics,
+    drop_database,
+    free_port,
+    isolated_spec,
+    unique,
+)
+from tests.workers.harness import HOPTRACE, Services, service_env
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.timeout(180)]
 

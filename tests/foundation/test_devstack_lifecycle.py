@@ -16,11 +16,7 @@ import pytest
 from hoptrace import devstack
 from hoptrace.settings import PROJECT_ROOT
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..support import free_port
 
 
 def _hoptrace(
@@ -56,9 +52,9 @@ def private_stack(stack: devstack.StackConfig) -> Iterator[tuple[dict[str, str],
         **os.environ,
         "HOPTRACE_HOME": str(home),
         "HOPTRACE_DEV_CACHE": str(stack.cache_dir),
-        "HOPTRACE_DEV_PG_PORT": str(_free_port()),
-        "HOPTRACE_DEV_KAFKA_PORT": str(_free_port()),
-        "HOPTRACE_DEV_CONTROLLER_PORT": str(_free_port()),
+        "HOPTRACE_DEV_PG_PORT": str(free_port()),
+        "HOPTRACE_DEV_KAFKA_PORT": str(free_port()),
+        "HOPTRACE_DEV_CONTROLLER_PORT": str(free_port()),
     }
     yield env, home
     _hoptrace(env, "dev", "down")

@@ -14,7 +14,6 @@ import gzip
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -30,17 +29,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from ..support import free_port
+
 HOPTRACE = str(Path(sys.executable).parent / "hoptrace")
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 #: Request size cap the fuzzed collector runs with (small, so oversized bodies are cheap).
 MAX_BODY = 4 * 1024 * 1024
 TIMEOUT_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_kb(pid: int) -> int:

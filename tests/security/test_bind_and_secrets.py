@@ -16,8 +16,8 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.reliability.fuzz_otlp_net import CollectorProc, free_port, valid_request
-from tests.support import delete_topics
+from tests.reliability.fuzz_otlp_net import CollectorProc, valid_request
+from tests.support import delete_topics, free_port
 from tests.workers.harness import HOPTRACE, Services, service_env
 
 PASSWORD = f"Pw{uuid.uuid4().hex}"

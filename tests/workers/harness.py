@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from ..support import free_port
+
 HOPTRACE = str(Path(sys.executable).parent / "hoptrace")
 ORDER = [
     "admin-service",
@@ -28,12 +29,6 @@ ORDER = [
     "allocation-worker",
     "session-worker",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

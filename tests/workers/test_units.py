@@ -101,7 +101,7 @@ def test_topics_ensure_creates_every_topic_once(
 
 
 def test_topics_ensure_says_when_kafka_is_unreachable(hoptrace_env: dict[str, str]) -> None:
-    from .harness import free_port
+    from ..support import free_port
 
     env = {**hoptrace_env, "HOPTRACE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
     res = subprocess.run(
