@@ -8,10 +8,15 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint format bootstrap install up down status bench chaos tools
 
-$(STAMP): pyproject.toml
+NATIVE := native/Cargo.toml native/Cargo.lock native/pyproject.toml $(wildcard native/src/*.rs)
+# rustup's default location, for shells that did not source ~/.cargo/env
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+$(STAMP): pyproject.toml $(NATIVE)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q ./native
 	@touch $(STAMP)
 
 install: $(STAMP)
