@@ -4,18 +4,37 @@
 # Built by `docker compose build` (docker-compose.yml); installs the package from pyproject.toml.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+ARG RUST_IMAGE=rust:1.95-slim-bookworm
+
+# The Rust toolchain only: its files are copied into the native stage below.
+FROM ${RUST_IMAGE} AS rust
+
+# hoptrace_native (native/): the OTLP codec as an abi3 wheel, built by maturin.
+FROM ${PYTHON_IMAGE} AS native
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:$PATH
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=rust /usr/local/rustup /usr/local/rustup
+COPY --from=rust /usr/local/cargo /usr/local/cargo
+WORKDIR /src
+COPY native ./native
+RUN pip wheel --no-deps -w /wheels ./native
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/hoptrace
+COPY --from=native /wheels /wheels
 COPY pyproject.toml README.md* ./
 COPY core ./core
 COPY instrumentation ./instrumentation
 COPY workers ./workers
 COPY collector ./collector
 COPY dashboard ./dashboard
-RUN /opt/hoptrace/bin/pip install . \
+RUN /opt/hoptrace/bin/pip install . /wheels/*.whl \
+    && /opt/hoptrace/bin/python -c "import hoptrace_native" \
     && /opt/hoptrace/bin/hoptrace --help >/dev/null
 
 FROM ${PYTHON_IMAGE}

@@ -47,8 +47,13 @@ def parsed() -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
-def build_stage_copies(parsed: dict[str, Any]) -> list[str]:
-    return [src for c in parsed["stages"][0]["copies"] for src in c["sources"]]
+def stage(parsed: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(st for st in parsed["stages"] if st.get("name") == name)
+
+
+def build_stage_copies(parsed: dict[str, Any], name: str = "build") -> list[str]:
+    """The build context paths a stage COPYs (copies from other stages excluded)."""
+    return [src for c in stage(parsed, name)["copies"] if "from" not in c for src in c["sources"]]
 
 
 def test_buildkit_frontend_accepts_it_without_warnings() -> None:
@@ -72,7 +77,11 @@ def test_buildkit_frontend_rejects_broken_variants(tmp_path: Path) -> None:
 def test_base_image_is_a_pinned_slim_python_311(parsed: dict[str, Any]) -> None:
     image = parsed["meta_args"]["PYTHON_IMAGE"]
     assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", image), image
-    assert {st["base"] for st in parsed["stages"]} == {"${PYTHON_IMAGE}"}
+    # every stage but the toolchain donor (its files are copied, it is never run) is Python's
+    assert {st["base"] for st in parsed["stages"] if st.get("name") != "rust"} == {
+        "${PYTHON_IMAGE}"
+    }
+    assert re.fullmatch(r"rust:1\.\d+-slim(-\w+)?", parsed["meta_args"]["RUST_IMAGE"])
 
 
 def test_runs_as_a_non_root_user(parsed: dict[str, Any]) -> None:
@@ -148,3 +157,31 @@ def test_install_step_builds_a_complete_wheel_from_the_copied_files(
     assert pages, "dashboard pages are not packaged"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "hoptrace = hoptrace.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+@pytest.mark.timeout(300)
+def test_native_stage_builds_the_codec_wheel_from_the_copied_files(
+    tmp_path: Path, parsed: dict[str, Any]
+) -> None:
+    """The native stage's `pip wheel ./native`, run on exactly what it COPYs: an abi3 wheel of
+    hoptrace_native that the build stage installs (and imports) beside hoptrace."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    for source in build_stage_copies(parsed, "native"):
+        shutil.copytree(
+            PROJECT_ROOT / source, ctx / source, ignore=shutil.ignore_patterns("target")
+        )
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+         "-w", str(tmp_path / "wheels"), str(ctx / "native")],
+        capture_output=True, text=True, timeout=280, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheels").glob("hoptrace_native-*.whl")
+    assert "abi3" in wheel.name, wheel.name
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("hoptrace_native/") and n.endswith(".so") for n in names), names
+    build = stage(parsed, "build")
+    assert {"sources": ["/wheels"], "dest": "/wheels", "from": "native"} in build["copies"]
+    text = DOCKERFILE.read_text()
+    assert "pip install . /wheels/*.whl" in text and 'python -c "import hoptrace_native"' in text
