@@ -10,6 +10,7 @@ Tables:
   ``done_mask`` (bit i: spec step i done) and ``correlations_overview_idx`` make the overview's
   counts (by state, the funnel) index-only scans.
 - ``alerts``: stall alerts and their delivery (outbox) state.
+- ``stall_scan``: the scan leader's heartbeat (one row).
 """
 
 from __future__ import annotations
@@ -122,6 +123,11 @@ DO $$ BEGIN
 END $$;
 
 CREATE INDEX IF NOT EXISTS alerts_correlation_idx ON alerts (correlation_id);
+-- the stall-scan leader's heartbeat: a new leader knows how long nobody scanned
+CREATE TABLE IF NOT EXISTS stall_scan (
+    id          integer PRIMARY KEY CHECK (id = 1),
+    heartbeat   timestamptz NOT NULL
+);
 CREATE INDEX IF NOT EXISTS alerts_outbox_idx ON alerts (next_attempt_at)
     WHERE NOT delivered_firing OR (status = 'resolved' AND NOT delivered_resolved);
 """

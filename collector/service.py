@@ -74,7 +74,12 @@ class Collector:
                 asyncio.create_task(run_writer(self.writer, self.queue, s.write_batch_spans))
             )
         self.scanner = StallScanner(
-            s.database_url, self.pool, s.stall_scan_interval, self.cause_for
+            s.database_url,
+            self.pool,
+            s.stall_scan_interval,
+            self.cause_for,
+            spec=self.spec,
+            grace=s.stall_grace,
         )
         self.dispatcher = AlertDispatcher(
             self.pool,

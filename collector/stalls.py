@@ -5,6 +5,14 @@ marks overdue ``in_progress`` correlations ``stalled`` and inserts one firing al
 correlation in the same statement (a partial unique index guarantees at most one firing alert per
 correlation); the writer resolves it when the correlation moves on. New alerts get a cause from
 the pluggable ``cause_for(correlation_id) -> (cause, evidence)`` hook before delivery.
+
+The leader writes a heartbeat each scan (``stall_scan``). A scanner that takes over after a gap
+(no collector scanned, e.g. the collector was down, so the spans the SDKs held are still on their
+way) holds the deadlines that passed in that blind window for ``grace`` seconds instead of
+alerting on them: when the grace ends it judges them by span times. A step that got done on time
+gets no alert; one done after its deadline gets one alert, fired at the deadline and resolved at
+the step's end (so every late payment is still announced once); one still not done is fired as
+stalled by the scan as usual.
 """
 
 from __future__ import annotations
@@ -13,10 +21,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import orjson
+
+from hoptrace.instrumentation.spec import PipelineSpec
 
 from . import metrics
+from .decode import us_to_dt
 from .schema import SCAN_LOCK
 
 log = logging.getLogger("hoptrace.collector.stalls")
@@ -29,6 +42,7 @@ WITH upd AS (
     WHERE correlation_id = ANY(ARRAY(
         SELECT correlation_id FROM correlations
         WHERE state = 'in_progress' AND next_deadline < now()
+          AND (next_deadline < $2 OR next_deadline >= $3)
         ORDER BY next_deadline LIMIT $1
         FOR UPDATE SKIP LOCKED
     )) AND state = 'in_progress'
@@ -46,10 +60,82 @@ async def no_cause(correlation_id: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-async def scan_once(conn: asyncpg.Connection, limit: int = 1000) -> list[tuple[int, str]]:
-    """One scan: mark overdue correlations stalled, fire their alerts; returns (alert id, cid)."""
-    rows = await conn.fetch(SCAN_SQL, limit)
+_HEARTBEAT = """
+INSERT INTO stall_scan (id, heartbeat) VALUES (1, now())
+ON CONFLICT (id) DO UPDATE SET heartbeat = excluded.heartbeat
+RETURNING (SELECT heartbeat FROM stall_scan WHERE id = 1) AS previous, heartbeat AS now
+"""
+_MOVED = """
+SELECT c.correlation_id, c.pipeline, c.steps::text AS steps,
+       coalesce(array_agg(a.step) FILTER (WHERE a.step IS NOT NULL), '{}') AS alerted
+FROM correlations c LEFT JOIN alerts a ON a.correlation_id = c.correlation_id
+WHERE c.updated_at >= $1 AND c.pipeline = $2
+GROUP BY c.correlation_id
+"""
+_LATE = """
+INSERT INTO alerts (correlation_id, pipeline, step, status, fired_at, resolved_at, evidence,
+                    diagnosed)
+SELECT u.cid, $1, u.step, 'resolved', u.due, u.done, u.evidence, true
+FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::text[])
+     AS u(cid, step, due, done, evidence)
+"""
+
+#: No deadline is held.
+NO_TIME = datetime(1, 1, 1, tzinfo=UTC)
+
+
+async def scan_once(
+    conn: asyncpg.Connection,
+    limit: int = 1000,
+    hold_from: datetime = NO_TIME,
+    hold_to: datetime = NO_TIME,
+) -> list[tuple[int, str]]:
+    """One scan: mark overdue correlations stalled, fire their alerts; returns (alert id, cid).
+    Deadlines in ``[hold_from, hold_to)`` are held (not judged by this scan)."""
+    rows = await conn.fetch(SCAN_SQL, limit, hold_from, hold_to)
     return [(r["id"], r["correlation_id"]) for r in rows]
+
+
+def late_steps(
+    spec: PipelineSpec, steps: dict[str, dict[str, int | None]], since: datetime, until: datetime
+) -> list[tuple[str, datetime, datetime]]:
+    """(step, deadline, done) of each step of ``steps`` (a correlation's per-step record) done
+    after its deadline, for the deadlines in ``[since, until)``."""
+    out = []
+    for prev, step in zip(spec.steps, spec.steps[1:], strict=False):
+        a = (steps.get(prev.id) or {}).get("done_at")
+        b = (steps.get(step.id) or {}).get("done_at")
+        if a is None or b is None:
+            continue
+        due, done = us_to_dt(a) + step.deadline, us_to_dt(b)
+        if since <= due < until and done > due:
+            out.append((step.id, due, done))
+    return out
+
+
+async def alert_late(
+    conn: asyncpg.Connection, spec: PipelineSpec, since: datetime, until: datetime
+) -> int:
+    """One resolved alert (fired at the deadline, resolved when the step got done) per step of
+    a correlation that moved on since ``since`` and was late for a deadline in ``[since, until)``
+    without an alert for that step; returns the number inserted."""
+    cids: list[str] = []
+    cols: tuple[list[str], list[datetime], list[datetime], list[str]] = ([], [], [], [])
+    for r in await conn.fetch(_MOVED, since, spec.name):
+        steps = orjson.loads(r["steps"]) if r["steps"] else {}
+        for step, due, done in late_steps(spec, steps, since, until):
+            if step in r["alerted"]:
+                continue
+            late = (done - due).total_seconds()
+            cids.append(r["correlation_id"])
+            for col, value in zip(
+                cols, (step, due, done, f"{step} done {late:.1f}s after its deadline, while no "
+                       "collector was scanning (judged from span times)"), strict=True
+            ):  # fmt: skip
+                col.append(value)  # type: ignore[arg-type]
+    if cids:
+        await conn.execute(_LATE, spec.name, cids, *cols)
+    return len(cids)
 
 
 class StallScanner:
@@ -61,6 +147,8 @@ class StallScanner:
         cause_for: CauseFn = no_cause,
         limit: int = 1000,
         cause_timeout: float = 15.0,
+        spec: PipelineSpec | None = None,
+        grace: float = 0.0,
     ) -> None:
         self.dsn = dsn
         self.pool = pool
@@ -68,6 +156,11 @@ class StallScanner:
         self.cause_for = cause_for
         self.limit = limit
         self.cause_timeout = cause_timeout
+        self.spec = spec
+        self.grace = grace
+        # the blind window being held ([from, to) of deadlines) and when the hold ends
+        self.hold: tuple[datetime, datetime] | None = None
+        self.hold_until: datetime | None = None
         self._conn: asyncpg.Connection | None = None
         self._diag: set[asyncio.Task[None]] = set()
         self.scans = 0
@@ -82,7 +175,19 @@ class StallScanner:
         conn = await asyncpg.connect(self.dsn)
         if await conn.fetchval("SELECT pg_try_advisory_lock($1)", SCAN_LOCK):
             self._conn = conn
-            log.info("stall scan leadership acquired")
+            beat = await conn.fetchrow(_HEARTBEAT)
+            previous, now = beat["previous"], beat["now"]
+            gap = previous is not None and now - previous > timedelta(seconds=2 * self.interval + 1)
+            if gap and self.grace > 0 and self.spec is not None:
+                self.hold_until = now + timedelta(seconds=self.grace)
+                self.hold = (previous, self.hold_until)
+                log.info(
+                    "stall scan leadership acquired after %.1fs without a scanner: deadlines "
+                    "since %s are judged in %.1fs, once the spans held meanwhile have arrived",
+                    (now - previous).total_seconds(), previous.isoformat(), self.grace,
+                )  # fmt: skip
+            else:
+                log.info("stall scan leadership acquired")
             return True
         await conn.close()
         return False
@@ -93,7 +198,19 @@ class StallScanner:
             return []
         assert self._conn is not None
         t0 = time.perf_counter()
-        fired = await scan_once(self._conn, self.limit)
+        hold_from, hold_to = NO_TIME, NO_TIME
+        if self.hold is not None:
+            if self.hold_until is not None and datetime.now(UTC) < self.hold_until:
+                hold_from, hold_to = self.hold
+            else:  # the grace is over: judge the held window by span times, then scan it
+                assert self.spec is not None
+                late = await alert_late(self._conn, self.spec, *self.hold)
+                if late:
+                    metrics.ALERTS_FIRED.inc(late)
+                    log.info("%d step(s) were late while no collector scanned: alerted", late)
+                self.hold = self.hold_until = None
+        fired = await scan_once(self._conn, self.limit, hold_from, hold_to)
+        await self._conn.execute(_HEARTBEAT)
         metrics.SCAN_SECONDS.observe(time.perf_counter() - t0)
         self.scans += 1
         if fired:

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     span_topic: str | None = Field(default=None, description="Kafka topic of OTLP span records.")
     span_group: str = "hoptrace-collector"
     stall_scan_interval: float = Field(default=1.0, description="Seconds between stall scans.")
+    stall_grace: float = Field(
+        default=15.0,
+        ge=0,
+        description="Seconds a scanner taking over after a gap without scans waits for the spans "
+        "the SDKs held before judging the deadlines that passed in the gap.",
+    )
     max_body_bytes: int = Field(default=16 * 1024 * 1024, description="OTLP request size cap.")
     queue_max_spans: int = Field(default=50_000, description="Receive->write queue bound.")
     write_batch_spans: int = 5000

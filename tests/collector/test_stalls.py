@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
 import httpx
 
-from hoptrace.collector import store
+from hoptrace.collector import schema, store
 from hoptrace.collector.service import Collector
 
 from ..support import wait_for
@@ -163,3 +164,75 @@ async def test_two_replicas_no_duplicate_alert_no_lost_span(
             assert steps == n
         finally:
             await conn.close()
+
+
+async def test_takeover_after_a_gap_judges_held_deadlines_by_span_times(
+    make_collector, fast_spec: Path, db_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Nobody scanned for a minute (the collector was down) and the SDKs' held spans arrive
+    after the new leader starts: on-time payments get no alert, a late one gets exactly one
+    (fired at its deadline, resolved when done), one still stuck fires once the grace is over."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        await schema.migrate(conn, timedelta(days=7))
+        await conn.execute(
+            "INSERT INTO stall_scan (id, heartbeat) VALUES (1, now() - interval '60 seconds')"
+        )
+    finally:
+        await conn.close()
+    grace = 2.0
+    async with Receiver() as rx:
+        c = await make_collector(
+            pipeline=fast_spec, alert_webhook_url=f"{rx.url}/hook", stall_grace=grace
+        )
+        await wait_for(lambda: _true(c.scanner.is_leader), what="leadership")
+        assert c.scanner.hold is not None and c.scanner.hold_until is not None
+        t0 = time.time_ns() - 30 * 10**9  # while nobody scanned
+        ms = 1_000_000
+        on_time = [step_span("held-ok", i, start_ns=t0 + i * 100 * ms) for i in range(4)]
+        # purchase.created done 1 s after payment.confirmed: its 300 ms deadline was missed
+        late = [step_span("held-late", 0, start_ns=t0)] + [
+            step_span("held-late", i, start_ns=t0 + 1000 * ms + i * 100 * ms) for i in (1, 2, 3)
+        ]
+        stuck = [step_span("held-stuck", 0, start_ns=t0)]
+        await _post(c, on_time + late + stuck)
+        pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+        try:
+            await wait_for(
+                lambda: _ready(len(rx.webhook("resolved")) >= 1 and len(rx.webhook("firing")) >= 2),
+                timeout=15,
+                what="the late payment's and the stuck payment's alerts",
+            )
+            scans = c.scanner.scans
+            await wait_for(lambda: _true(c.scanner.scans >= scans + 3), what="3 more scans")
+            rows = {a.correlation_id: a for a in await store.alerts(pool)}
+            assert set(rows) == {"held-late", "held-stuck"}  # held-ok was on time
+            lt, st = rows["held-late"], rows["held-stuck"]
+            assert lt.status == "resolved" and lt.step == "purchase.created"
+            done = late[1][1].end_time_unix_nano / 1e9
+            assert abs(lt.fired_at.timestamp() - (t0 / 1e9 + 0.005 + 0.3)) < 0.01  # the deadline
+            assert abs(lt.resolved_at.timestamp() - done) < 0.01
+            assert "after its deadline" in (lt.evidence or "")
+            assert st.status == "firing" and st.step == "purchase.created"
+            # the stuck one was held for the grace, not fired at the takeover
+            assert c.scanner.hold is None
+            held_until = st.fired_at.timestamp()
+            started = (await pool.fetchval("SELECT min(first_seen) FROM correlations")).timestamp()
+            assert held_until > started
+            hooks = [p["alerts"][0]["labels"]["correlation_id"] for p in rx.webhook("firing")]
+            assert sorted(hooks) == ["held-late", "held-stuck"]
+            assert [p["alerts"][0]["labels"]["correlation_id"] for p in rx.webhook("resolved")] == [
+                "held-late"
+            ]
+        finally:
+            await pool.close()
+
+
+async def test_handover_without_a_gap_holds_nothing(make_collector, fast_spec: Path) -> None:  # type: ignore[no-untyped-def]
+    a = await make_collector(pipeline=fast_spec, stall_grace=30.0)
+    await wait_for(lambda: _true(a.scanner.is_leader), what="leadership")
+    assert a.scanner.hold is None  # a fresh store: nobody scanned before, nothing was missed
+    b = await make_collector(pipeline=fast_spec, stall_grace=30.0)
+    await a.stop()  # the leader goes away; b takes over within a scan or two
+    await wait_for(lambda: _true(b.scanner.is_leader), what="b leads")
+    assert b.scanner.hold is None
