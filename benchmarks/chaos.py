@@ -603,7 +603,10 @@ async def alert_check(
             due = (a + step.deadline).timestamp()
             if over > ALERT_MARGIN_S and any(d0 <= due and b.timestamp() <= d1 + ALERT_MARGIN_S
                                              for d0, d1 in COLLECTOR_DOWN):  # fmt: skip
-                unseen.add(cid)  # overdue and moved on while the collector was down
+                # overdue and moved on while the collector was down: the scanner that takes
+                # over judges it from span times (one alert, fired and resolved)
+                unseen.add(cid)
+                must.add(cid)
             elif over > ALERT_MARGIN_S:
                 must.add(cid)
             elif over > 0:
