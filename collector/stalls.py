@@ -209,8 +209,9 @@ class StallScanner:
                     metrics.ALERTS_FIRED.inc(late)
                     log.info("%d step(s) were late while no collector scanned: alerted", late)
                 self.hold = self.hold_until = None
-        fired = await scan_once(self._conn, self.limit, hold_from, hold_to)
+        # the heartbeat first: every deadline before it is judged by this scan
         await self._conn.execute(_HEARTBEAT)
+        fired = await scan_once(self._conn, self.limit, hold_from, hold_to)
         metrics.SCAN_SECONDS.observe(time.perf_counter() - t0)
         self.scans += 1
         if fired:
