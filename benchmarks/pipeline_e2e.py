@@ -213,6 +213,83 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def threads_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of a process's main thread (the event loop) and of its other
+    threads (span export, flushes, thread pools)."""
+    main = other = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if int(tid) == pid:
+            main += cpu
+        else:
+            other += cpu
+    return main, other
+
+
+def family_cpu(root: int) -> dict[int, float]:
+    """CPU seconds so far of ``root`` and its descendants (PostgreSQL: runuser, postmaster,
+    backends and background processes)."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        stats[int(entry)] = (int(fields[1]), cpu)
+    family = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, (ppid, _) in stats.items():
+            if ppid in family and pid not in family:
+                family.add(pid)
+                grew = True
+    return {pid: stats[pid][1] for pid in family if pid in stats}
+
+
+def family_delta(before: dict[int, float], root: int) -> float:
+    """CPU seconds used since ``before`` by ``root``'s family (new processes count in full)."""
+    return sum(v - before.get(pid, 0.0) for pid, v in family_cpu(root).items())
+
+
+def profile(pids: dict[str, int], tmp: Path, seconds: float) -> list[subprocess.Popen]:
+    """py-spy (sampling, in its own process) on each service for ``seconds``: collapsed stacks
+    in ``tmp/<name>.folded`` (a dev tool: `pip install py-spy`)."""
+    spy = str(Path(sys.executable).parent / "py-spy")
+    return [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "-p",
+                str(pid),
+                "-d",
+                str(int(seconds)),
+                "-r",
+                "50",
+                "--nonblocking",
+                "--gil",
+                "-f",
+                "raw",
+                "-o",
+                str(tmp / f"{name}.folded"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+
+
 async def wait_sessions(db_url: str, ids: list[str], timeout: float) -> None:
     conn = await asyncpg.connect(db_url)
     try:
@@ -310,11 +387,24 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 procs.append(start(name, env, tmp, n))
                 names.append(name)
         kafka_pid = devstack.KafkaPart(cfg).pid()
+        pg_pid = devstack.PostgresPart(cfg).pid()
         url = f"http://127.0.0.1:{pay_port}"
         await traffic(20, 20, url=url)  # warm-up: connections, JIT-free but caches and pools
 
+        spies: list[subprocess.Popen] = []
+        if args.profile:
+            prof_dir = Path(args.profile)
+            os.makedirs(prof_dir, exist_ok=True)
+            spies = profile(
+                {f"{n}-{i}": p.pid for i, (n, p) in enumerate(zip(names, procs, strict=True))},
+                prof_dir,
+                args.profile_seconds,
+            )
         cpu0 = {i: cpu_s(p.pid) for i, p in enumerate(procs)}
+        threads0 = {i: threads_cpu(p.pid) for i, p in enumerate(procs)}
         kafka0 = cpu_s(kafka_pid) if kafka_pid else 0.0
+        pg0 = family_cpu(pg_pid) if pg_pid else {}
+        sink0 = cpu_s(sink.proc.pid)
         t0 = time.monotonic()
         client0 = sum(os.times()[:2])
         client = LightClient(pay_port)
@@ -327,14 +417,26 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         throughput = len(burst_ids) / span
         stages = await stage_times(db_url, burst_ids)
         cpu_ms: dict[str, float] = {}
+        threads_split: dict[str, list[float]] = {}
         for i, p in enumerate(procs):
             used = (cpu_s(p.pid) - cpu0[i]) * 1000 / len(burst_ids)
             cpu_ms[names[i]] = round(cpu_ms.get(names[i], 0.0) + used, 2)
+            main, other = threads_cpu(p.pid)
+            split = threads_split.setdefault(names[i], [0.0, 0.0])
+            split[0] += (main - threads0[i][0]) * 1000 / len(burst_ids)
+            split[1] += (other - threads0[i][1]) * 1000 / len(burst_ids)
         if kafka_pid:
             cpu_ms["kafka-broker"] = round((cpu_s(kafka_pid) - kafka0) * 1000 / len(burst_ids), 2)
+        if pg_pid:
+            cpu_ms["postgres"] = round(family_delta(pg0, pg_pid) * 1000 / len(burst_ids), 2)
+        cpu_ms["span-sink"] = round((cpu_s(sink.proc.pid) - sink0) * 1000 / len(burst_ids), 2)
+        cpu_ms["load-client"] = round((sum(os.times()[:2]) - client0) * 1000 / len(burst_ids), 2)
+        for spy in spies:
+            spy.wait(args.profile_seconds + 30)
 
         by_rate: dict[str, dict[str, float]] = {}
-        for rate in [args.rate, *args.also_rates]:
+        lat: list[float] = [0.0]
+        for rate in [] if args.skip_latency else [args.rate, *args.also_rates]:
             fixed = await client.run(rate, int(rate * args.seconds))
             fixed_ids: list[str] = fixed["ids"]  # type: ignore[assignment]
             await wait_sessions(db_url, fixed_ids, timeout=900)
@@ -363,6 +465,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 "last_row_after_s": stages,
                 "cpu_ms_per_payment": cpu_ms,
                 "cpu_ms_per_payment_total": round(sum(cpu_ms.values()), 2),
+                "cpu_ms_per_payment_loop_vs_other_threads": {
+                    k: [round(v[0], 2), round(v[1], 2)] for k, v in threads_split.items()
+                },
             },
             "latency_at_fixed_rate": {
                 "rate_per_s": args.rate,
@@ -415,6 +520,9 @@ def main() -> None:
     )
     parser.add_argument("--replicas", type=int, default=1, help="processes per worker")
     parser.add_argument("--no-tracing", action="store_true", help="comparison run: SDK disabled")
+    parser.add_argument("--skip-latency", action="store_true", help="throughput run only")
+    parser.add_argument("--profile", default="", help="py-spy each service into this folder")
+    parser.add_argument("--profile-seconds", type=float, default=8.0)
     args = parser.parse_args()
     devstack.up(devstack.StackConfig.from_env(), services=False, echo=lambda _l: None)
     result = asyncio.run(run(args))
