@@ -2,6 +2,11 @@
 
 A span row is a tuple in :data:`COLUMNS` order (the COPY column list). Spans without a valid
 trace id / span id are rejected (counted, reported as OTLP partial success), never stored.
+
+:func:`decode_body` uses the native decoder (``hoptrace_native.decode_traces``: protobuf ->
+PostgreSQL binary COPY tuples, :class:`Encoded`) when that extension is installed, else (and for
+the rare request it leaves to Python) :func:`parse_protobuf` + :func:`decode_request`, the
+reference semantics; ``tests/collector/test_native_decode.py`` proves both store the same rows.
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from hoptrace.ids import is_valid_correlation_id
+
+try:  # the optional native decoder (Rust, native/src/decode.rs)
+    import hoptrace_native as _native
+except ImportError:  # pragma: no cover - exercised where the extension is not built
+    _native = None
 
 CORRELATION_ATTR = "hoptrace.correlation_id"
 PIPELINE_ATTR = "hoptrace.pipeline"
@@ -51,6 +61,9 @@ COLUMNS: tuple[str, ...] = (
 # Indexes into a row, for the state tracker.
 I_TRACE, I_SPAN, I_START, I_END, I_STATUS, I_STATUS_MSG = 0, 1, 6, 7, 9, 10
 I_CID, I_PIPELINE, I_STEP, I_OUTCOME, I_NAME = 11, 12, 13, 14, 3
+#: Step rows of :class:`Encoded` carry this many leading columns (what the fold reads).
+STEP_ROW_COLUMNS = 15
+DAY_US = 86_400_000_000
 
 SpanRow = tuple[Any, ...]
 
@@ -73,6 +86,12 @@ def _scrub(value: Any) -> Any:
 def _text(value: str) -> str:
     """PostgreSQL text cannot hold NUL: replaced (a NUL would fail the whole batch's COPY)."""
     return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _small(value: int) -> int:
+    """smallint columns (kind, status code): an enum value outside int16 is stored as 0
+    (unspecified) instead of failing the whole batch's COPY."""
+    return value if -32768 <= value <= 32767 else 0
 
 
 def _cid(value: Any) -> str | None:
@@ -100,10 +119,27 @@ class DecodeFailure(ValueError):
 
 
 @dataclass(slots=True)
+class Encoded:
+    """Spans already encoded as PostgreSQL binary COPY tuples for ``spans`` (SPAN columns in
+    :data:`COLUMNS` order, no header/trailer), from the native decoder."""
+
+    copy: bytes
+    n: int
+    steps: list[SpanRow]  # rows of the spans with a step attribute, first STEP_ROW_COLUMNS
+    days: list[int]  # distinct start days (start_us // DAY_US)
+
+
+@dataclass(slots=True)
 class Decoded:
     rows: list[SpanRow] = field(default_factory=list)
     rejected: int = 0
     error: str = ""
+    encoded: Encoded | None = None  # the native path's output (then ``rows`` is empty)
+
+    @property
+    def count(self) -> int:
+        """Spans to store."""
+        return self.encoded.n if self.encoded is not None else len(self.rows)
 
 
 def parse_protobuf(body: bytes) -> ExportTraceServiceRequest:
@@ -269,11 +305,11 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
                         parent.hex() if len(parent) == 8 and parent != _ZERO_SPAN else None,
                         name.replace("\x00", "\ufffd") if "\x00" in name else name,
                         service,
-                        sp.kind,
+                        _small(sp.kind),
                         start_us,
                         end_us,
                         end_us - start_us,
-                        status.code,
+                        _small(status.code),
                         _text(message) if message else None,
                         cid,
                         pipeline,
@@ -288,8 +324,38 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
                 )
     if rejected:
         out.rejected = rejected
-        out.error = f"{rejected} span(s) rejected: missing or invalid trace_id/span_id"
+        out.error = _rejected_error(rejected)
     return out
+
+
+def _rejected_error(rejected: int) -> str:
+    return f"{rejected} span(s) rejected: missing or invalid trace_id/span_id"
+
+
+def native_available() -> bool:
+    return _native is not None
+
+
+def _received_us(received_at: datetime) -> int:
+    return (received_at - _EPOCH) // timedelta(microseconds=1)
+
+
+def decode_body(body: bytes, received_at: datetime, *, native: bool = True) -> Decoded:
+    """A protobuf ExportTraceServiceRequest body -> spans to store; DecodeFailure when it is not
+    one. Native when available (and ``native``), else the Python path."""
+    if native and _native is not None:
+        try:
+            out = _native.decode_traces(body, _received_us(received_at))
+        except ValueError:
+            out = None  # the reference parser decides: its error message, or a quirk it accepts
+        if out is not None:
+            copy, n, rejected, steps, days = out
+            return Decoded(
+                rejected=rejected,
+                error=_rejected_error(rejected) if rejected else "",
+                encoded=Encoded(copy, n, steps, days),
+            )
+    return decode_request(parse_protobuf(body), received_at)
 
 
 def span_count(req: ExportTraceServiceRequest) -> int:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from . import metrics
-from .decode import decode_request, span_count
+from .decode import Decoded, decode_body, decode_request, native_available, span_count
 from .spanqueue import SpanQueue
 
 
@@ -38,21 +38,33 @@ class Ingestor:
         )
 
     def submit(self, req: ExportTraceServiceRequest, transport: str) -> Outcome:
+        """A parsed request (OTLP/JSON bodies): decoded natively (re-serialized) when available."""
         n = span_count(req)
         if n and not self.queue.fits(n):  # refuse before decoding: the sender retries it anyway
             metrics.SPANS_RECEIVED.labels(transport).inc(n)
             metrics.SPANS_DROPPED.labels("queue_full").inc(n)
             return Outcome(False, 0, 0, "queue full: retry later")
-        decoded = decode_request(req, datetime.now(UTC))
-        total = len(decoded.rows) + decoded.rejected
-        metrics.SPANS_RECEIVED.labels(transport).inc(total)
+        now = datetime.now(UTC)
+        if native_available():
+            return self._enqueue(decode_body(req.SerializeToString(), now), transport)
+        return self._enqueue(decode_request(req, now), transport)
+
+    def submit_body(self, body: bytes, transport: str) -> Outcome:
+        """A protobuf request body (raises DecodeFailure when it is not one)."""
+        return self._enqueue(decode_body(body, datetime.now(UTC)), transport)
+
+    def _enqueue(self, decoded: Decoded, transport: str) -> Outcome:
+        count = decoded.count
+        metrics.SPANS_RECEIVED.labels(transport).inc(count + decoded.rejected)
         if decoded.rejected:
             metrics.SPANS_DROPPED.labels("invalid").inc(decoded.rejected)
-        if decoded.rows and not self.queue.offer(decoded.rows):
-            metrics.SPANS_DROPPED.labels("queue_full").inc(len(decoded.rows))
-            return Outcome(False, 0, decoded.rejected, "queue full: retry later")
+        if count:
+            spans = decoded.encoded if decoded.encoded is not None else decoded.rows
+            if not self.queue.offer(spans):
+                metrics.SPANS_DROPPED.labels("queue_full").inc(count)
+                return Outcome(False, 0, decoded.rejected, "queue full: retry later")
         metrics.QUEUE_DEPTH.set(self.queue.depth)
-        return Outcome(True, len(decoded.rows), decoded.rejected, decoded.error)
+        return Outcome(True, count, decoded.rejected, decoded.error)
 
     def refuse(self, req_spans: int, reason: str) -> None:
         metrics.SPANS_DROPPED.labels(reason).inc(req_spans)

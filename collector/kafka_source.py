@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from . import metrics
-from .decode import DecodeFailure, decode_request, parse_protobuf
+from .decode import DecodeFailure, decode_body
 from .spanqueue import SpanQueue
 
 log = logging.getLogger("hoptrace.collector.kafka_source")
@@ -55,19 +55,17 @@ class KafkaSpanSource:
                 for records in batch.values():
                     for rec in records:
                         try:
-                            req = parse_protobuf(rec.value or b"")
+                            decoded = decode_body(rec.value or b"", now)
                         except DecodeFailure:
                             metrics.SPANS_DROPPED.labels("undecodable").inc()
                             continue
-                        decoded = decode_request(req, now)
-                        metrics.SPANS_RECEIVED.labels("kafka").inc(
-                            len(decoded.rows) + decoded.rejected
-                        )
+                        metrics.SPANS_RECEIVED.labels("kafka").inc(decoded.count + decoded.rejected)
                         if decoded.rejected:
                             metrics.SPANS_DROPPED.labels("invalid").inc(decoded.rejected)
-                        if decoded.rows:
+                        if decoded.count:
                             fut: asyncio.Future[None] = loop.create_future()
-                            await self.queue.put(decoded.rows, fut)
+                            spans = decoded.encoded if decoded.encoded is not None else decoded.rows
+                            await self.queue.put(spans, fut)
                             pending.append(fut)
                 if pending:
                     await asyncio.gather(*pending)

@@ -14,7 +14,7 @@ from google.rpc.error_details_pb2 import RetryInfo
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from . import metrics
-from .decode import DecodeFailure, parse_protobuf
+from .decode import DecodeFailure
 from .ingest import Ingestor
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
@@ -32,11 +32,10 @@ def build_server(
             metrics.SPANS_DROPPED.labels("unauthenticated").inc()
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         try:
-            req = parse_protobuf(raw)
+            outcome = ingestor.submit_body(raw, "grpc")
         except DecodeFailure as exc:
             metrics.SPANS_DROPPED.labels("undecodable").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        outcome = ingestor.submit(req, "grpc")
         if not outcome.accepted:
             context.set_trailing_metadata((("google.rpc.retryinfo-bin", _RETRY_INFO),))
             await context.abort(grpc.StatusCode.UNAVAILABLE, outcome.error)

@@ -21,7 +21,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import metrics
-from .decode import DecodeFailure, parse_json, parse_protobuf
+from .decode import DecodeFailure, parse_json
 from .ingest import Ingestor
 
 PROTOBUF = "application/x-protobuf"
@@ -104,11 +104,13 @@ def build_app(
                 metrics.SPANS_DROPPED.labels("undecodable").inc()
                 return _error(400, f"invalid gzip body: {exc}", json_in)
         try:
-            req = parse_json(raw) if json_in else parse_protobuf(raw)
+            if json_in:
+                outcome = ingestor.submit(parse_json(raw), "http")
+            else:
+                outcome = ingestor.submit_body(raw, "http")
         except DecodeFailure as exc:
             metrics.SPANS_DROPPED.labels("undecodable").inc()
             return _error(400, str(exc), json_in)
-        outcome = ingestor.submit(req, "http")
         if not outcome.accepted:
             return _error(503, outcome.error, json_in, {"Retry-After": "1"})
         resp = ExportTraceServiceResponse()

@@ -2,7 +2,8 @@
 
 Receivers :meth:`offer` (never wait: a full queue means 429/503 to the sender, which retries);
 the Kafka source :meth:`put` (waits for room). An item may carry a future that the writer resolves
-once its spans are committed (the Kafka source commits offsets only then).
+once its spans are committed (the Kafka source commits offsets only then). An item holds either
+Python span rows or natively encoded COPY tuples (:class:`~.decode.Encoded`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass
 
-from .decode import SpanRow
+from .decode import Encoded, SpanRow
+
+Spans = list[SpanRow] | Encoded
+
+
+def span_total(spans: Spans) -> int:
+    return spans.n if type(spans) is Encoded else len(spans)  # type: ignore[union-attr,arg-type]
 
 
 @dataclass(slots=True)
 class Item:
-    rows: list[SpanRow]
+    spans: Spans
+    n: int
     done: asyncio.Future[None] | None = None
 
 
@@ -39,20 +47,21 @@ class SpanQueue:
         empty queue rather than refused forever.)"""
         return self._size == 0 or self._size + n <= self.max_spans
 
-    def offer(self, rows: list[SpanRow], done: asyncio.Future[None] | None = None) -> bool:
+    def offer(self, spans: Spans, done: asyncio.Future[None] | None = None) -> bool:
         """Enqueue without waiting; False when full (nothing enqueued)."""
-        if not self.fits(len(rows)):
+        n = span_total(spans)
+        if not self.fits(n):
             return False
-        self._items.append(Item(rows, done))
-        self._size += len(rows)
+        self._items.append(Item(spans, n, done))
+        self._size += n
         self._nonempty.set()
         if self._size >= self.max_spans:
             self._room.clear()
         return True
 
-    async def put(self, rows: list[SpanRow], done: asyncio.Future[None] | None = None) -> None:
+    async def put(self, spans: Spans, done: asyncio.Future[None] | None = None) -> None:
         """Enqueue, waiting for room."""
-        while not self.offer(rows, done):
+        while not self.offer(spans, done):
             self._room.clear()
             await self._room.wait()
 
@@ -63,10 +72,10 @@ class SpanQueue:
             await self._nonempty.wait()
         out: list[Item] = []
         n = 0
-        while self._items and (not out or n + len(self._items[0].rows) <= max_spans):
+        while self._items and (not out or n + self._items[0].n <= max_spans):
             item = self._items.popleft()
             out.append(item)
-            n += len(item.rows)
+            n += item.n
         self._size -= n
         if not self._items:
             self._nonempty.clear()

@@ -17,39 +17,34 @@ import orjson
 from hoptrace.instrumentation.spec import PipelineSpec
 
 from . import metrics
-from .decode import COLUMNS, I_SPAN, I_START, I_STEP, I_TRACE, SpanRow, us_to_dt
+from .decode import COLUMNS, DAY_US, I_SPAN, I_START, I_STEP, I_TRACE, Encoded, SpanRow, us_to_dt
 from .schema import ensure_partitions, existing_partitions, partition_name
-from .spanqueue import SpanQueue
+from .spanqueue import SpanQueue, Spans
 from .state import StepObs, fold, observations
 
 log = logging.getLogger("hoptrace.collector.writer")
 
+#: The staging table has the ``spans`` columns and types (binary COPY tuples fit both).
 _STAGE_DDL = """
-CREATE TEMP TABLE IF NOT EXISTS spans_stage (
-    trace_id text, span_id text, parent_span_id text, name text, service text, kind smallint,
-    start_us bigint, end_us bigint, duration_us bigint, status_code smallint,
-    status_message text, correlation_id text, pipeline text, step text, outcome text,
-    attributes jsonb, events jsonb, received_us bigint, resource jsonb, scope text
-) ON COMMIT DELETE ROWS
+CREATE TEMP TABLE IF NOT EXISTS spans_stage_v2 (LIKE spans) ON COMMIT DELETE ROWS
 """
-_TS = "timestamptz 'epoch' + {} * interval '1 microsecond'"
 _TARGET = ", ".join(
     c.replace("_us", "_time") if c in ("start_us", "end_us") else c for c in COLUMNS
 ).replace("received_us", "received_at")
-#: ``spans`` columns in span-row order (for the direct COPY).
+#: ``spans`` columns in span-row order (for the COPYs).
 SPAN_COLUMNS = tuple(_TARGET.split(", "))
-_SOURCE = ", ".join(
-    _TS.format(c) if c in ("start_us", "end_us", "received_us") else c for c in COLUMNS
-)
 _INSERT = f"""
 WITH ins AS (
-    INSERT INTO spans ({_TARGET}) SELECT {_SOURCE} FROM spans_stage
+    INSERT INTO spans ({_TARGET}) SELECT {_TARGET} FROM spans_stage_v2
     ON CONFLICT DO NOTHING RETURNING trace_id, span_id, step
 )
 SELECT count(*)::int AS n,
        coalesce(array_agg(trace_id || span_id) FILTER (WHERE step IS NOT NULL), '{{}}') AS keys
 FROM ins
 """  # noqa: S608 - constant column list
+#: PostgreSQL binary COPY framing around native tuples.
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+COPY_TRAILER = b"\xff\xff"
 _UNNEST = """unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
             $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::timestamptz[],
             $12::timestamptz[], $13::timestamptz[], $14::text[], $15::int[])
@@ -139,11 +134,9 @@ class Writer:
         self._days: set[date] = set()
         self.inflight = 0  # batches taken from the queue and not yet written
 
-    async def _ensure_days(self, conn: asyncpg.Connection, rows: list[SpanRow]) -> None:
-        days = {
-            us_to_dt(us).date()
-            for us in {r[I_START] // 86_400_000_000 * 86_400_000_000 for r in rows}
-        }
+    async def _ensure_days(self, conn: asyncpg.Connection, day_numbers: set[int]) -> None:
+        """Partitions for the UTC days (``start_us // DAY_US``) a batch's spans start on."""
+        days = {us_to_dt(d * DAY_US).date() for d in day_numbers}
         unknown = days - self._days
         if not unknown:
             return
@@ -159,44 +152,80 @@ class Writer:
         self._days |= {d for d in unknown if partition_name(d) in have}
 
     async def write(self, rows: list[SpanRow]) -> int:
-        """Store one batch atomically; returns the number of new spans (duplicates excluded)."""
-        if not rows:
+        """Store one batch of Python span rows atomically; returns the number of new spans
+        (duplicates excluded)."""
+        return await self.write_spans([rows])
+
+    async def write_spans(self, batches: list[Spans]) -> int:
+        """Store span rows and/or natively encoded spans atomically, as one batch; returns the
+        number of new spans (duplicates excluded)."""
+        rows: list[SpanRow] = []
+        blobs: list[bytes] = []
+        steps: list[SpanRow] = []
+        days: set[int] = set()
+        for b in batches:
+            if type(b) is Encoded:
+                blobs.append(b.copy)
+                steps += b.steps
+                days.update(b.days)
+            else:
+                rows += b  # type: ignore[arg-type]
+        if rows:
+            steps += [r for r in rows if r[I_STEP] is not None]
+            days.update({r[I_START] // DAY_US for r in rows})
+        total = len(rows) + sum(b.n for b in batches if type(b) is Encoded)  # type: ignore[union-attr]
+        if not total:
             return 0
+        copy = COPY_HEADER + b"".join(blobs) + COPY_TRAILER if blobs else None
         t0 = time.perf_counter()
         async with self.pool.acquire() as conn:
-            await self._ensure_days(conn, rows)
+            await self._ensure_days(conn, days)
             async with conn.transaction():
-                n = await self._copy_direct(conn, rows)
-                if n is not None:  # all new: every step span counts
-                    step_rows = [r for r in rows if r[I_STEP] is not None]
-                else:  # some already stored: staging table + ON CONFLICT DO NOTHING
-                    await conn.copy_records_to_table("spans_stage", records=rows, columns=COLUMNS)
+                n: int = total
+                if not await self._copy_direct(conn, rows, copy):
+                    # some already stored: staging table + ON CONFLICT DO NOTHING
+                    await self._copy(conn, "spans_stage_v2", rows, copy)
                     res = await conn.fetchrow(_INSERT)
                     n = res["n"]
                     keys = set(res["keys"])
-                    step_rows = []
-                    for r in rows:  # each new key once (a batch may repeat a span)
+                    new_steps = []
+                    for r in steps:  # each new key once (a batch may repeat a span)
                         k = r[I_TRACE] + r[I_SPAN]
-                        if r[I_STEP] is not None and k in keys:
+                        if k in keys:
                             keys.discard(k)
-                            step_rows.append(r)
-                if step_rows:
-                    await self._fold(conn, step_rows)
+                            new_steps.append(r)
+                    steps = new_steps
+                if steps:  # all new (direct COPY): every step span counts
+                    await self._fold(conn, steps)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
         metrics.SPANS_STORED.inc(n)
-        if len(rows) > n:
-            metrics.SPANS_DUPLICATE.inc(len(rows) - n)
+        if total > n:
+            metrics.SPANS_DUPLICATE.inc(total - n)
         return n
 
-    async def _copy_direct(self, conn: asyncpg.Connection, rows: list[SpanRow]) -> int | None:
-        """COPY straight into ``spans`` (the common case: no duplicates); None when a span is
+    @staticmethod
+    async def _copy(
+        conn: asyncpg.Connection, table: str, rows: list[SpanRow], copy: bytes | None
+    ) -> None:
+        if copy is not None:
+            # a memoryview: asyncpg would take bytes for a file path
+            await conn.copy_to_table(
+                table, source=memoryview(copy), columns=SPAN_COLUMNS, format="binary"
+            )
+        if rows:
+            await conn.copy_records_to_table(table, records=rows, columns=SPAN_COLUMNS)
+
+    async def _copy_direct(
+        self, conn: asyncpg.Connection, rows: list[SpanRow], copy: bytes | None
+    ) -> bool:
+        """COPY straight into ``spans`` (the common case: no duplicates); False when a span is
         already there (the savepoint is rolled back and the caller takes the staging path)."""
         try:
             async with conn.transaction():
-                await conn.copy_records_to_table("spans", records=rows, columns=SPAN_COLUMNS)
+                await self._copy(conn, "spans", rows, copy)
         except asyncpg.UniqueViolationError:
-            return None
-        return len(rows)
+            return False
+        return True
 
     async def _fold(self, conn: asyncpg.Connection, rows: list[SpanRow]) -> None:
         obs = observations(rows, self.spec)
@@ -246,11 +275,11 @@ async def run_writer(writer: Writer, queue: SpanQueue, batch_spans: int) -> None
         items = await queue.take(batch_spans)
         writer.inflight += 1
         metrics.QUEUE_DEPTH.set(queue.depth)
-        rows = [r for it in items for r in it.rows]
+        batches = [it.spans for it in items]
         delay = 0.1
         while True:
             try:
-                await writer.write(rows)
+                await writer.write_spans(batches)
                 break
             except asyncio.CancelledError:
                 raise
