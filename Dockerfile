@@ -27,13 +27,13 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/hoptrace
 COPY --from=native /wheels /wheels
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml constraints.txt README.md* ./
 COPY core ./core
 COPY instrumentation ./instrumentation
 COPY workers ./workers
 COPY collector ./collector
 COPY dashboard ./dashboard
-RUN /opt/hoptrace/bin/pip install . /wheels/*.whl \
+RUN /opt/hoptrace/bin/pip install -c constraints.txt . /wheels/*.whl \
     && /opt/hoptrace/bin/python -c "import hoptrace_native" \
     && /opt/hoptrace/bin/hoptrace --help >/dev/null
 

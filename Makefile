@@ -12,10 +12,10 @@ NATIVE := native/Cargo.toml native/Cargo.lock native/pyproject.toml $(wildcard n
 # rustup's default location, for shells that did not source ~/.cargo/env
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-$(STAMP): pyproject.toml $(NATIVE)
+$(STAMP): pyproject.toml constraints.txt $(NATIVE)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	@if command -v cargo >/dev/null 2>&1; then $(BIN)/python -m pip install -q ./native; \
 	else echo "install: no Rust toolchain (cargo): hoptrace_native not built, the pure-Python OTLP codec is used (its tests fail)"; fi
 	@touch $(STAMP)
