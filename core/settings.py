@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     worker_consumers: int | None = Field(
         default=None,
         ge=1,
-        description="Kafka consumers per worker process (default: min(3, the spec's partitions)).",
+        description="Kafka consumers per worker process (default 1: it handles its partitions concurrently).",
     )
     # collector (write side)
     span_topic: str | None = Field(default=None, description="Kafka topic of OTLP span records.")

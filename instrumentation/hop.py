@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -229,11 +231,28 @@ class _Assigned(ConsumerRebalanceListener):
         self.runtime = runtime
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        pass
+        await self.runtime._on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self.runtime.assigned = set(assigned)
         self.runtime.ready.set()
+
+
+#: The lane (see ``HopRuntime._loop``) the running task works for: its DB connection slot.
+_lane_key: contextvars.ContextVar[int] = contextvars.ContextVar("hoptrace_hop_lane", default=-1)
+
+
+class _Lane:
+    """Records of some partitions, handled one at a time in offset order by one task with
+    its own database connection. Lanes run concurrently (one partition never in two lanes)."""
+
+    __slots__ = ("key", "queue", "task", "current")
+
+    def __init__(self, key: int) -> None:
+        self.key = key
+        self.queue: deque[ConsumerRecord] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.current: ConsumerRecord | None = None
 
 
 class _Abandon(Exception):
@@ -262,7 +281,10 @@ class HopRuntime:
     messaging attributes); ``trace_bookkeeping=True`` traces the runtime's own guard/mark
     queries too (the handler's queries are always traced); ``commit_after_export=True`` (the
     default) commits offsets every ``commit_interval_s`` after exporting the spans of the
-    records handled, so a SIGKILL never leaves a committed record without its step span."""
+    records handled, so a SIGKILL never leaves a committed record without its step span.
+    Records of different partitions are handled concurrently, in up to ``max_lanes`` lanes
+    (each in offset order with its own connection); a partition with ``lane_buffer`` records
+    waiting is paused until its lane catches up."""
 
     def __init__(
         self,
@@ -290,6 +312,8 @@ class HopRuntime:
         trace_bookkeeping: bool = False,
         commit_after_export: bool = True,
         commit_interval_s: float = 0.2,
+        max_lanes: int = 8,
+        lane_buffer: int = 200,
     ) -> None:
         self.spec = spec
         self.step = spec.step(step_id)
@@ -318,6 +342,12 @@ class HopRuntime:
         self.trace_bookkeeping = trace_bookkeeping
         self.commit_after_export = commit_after_export
         self.commit_interval_s = commit_interval_s
+        self.max_lanes = max(1, max_lanes)
+        self.lane_buffer = max(1, lane_buffer)
+        self._lanes: dict[int, _Lane] = {}
+        self._paused: set[TopicPartition] = set()
+        self._conns: dict[int, asyncpg.Connection] = {}
+        self._lane_failed = asyncio.Event()
         self._pending: dict[TopicPartition, int] = {}
         self._committer: asyncio.Task[None] | None = None
         self._unflushed_since: float | None = None
@@ -335,7 +365,6 @@ class HopRuntime:
         self._stop = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._pool: asyncpg.Pool | None = None
-        self._conn: asyncpg.Connection | None = None
         self._tracer = get_tracer()
         self._warned_no_emits = False
 
@@ -353,7 +382,9 @@ class HopRuntime:
         """Consume until ``stop()`` / SIGTERM / SIGINT; then finish the record in hand, commit
         its offset, close the clients and flush spans."""
         self._tracer = get_tracer()  # tracing may have been configured after __init__
-        self._pool = await asyncpg.create_pool(self.database_url, min_size=1, max_size=2)
+        self._pool = await asyncpg.create_pool(
+            self.database_url, min_size=1, max_size=self.max_lanes + 1
+        )
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=self.group,
@@ -387,7 +418,8 @@ class HopRuntime:
             if self._own_producer:
                 with contextlib.suppress(Exception):
                     await self.producer.stop()
-            await self._drop_connection()
+            for key in list(self._conns):
+                await self._drop_connection(key)
             with contextlib.suppress(Exception):
                 await self._pool.close()
             await asyncio.to_thread(flush_tracing, self.flush_timeout_s)
@@ -412,39 +444,113 @@ class HopRuntime:
                     loop.remove_signal_handler(sig)
 
     async def _loop(self) -> None:
+        """Fetch batches and hand each record to its partition's lane; lanes run concurrently.
+        Returns when stop is requested (after the lanes finished the records in hand)."""
         assert self._consumer is not None
         consumer = self._consumer
-        getone = consumer.getone
-        plain = getattr(AIOKafkaConsumer.getone, "__wrapped__", None)
+        getmany = consumer.getmany
+        plain = getattr(AIOKafkaConsumer.getmany, "__wrapped__", None)
         if not self.receive_spans and plain is not None:
             # The process span (child of the same extracted context) carries everything the
             # instrumentation's receive span would; skip that one to halve the per-hop cost.
-            def getone() -> Any:
-                return plain(consumer)
+            def getmany(*args: Any, **kwargs: Any) -> Any:
+                return plain(consumer, *args, **kwargs)
 
         stop_wait = asyncio.ensure_future(self._stop.wait())
+        failed_wait = asyncio.ensure_future(self._lane_failed.wait())
         try:
             while not self._stop.is_set():
-                get = asyncio.ensure_future(getone())
-                done, _ = await asyncio.wait({get, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                get = asyncio.ensure_future(getmany(timeout_ms=1000, max_records=self.lane_buffer))
+                done, _ = await asyncio.wait(
+                    {get, stop_wait, failed_wait}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if get not in done:
                     get.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await get
                     break
-                record = get.result()
-                try:
-                    await self.process(record)
-                except _Abandon:
-                    log.info(
-                        "stop requested: left %s:%s@%s uncommitted",
-                        record.topic,
-                        record.partition,
-                        record.offset,
-                    )
-                    break
+                for tp, records in get.result().items():
+                    if records:
+                        self._dispatch(tp, records)
+            self._stop.set()  # lanes finish the record in hand and leave the rest
+            lanes = [lane.task for lane in self._lanes.values() if lane.task is not None]
+            if lanes:
+                await asyncio.gather(*lanes, return_exceptions=True)
+            for lane in self._lanes.values():  # a lane that failed ends the runtime with it
+                if lane.task is not None and lane.task.done() and not lane.task.cancelled():
+                    exc = lane.task.exception()
+                    if exc is not None:
+                        raise exc
         finally:
             stop_wait.cancel()
+            failed_wait.cancel()
+            for lane in self._lanes.values():  # cancelled: the lanes go with the loop
+                if lane.task is not None and not lane.task.done():
+                    lane.task.cancel()
+
+    def _dispatch(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
+        key = tp.partition % self.max_lanes
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(key)
+        lane.queue.extend(records)
+        if len(lane.queue) >= self.lane_buffer:
+            # back-pressure: fetch no more of it until its lane caught up (see _run_lane)
+            self._consumer.pause(tp)  # type: ignore[union-attr]
+            self._paused.add(tp)
+        if lane.task is None or lane.task.done():
+            lane.task = asyncio.create_task(self._run_lane(lane), name=f"hop-lane-{key}")
+            lane.task.add_done_callback(self._lane_done)
+
+    def _lane_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._lane_failed.set()
+
+    async def _run_lane(self, lane: _Lane) -> None:
+        _lane_key.set(lane.key)  # this task's context only: the lane's DB connection slot
+        queue = lane.queue
+        while queue and not self._stop.is_set():
+            record = lane.current = queue.popleft()
+            try:
+                await self.process(record)
+            except _Abandon:
+                log.info(
+                    "stop requested: left %s:%s@%s uncommitted",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                )
+                return
+            finally:
+                lane.current = None
+            if self._paused and len(queue) <= self.lane_buffer // 2:
+                self._resume(lane)
+
+    def _resume(self, lane: _Lane) -> None:
+        for tp in [tp for tp in self._paused if tp.partition % self.max_lanes == lane.key]:
+            self._paused.discard(tp)
+            if self._consumer is not None and tp in self.assigned:
+                self._consumer.resume(tp)
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Partitions taken away: drop their waiting records (their new owner gets them from
+        the committed offset), wait briefly for a record of theirs in hand, commit what was
+        handled while the offsets are still ours."""
+        parts = {tp.partition for tp in revoked}
+        busy = []
+        for lane in self._lanes.values():
+            kept = [r for r in lane.queue if r.partition not in parts]
+            if len(kept) != len(lane.queue):
+                lane.queue.clear()
+                lane.queue.extend(kept)
+            if lane.current is not None and lane.current.partition in parts and lane.task:
+                busy.append(lane.task)
+        self._paused -= revoked
+        if busy:
+            await asyncio.wait(busy, timeout=10)
+        if self._committer is not None:
+            with contextlib.suppress(Exception):
+                await self._commit_pending()
 
     # -- one record --------------------------------------------------------------------------
 
@@ -656,21 +762,25 @@ class HopRuntime:
         return suppress_instrumentation()
 
     async def _connection(self) -> asyncpg.Connection:
-        """The runtime's connection (held across records: no pool reset per record)."""
+        """The current lane's connection (held across records: no pool reset per record)."""
         assert self._pool is not None
-        if self._conn is not None:
+        key = _lane_key.get()
+        conn = self._conns.get(key)
+        if conn is not None:
             try:
-                closed = self._conn.is_closed()
+                closed = conn.is_closed()
             except asyncpg.InterfaceError:  # the pool took it back when its backend went away
                 closed = True
             if closed:
                 await self._drop_connection()
-        if self._conn is None:
-            self._conn = await self._pool.acquire()
-        return self._conn
+                conn = None
+        if conn is None:
+            conn = self._conns[key] = await self._pool.acquire()
+        return conn
 
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
+    async def _drop_connection(self, key: int | None = None) -> None:
+        """Release the current lane's connection (or lane ``key``'s) to the pool."""
+        conn = self._conns.pop(_lane_key.get() if key is None else key, None)
         if conn is not None and self._pool is not None:
             with suppress_instrumentation(), contextlib.suppress(Exception):
                 await self._pool.release(conn, timeout=5)

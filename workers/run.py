@@ -16,6 +16,7 @@ import asyncpg
 import httpx
 
 from hoptrace.instrumentation.hop import HopHooks, HopRuntime
+from hoptrace.instrumentation.producer import HopProducer
 from hoptrace.instrumentation.spec import PipelineSpec, SpecError, load_spec
 from hoptrace.instrumentation.tracing import configure_tracing, shutdown_tracing
 from hoptrace.readiness import clear_ready, mark_ready
@@ -35,7 +36,13 @@ SERVICES = (
 )
 CRASH_EXIT_CODE = 17
 READY_CHECK_S = 3.0
-DEFAULT_CONSUMERS = 3  # per worker process: records wait on I/O, so a few consumers overlap
+DEFAULT_CONSUMERS = 1  # per worker process: one consumer handles its partitions concurrently
+#: Offsets are committed (after the spans of the records handled are exported) this often: each
+#: commit forces a span export, so a short interval costs CPU; a kill redelivers at most this
+#: much (a duplicate, never a second row).
+COMMIT_INTERVAL_S = 1.0
+#: Emits of concurrent records wait this long to share one produce request.
+LINGER_MS = 2
 
 
 def _url(explicit: str | None, host: str, port: int) -> str:
@@ -82,12 +89,10 @@ async def _admin_service(
 async def _payment_service(
     settings: Settings, spec: PipelineSpec, fault: str | None
 ) -> AsyncIterator[asyncio.Task]:
-    from hoptrace.instrumentation.producer import HopProducer
-
     from .http import start_server, stop_server
     from .payment_service import PaymentService
 
-    producer = HopProducer(settings.kafka_bootstrap)
+    producer = HopProducer(settings.kafka_bootstrap, linger_ms=LINGER_MS)
     await producer.start()
     try:
         async with _pool(settings.database_url, 20) as pool:
@@ -141,6 +146,8 @@ async def _worker(
     else:
         handler, consumes = session_worker.handle, session_worker.CONSUMES
     consumers = settings.worker_consumers or min(DEFAULT_CONSUMERS, spec.partitions)
+    producer = HopProducer(settings.kafka_bootstrap, linger_ms=LINGER_MS)
+    await producer.start()
     runtimes = [
         HopRuntime(
             spec,
@@ -150,6 +157,8 @@ async def _worker(
             database_url=settings.database_url,
             validate=validator(consumes),
             handle_signals=False,
+            producer=producer,
+            commit_interval_s=COMMIT_INTERVAL_S,
             **opts,
         )
         for _ in range(consumers)
@@ -172,6 +181,7 @@ async def _worker(
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
         if client is not None:
             await client.aclose()
+        await producer.stop()
 
 
 async def _first_to_end(tasks: list[asyncio.Task]) -> None:
