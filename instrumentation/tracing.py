@@ -199,7 +199,8 @@ def _sdk_disabled() -> bool:
 
 def _default_exporter(opts: dict[str, Any]) -> SpanExporter | None:
     """OTLP exporter chosen by OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL;
-    endpoint, headers, timeout and TLS come from the standard OTEL_* variables."""
+    endpoint, headers, timeout and TLS come from the standard OTEL_* variables. Batches are
+    serialized by hoptrace_native when it is installed (see ``otlp``)."""
     kind = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
     if kind in ("none", ""):
         return None
@@ -215,21 +216,19 @@ def _default_exporter(opts: dict[str, Any]) -> SpanExporter | None:
     )
     endpoint = opts.pop("endpoint", None)
     kwargs: dict[str, Any] = {}
-    if protocol.startswith("http"):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from . import otlp  # the SDK's exporters with the native encoder (SDK's without it)
 
+    if protocol.startswith("http"):
         if endpoint:
             kwargs["endpoint"] = endpoint.rstrip("/") + (
                 "" if endpoint.rstrip("/").endswith("/v1/traces") else "/v1/traces"
             )
-        return OTLPSpanExporter(**kwargs)
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
-
+        return otlp.http_exporter(**kwargs)
     if endpoint:
         kwargs["endpoint"] = endpoint
         if endpoint.startswith("http://"):
             kwargs["insecure"] = True
-    return Grpc(**kwargs)
+    return otlp.grpc_exporter(**kwargs)
 
 
 def _instrument(provider: TracerProvider) -> None:
