@@ -487,6 +487,8 @@ async def wait_drained(stack: Stack, ids: list[str], timeout: float, tl: Timelin
 
 
 async def wait_alerts_settled(stack: Stack, timeout: float) -> bool:
+    """Every alert delivered and resolved, and no deadline held by a collector that took over
+    after a gap (those are judged, and maybe alerted, when its grace ends)."""
     end = time.monotonic() + timeout
     while True:
         conn = await _pg(stack)
@@ -495,9 +497,12 @@ async def wait_alerts_settled(stack: Stack, timeout: float) -> bool:
                 "SELECT count(*) FROM alerts WHERE status = 'firing' OR NOT delivered_firing "
                 "OR NOT delivered_resolved"
             )
+            held = await conn.fetchval(
+                "SELECT count(*) FROM stall_scan WHERE hold_until IS NOT NULL"
+            )
         finally:
             await conn.close()
-        if pending == 0:
+        if pending == 0 and held == 0:
             return True
         if time.monotonic() > end:
             return False

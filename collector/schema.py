@@ -126,7 +126,8 @@ CREATE INDEX IF NOT EXISTS alerts_correlation_idx ON alerts (correlation_id);
 -- the stall-scan leader's heartbeat: a new leader knows how long nobody scanned
 CREATE TABLE IF NOT EXISTS stall_scan (
     id          integer PRIMARY KEY CHECK (id = 1),
-    heartbeat   timestamptz NOT NULL
+    heartbeat   timestamptz NOT NULL,
+    hold_until  timestamptz  -- set while a new leader holds the deadlines of a gap
 );
 CREATE INDEX IF NOT EXISTS alerts_outbox_idx ON alerts (next_attempt_at)
     WHERE NOT delivered_firing OR (status = 'resolved' AND NOT delivered_resolved);

@@ -65,6 +65,7 @@ INSERT INTO stall_scan (id, heartbeat) VALUES (1, now())
 ON CONFLICT (id) DO UPDATE SET heartbeat = excluded.heartbeat
 RETURNING (SELECT heartbeat FROM stall_scan WHERE id = 1) AS previous, heartbeat AS now
 """
+_HOLD = "UPDATE stall_scan SET hold_until = $1 WHERE id = 1"
 _MOVED = """
 SELECT c.correlation_id, c.pipeline, c.steps::text AS steps,
        coalesce(array_agg(a.step) FILTER (WHERE a.step IS NOT NULL), '{}') AS alerted
@@ -181,6 +182,7 @@ class StallScanner:
             if gap and self.grace > 0 and self.spec is not None:
                 self.hold_until = now + timedelta(seconds=self.grace)
                 self.hold = (previous, self.hold_until)
+                await conn.execute(_HOLD, self.hold_until)
                 log.info(
                     "stall scan leadership acquired after %.1fs without a scanner: deadlines "
                     "since %s are judged in %.1fs, once the spans held meanwhile have arrived",
@@ -209,6 +211,7 @@ class StallScanner:
                     metrics.ALERTS_FIRED.inc(late)
                     log.info("%d step(s) were late while no collector scanned: alerted", late)
                 self.hold = self.hold_until = None
+                await self._conn.execute(_HOLD, None)
         # the heartbeat first: every deadline before it is judged by this scan
         await self._conn.execute(_HEARTBEAT)
         fired = await scan_once(self._conn, self.limit, hold_from, hold_to)

@@ -198,6 +198,8 @@ async def test_takeover_after_a_gap_judges_held_deadlines_by_span_times(
         await _post(c, on_time + late + stuck)
         pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
         try:
+            held = await pool.fetchval("SELECT hold_until FROM stall_scan")
+            assert held is not None and held.timestamp() > time.time()  # visible while held
             await wait_for(
                 lambda: _ready(len(rx.webhook("resolved")) >= 1 and len(rx.webhook("firing")) >= 2),
                 timeout=15,
@@ -216,6 +218,7 @@ async def test_takeover_after_a_gap_judges_held_deadlines_by_span_times(
             assert st.status == "firing" and st.step == "purchase.created"
             # the stuck one was held for the grace, not fired at the takeover
             assert c.scanner.hold is None
+            assert await pool.fetchval("SELECT hold_until FROM stall_scan") is None
             held_until = st.fired_at.timestamp()
             started = (await pool.fetchval("SELECT min(first_seen) FROM correlations")).timestamp()
             assert held_until > started
