@@ -174,10 +174,13 @@ class LightClient:
         return {"ids": ids, "errors": errors, "seconds": time.monotonic() - t0}
 
 
-def isolated_spec(tmp: Path, suffix: str) -> Path:
+def isolated_spec(tmp: Path, suffix: str, partitions: int | None = None) -> Path:
     import re
 
     text = (PROJECT_ROOT / "pipelines" / "payments.toml").read_text()
+    if partitions:
+        text = re.sub(r"^partitions\s*=.*\n", "", text, flags=re.M)
+        text = text.replace("[pipeline]\n", f"[pipeline]\npartitions = {partitions}\n", 1)
     text = re.sub(
         r'^(consumes|emits|group)\s*=\s*"([^"]+)"',
         lambda m: f'{m.group(1)} = "{m.group(2)}-{suffix}"',
@@ -358,7 +361,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     await admin.execute(f'CREATE DATABASE "{db_name}"')
     await admin.close()
     db_url = cfg.database_url.rsplit("/", 1)[0] + "/" + db_name
-    spec_path = isolated_spec(tmp, suffix)
+    spec_path = isolated_spec(tmp, suffix, args.partitions)
     spec = load_spec(spec_path)
     await ensure_topics(cfg.kafka_bootstrap, spec)
     sink = SpanSink()
@@ -520,6 +523,7 @@ def main() -> None:
     )
     parser.add_argument("--replicas", type=int, default=1, help="processes per worker")
     parser.add_argument("--no-tracing", action="store_true", help="comparison run: SDK disabled")
+    parser.add_argument("--partitions", type=int, default=0, help="override the spec's")
     parser.add_argument("--skip-latency", action="store_true", help="throughput run only")
     parser.add_argument("--profile", default="", help="py-spy each service into this folder")
     parser.add_argument("--profile-seconds", type=float, default=8.0)

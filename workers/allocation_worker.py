@@ -22,10 +22,32 @@ CONSUMES = PURCHASE_CREATED
 
 
 class Allocator:
-    """The handler, bound to an admin-service client."""
+    """The handler, bound to admin-service at ``base_url``. Requests go straight to an httpx
+    transport (keep-alive pool; traced by the httpx instrumentation like any httpx request):
+    the client layer above it (base URL, redirects, cookies, auth, event hooks) is not needed
+    here and cost about a third of the call's CPU."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self.client = client
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url = httpx.URL(base_url.rstrip("/") + "/allocations")
+        self.transport = transport or httpx.AsyncHTTPTransport()
+        self._timeout = httpx.Timeout(timeout_s).as_dict()
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    async def _post(self, body: dict[str, str]) -> httpx.Response:
+        request = httpx.Request("POST", self.url, json=body, extensions={"timeout": self._timeout})
+        response = await self.transport.handle_async_request(request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
 
     async def handle(self, ctx: HopContext) -> Emit:
         event = payload_of(ctx.envelope)
@@ -36,7 +58,7 @@ class Allocator:
             "course": event.course,
         }
         try:
-            resp = await self.client.post("/allocations", json=body)
+            resp = await self._post(body)
         except httpx.HTTPError as exc:
             raise RetryableError(f"admin-service unreachable: {type(exc).__name__}: {exc}") from exc
         if resp.status_code >= 500:

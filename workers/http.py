@@ -96,6 +96,11 @@ async def start_server(app: object, host: str, port: int) -> tuple[Server, async
         log_level="warning",
         access_log=False,
         lifespan="off",
+        http="httptools",  # the C parser (a dependency), never the pure-Python h11
+        # per request CPU: no proxy-header rewriting (not behind a proxy), no Server/Date header
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
         # longer than clients keep idle connections (httpx: 5 s), so a client never sends a
         # request on a connection the server is closing at that moment (a ReadError)
         timeout_keep_alive=KEEP_ALIVE_S,
