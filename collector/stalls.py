@@ -102,10 +102,16 @@ def late_steps(
 ) -> list[tuple[str, datetime, datetime]]:
     """(step, deadline, done) of each step of ``steps`` (a correlation's per-step record) done
     after its deadline, for the deadlines in ``[since, until)``."""
+    # a later step done means this one was done by then (its own first span may be a
+    # redelivery's, after a crash lost the original one): done times only move earlier
+    done_at: list[int | None] = [(steps.get(s.id) or {}).get("done_at") for s in spec.steps]
+    for i in range(len(done_at) - 2, -1, -1):
+        later = done_at[i + 1]
+        if later is not None and (done_at[i] is None or later < done_at[i]):  # type: ignore[operator]
+            done_at[i] = later
     out = []
-    for prev, step in zip(spec.steps, spec.steps[1:], strict=False):
-        a = (steps.get(prev.id) or {}).get("done_at")
-        b = (steps.get(step.id) or {}).get("done_at")
+    for i, step in enumerate(spec.steps[1:], start=1):
+        a, b = done_at[i - 1], done_at[i]
         if a is None or b is None:
             continue
         due, done = us_to_dt(a) + step.deadline, us_to_dt(b)

@@ -11,6 +11,7 @@ import asyncpg
 import httpx
 
 from hoptrace.collector import schema, store
+from hoptrace.collector.decode import us_to_dt
 from hoptrace.collector.service import Collector
 
 from ..support import wait_for
@@ -239,3 +240,27 @@ async def test_handover_without_a_gap_holds_nothing(make_collector, fast_spec: P
     await a.stop()  # the leader goes away; b takes over within a scan or two
     await wait_for(lambda: _true(b.scanner.is_leader), what="b leads")
     assert b.scanner.hold is None
+
+
+def test_late_steps_judges_by_span_times_and_trusts_later_steps(spec_path: Path) -> None:
+    from hoptrace.collector.stalls import late_steps
+    from hoptrace.instrumentation.spec import load_spec
+
+    spec = load_spec(spec_path)
+    ids = [s.id for s in spec.steps]
+    d1 = spec.steps[1].deadline
+    t0 = 1_800_000_000_000_000  # µs
+    since, until = us_to_dt(t0), us_to_dt(t0 + 3600 * 10**6)
+    over = int(d1.total_seconds() * 10**6) + 5 * 10**6  # 5 s past the deadline
+
+    def rec(*done: int | None) -> dict:  # type: ignore[type-arg]
+        return {i: {"done_at": d} for i, d in zip(ids, done, strict=False) if d is not None}
+
+    assert late_steps(spec, rec(t0 + 1, t0 + 2, t0 + 3, t0 + 4), since, until) == []
+    (late,) = late_steps(spec, rec(t0 + 1, t0 + 1 + over), since, until)
+    assert late == (ids[1], us_to_dt(t0 + 1) + d1, us_to_dt(t0 + 1 + over))
+    # purchase.created's only span is a late redelivery's, but trainer.allocated was done on
+    # time after it: the step was done by then, nobody was late
+    assert late_steps(spec, rec(t0 + 1, t0 + 1 + over, t0 + 3), since, until) == []
+    # a deadline outside the held window is not this judgement's business
+    assert late_steps(spec, rec(t0 + 1, t0 + 1 + over), until, until) == []
