@@ -87,6 +87,12 @@ async def worker(n: int) -> dict:
     # the clock starts at the first processed record (excludes group join / first fetch)
     while rt.stats["ok"] == 0:  # noqa: ASYNC110 - polling a counter, not an event
         await asyncio.sleep(0.0005)
+    profile_to = os.environ.get("BENCH_PROFILE")
+    if profile_to:  # cProfile of the event loop thread over the measured window
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     w0, c0, done0 = time.perf_counter(), time.process_time(), rt.stats["ok"]
     while rt.stats["ok"] < n:  # noqa: ASYNC110
         if task.done():
@@ -94,6 +100,9 @@ async def worker(n: int) -> dict:
             raise RuntimeError("runtime stopped early")
         await asyncio.sleep(0.002)
     w1, c1, done1 = time.perf_counter(), time.process_time(), rt.stats["ok"]
+    if profile_to:
+        prof.disable()
+        prof.dump_stats(f"{profile_to}.{mode}")
     await rt.stop()
     await task
     hop_export = export_stats()  # before the calibration spans
@@ -280,7 +289,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--modes", default=",".join(MODES), help="off,on,on_unreachable[,on_null]")
+    parser.add_argument(
+        "--profile", help="write each worker's cProfile stats to PROFILE.<mode> (not for figures)"
+    )
     args = parser.parse_args()
+    if args.profile:
+        os.environ["BENCH_PROFILE"] = os.path.abspath(args.profile)
     if args.worker:
         print(json.dumps(asyncio.run(worker(args.records))))
         return

@@ -36,7 +36,7 @@ from aiokafka.errors import (
     NodeNotReadyError,
 )
 from aiokafka.structs import ConsumerRecord
-from opentelemetry import baggage, context, propagate
+from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -243,8 +243,9 @@ _lane_key: contextvars.ContextVar[int] = contextvars.ContextVar("hoptrace_hop_la
 
 
 class _Lane:
-    """Records of some partitions, handled one at a time in offset order by one task with
-    its own database connection. Lanes run concurrently (one partition never in two lanes)."""
+    """Records of some keys (correlation ids), handled one at a time in offset order by one
+    task with its own database connection. Lanes run concurrently; one key is never in two
+    lanes, so the records of one key keep their order."""
 
     __slots__ = ("key", "queue", "task", "current")
 
@@ -253,6 +254,30 @@ class _Lane:
         self.queue: deque[ConsumerRecord] = deque()
         self.task: asyncio.Task[None] | None = None
         self.current: ConsumerRecord | None = None
+
+
+class _Watermark:
+    """A partition's records handed to lanes, in offset order: the offset to commit is the
+    one after the longest run of finished records from the start (a kill redelivers the rest)."""
+
+    __slots__ = ("started_", "done")
+
+    def __init__(self) -> None:
+        self.started_: deque[int] = deque()
+        self.done: set[int] = set()
+
+    def started(self, offset: int) -> None:
+        self.started_.append(offset)
+
+    def finished(self, offset: int) -> int | None:
+        """Record ``offset`` is finished; returns the new offset to commit, if it moved."""
+        self.done.add(offset)
+        upto = None
+        while self.started_ and self.started_[0] in self.done:
+            first = self.started_.popleft()
+            self.done.discard(first)
+            upto = first + 1
+        return upto
 
 
 class _Abandon(Exception):
@@ -282,9 +307,10 @@ class HopRuntime:
     queries too (the handler's queries are always traced); ``commit_after_export=True`` (the
     default) commits offsets every ``commit_interval_s`` after exporting the spans of the
     records handled, so a SIGKILL never leaves a committed record without its step span.
-    Records of different partitions are handled concurrently, in up to ``max_lanes`` lanes
-    (each in offset order with its own connection); a partition with ``lane_buffer`` records
-    waiting is paused until its lane catches up."""
+    Records of different keys are handled concurrently, in up to ``max_lanes`` lanes (a key
+    always in the same lane, in offset order; each lane with its own connection); a partition's
+    offset is committed only past records all handled (its lowest unfinished one holds it); a
+    partition with ``lane_buffer`` records waiting is paused until its lanes catch up."""
 
     def __init__(
         self,
@@ -346,6 +372,8 @@ class HopRuntime:
         self.lane_buffer = max(1, lane_buffer)
         self._lanes: dict[int, _Lane] = {}
         self._paused: set[TopicPartition] = set()
+        self._waiting: dict[TopicPartition, int] = {}  # records queued or in hand
+        self._marks: dict[TopicPartition, _Watermark] = {}
         self._conns: dict[int, asyncpg.Connection] = {}
         self._lane_failed = asyncio.Event()
         self._pending: dict[TopicPartition, int] = {}
@@ -489,18 +517,26 @@ class HopRuntime:
                     lane.task.cancel()
 
     def _dispatch(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        key = tp.partition % self.max_lanes
-        lane = self._lanes.get(key)
-        if lane is None:
-            lane = self._lanes[key] = _Lane(key)
-        lane.queue.extend(records)
-        if len(lane.queue) >= self.lane_buffer:
-            # back-pressure: fetch no more of it until its lane caught up (see _run_lane)
+        mark = self._marks.get(tp)
+        if mark is None:
+            mark = self._marks[tp] = _Watermark()
+        for record in records:
+            mark.started(record.offset)
+            # one key, one lane: a correlation's records in order (no key: its partition's lane)
+            key = hash(record.key) if record.key is not None else tp.partition
+            slot = key % self.max_lanes
+            lane = self._lanes.get(slot)
+            if lane is None:
+                lane = self._lanes[slot] = _Lane(slot)
+            lane.queue.append(record)
+            if lane.task is None or lane.task.done():
+                lane.task = asyncio.create_task(self._run_lane(lane), name=f"hop-lane-{slot}")
+                lane.task.add_done_callback(self._lane_done)
+        waiting = self._waiting[tp] = self._waiting.get(tp, 0) + len(records)
+        if waiting >= self.lane_buffer:
+            # back-pressure: fetch no more of it until its lanes caught up (see _run_lane)
             self._consumer.pause(tp)  # type: ignore[union-attr]
             self._paused.add(tp)
-        if lane.task is None or lane.task.done():
-            lane.task = asyncio.create_task(self._run_lane(lane), name=f"hop-lane-{key}")
-            lane.task.add_done_callback(self._lane_done)
 
     def _lane_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -523,14 +559,12 @@ class HopRuntime:
                 return
             finally:
                 lane.current = None
-            if self._paused and len(queue) <= self.lane_buffer // 2:
-                self._resume(lane)
-
-    def _resume(self, lane: _Lane) -> None:
-        for tp in [tp for tp in self._paused if tp.partition % self.max_lanes == lane.key]:
-            self._paused.discard(tp)
-            if self._consumer is not None and tp in self.assigned:
-                self._consumer.resume(tp)
+                tp = TopicPartition(record.topic, record.partition)
+                left = self._waiting[tp] = self._waiting.get(tp, 1) - 1
+            if tp in self._paused and left <= self.lane_buffer // 2:
+                self._paused.discard(tp)
+                if self._consumer is not None and tp in self.assigned:
+                    self._consumer.resume(tp)
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Partitions taken away: drop their waiting records (their new owner gets them from
@@ -548,6 +582,9 @@ class HopRuntime:
         self._paused -= revoked
         if busy:
             await asyncio.wait(busy, timeout=10)
+        for tp in revoked:  # records of theirs still in hand after this are not committed
+            self._marks.pop(tp, None)
+            self._waiting.pop(tp, None)
         if self._committer is not None:
             with contextlib.suppress(Exception):
                 await self._commit_pending()
@@ -576,16 +613,18 @@ class HopRuntime:
         }
         if cid:
             attrs[c.ATTR_CORRELATION_ID] = cid
-        with self._tracer.start_as_current_span(
-            self.step.id,
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes=attrs,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
+        span = self._tracer.start_span(
+            self.step.id, context=parent, kind=SpanKind.CONSUMER, attributes=attrs
+        )
+        # current = the extracted context (its baggage included) + the process span: the
+        # handler's spans are its children and need no second baggage attach
+        token = context.attach(trace.set_span_in_context(span, parent))
+        try:
             outcome = await self._process_in_span(record, info, headers, span, cid)
             span.set_attribute(c.ATTR_OUTCOME, outcome)
+        finally:
+            context.detach(token)
+            span.end()
         await self._commit(record)
         self.stats[outcome] = self.stats.get(outcome, 0) + 1
         return outcome
@@ -598,6 +637,7 @@ class HopRuntime:
         span: Span,
         cid: str | None,
     ) -> str:
+        known = cid  # already on the span
         try:
             envelope = Envelope.parse(record.value)
             cid = cid or envelope.correlation_id or _payload_cid(envelope, self.spec)
@@ -609,13 +649,10 @@ class HopRuntime:
             if envelope.correlation_id != cid:
                 envelope = envelope.with_correlation_id(cid)
             if span.is_recording():
-                span.set_attributes(
-                    {
-                        c.ATTR_CORRELATION_ID: cid,
-                        c.ATTR_EVENT_ID: envelope.event_id,
-                        c.ATTR_EVENT_TYPE: envelope.type,
-                    }
-                )
+                found = {c.ATTR_EVENT_ID: envelope.event_id, c.ATTR_EVENT_TYPE: envelope.type}
+                if cid != known:
+                    found[c.ATTR_CORRELATION_ID] = cid
+                span.set_attributes(found)
             if self.validate is not None:
                 try:
                     self.validate(envelope)
@@ -845,12 +882,21 @@ class HopRuntime:
 
     async def _commit(self, record: ConsumerRecord) -> None:
         tp = TopicPartition(record.topic, record.partition)
+        upto = record.offset + 1
+        if _lane_key.get() >= 0:  # handled by a lane: records of a partition finish out of order
+            mark = self._marks.get(tp)
+            if mark is None:  # revoked meanwhile: its new owner handles it again
+                return
+            moved = mark.finished(record.offset)
+            if moved is None:  # an earlier record of the partition is still being handled
+                return
+            upto = moved
         if self._committer is not None and not self._committer.done():
             # committed by the commit loop once this record's spans are exported: a process
             # killed before that gets the record again (a duplicate), never a lost step span
-            self._pending[tp] = record.offset + 1
+            self._pending[tp] = upto
             return
-        await self._commit_offsets({tp: record.offset + 1})
+        await self._commit_offsets({tp: upto})
 
     async def _commit_loop(self) -> None:
         while True:

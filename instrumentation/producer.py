@@ -4,6 +4,7 @@ the step span of a producer-only first step (e.g. payment-service)."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -82,6 +83,7 @@ class HopProducer:
         opts.update(aiokafka_opts)
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **opts)
         self._started = False
+        self._server_address: str | None = None
 
     async def start(self) -> None:
         if not self._started:
@@ -121,24 +123,63 @@ class HopProducer:
         partition and offset. The key defaults to the correlation id (one correlation, one
         partition, in order)."""
         headers = envelope_headers(envelope)
+        cid = envelope.correlation_id
         ctx = context.get_current()
-        if (
-            envelope.correlation_id
-            and baggage.get_baggage(BAGGAGE_KEY, ctx) != envelope.correlation_id
-        ):
-            ctx = baggage.set_baggage(BAGGAGE_KEY, envelope.correlation_id, ctx)
-        token = context.attach(ctx)
-        try:
-            if not _kafka_instrumented():
-                propagate.inject(headers, context=ctx, setter=_setter)
-            if key is None and envelope.correlation_id:
-                key = envelope.correlation_id.encode()
+        if cid and baggage.get_baggage(BAGGAGE_KEY, ctx) != cid:
+            ctx = baggage.set_baggage(BAGGAGE_KEY, cid, ctx)
+        if key is None and cid:
+            key = cid.encode()
+        plain = getattr(AIOKafkaProducer.send, "__wrapped__", None)
+        if plain is not None:  # aiokafka is instrumented: its send span, made here
+            md = await self._traced_send(plain, topic, envelope.to_bytes(), key, headers, ctx)
+        else:
+            propagate.inject(headers, context=ctx, setter=_setter)
             md = await self._producer.send_and_wait(
                 topic, envelope.to_bytes(), key=key, headers=headers
             )
-        finally:
-            context.detach(token)
         record_emit(trace.get_current_span(), md, envelope)
+        return md
+
+    async def _traced_send(
+        self,
+        plain: Any,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        headers: Headers,
+        ctx: context.Context,
+    ) -> RecordMetadata:
+        """The span the aiokafka instrumentation makes for a send ("<topic> send", PRODUCER,
+        the same messaging attributes, traceparent + baggage injected into the headers),
+        built in one step instead of its per-send partitioner run and attribute calls, and
+        ended at the broker's ack (which gives the partition)."""
+        client = self._producer.client
+        if self._server_address is None:
+            self._server_address = json.dumps(client._bootstrap_servers)
+        attrs: dict[str, Any] = {
+            c.MSG_SYSTEM: "kafka",
+            "server.address": self._server_address,
+            "messaging.client.id": client._client_id,
+            c.MSG_DESTINATION: topic,
+            "messaging.operation.name": "send",
+            c.MSG_OPERATION_TYPE: "publish",
+        }
+        if key is not None:
+            attrs["messaging.kafka.message.key"] = key.decode("utf-8", "replace")
+        span = get_tracer().start_span(
+            f"{topic} send", context=ctx, kind=SpanKind.PRODUCER, attributes=attrs
+        )
+        try:
+            propagate.inject(headers, context=trace.set_span_in_context(span, ctx), setter=_setter)
+            md = await (await plain(self._producer, topic, value, key, None, None, headers))
+        except BaseException as exc:
+            if span.is_recording():
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.end()
+            raise
+        span.set_attribute(c.MSG_PARTITION, str(md.partition))
+        span.end()
         return md
 
 

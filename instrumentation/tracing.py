@@ -134,11 +134,16 @@ class _CountingExporter(SpanExporter):
 class _CountingBatchProcessor(BatchSpanProcessor):
     """BatchSpanProcessor that counts spans it has to drop because its queue is full."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        bp = getattr(self, "_batch_processor", None)
+        self._queue = getattr(bp, "_queue", None)  # looked up once, not per span
+        self._queue_max = getattr(bp, "_max_queue_size", 0)
+
     def on_end(self, span: ReadableSpan) -> None:
         _stats.ended += 1
-        bp = getattr(self, "_batch_processor", None)
-        queue = getattr(bp, "_queue", None)
-        if queue is not None and len(queue) >= bp._max_queue_size:  # type: ignore[union-attr]
+        queue = self._queue
+        if queue is not None and len(queue) >= self._queue_max:
             with _stats.lock:
                 _stats.dropped_queue_full += 1
                 _stats.warn_dropped()
@@ -146,13 +151,17 @@ class _CountingBatchProcessor(BatchSpanProcessor):
 
 
 class _SwitchableProcessor(SpanProcessor):
-    """Delegates to the current export processor; lets a later configure swap exporters."""
+    """The provider's one span processor (no per-span loop over a processor list): copies the
+    correlation baggage onto each starting span through ``baggage`` (BaggageSpanProcessor
+    limited to the key) and hands ended spans to the current export processor, which a later
+    configure can swap."""
 
-    def __init__(self) -> None:
+    def __init__(self, baggage: SpanProcessor) -> None:
+        self.baggage = baggage
         self.current: SpanProcessor | None = None
 
     def on_start(self, span: Any, parent_context: context.Context | None = None) -> None:
-        pass
+        self.baggage.on_start(span, parent_context)
 
     def on_end(self, span: ReadableSpan) -> None:
         cur = self.current
@@ -281,8 +290,7 @@ def configure_tracing(
             attrs: dict[str, Any] = {"service.name": service_name}
             attrs.update(opts.pop("resource_attributes", None) or {})
             provider = TracerProvider(resource=Resource.create(attrs))
-            switch = _SwitchableProcessor()
-            provider.add_span_processor(BaggageSpanProcessor(lambda k: k == BAGGAGE_KEY))
+            switch = _SwitchableProcessor(BaggageSpanProcessor(lambda k: k == BAGGAGE_KEY))
             provider.add_span_processor(switch)
             trace.set_tracer_provider(provider)
             if trace.get_tracer_provider() is not provider:
