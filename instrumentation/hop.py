@@ -18,6 +18,7 @@ import logging
 import signal
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -254,6 +255,12 @@ class _Lane:
         self.queue: deque[ConsumerRecord] = deque()
         self.task: asyncio.Task[None] | None = None
         self.current: ConsumerRecord | None = None
+
+
+def _slot(key: bytes | None, partition: int, lanes: int) -> int:
+    """The lane of a record: one key, one lane, so a correlation's records stay in order
+    (a record without a key: its partition's lane)."""
+    return (zlib.crc32(key) if key is not None else partition) % lanes
 
 
 class _Watermark:
@@ -522,9 +529,7 @@ class HopRuntime:
             mark = self._marks[tp] = _Watermark()
         for record in records:
             mark.started(record.offset)
-            # one key, one lane: a correlation's records in order (no key: its partition's lane)
-            key = hash(record.key) if record.key is not None else tp.partition
-            slot = key % self.max_lanes
+            slot = _slot(record.key, tp.partition, self.max_lanes)
             lane = self._lanes.get(slot)
             if lane is None:
                 lane = self._lanes[slot] = _Lane(slot)

@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from hoptrace.instrumentation.envelope import Envelope
-from hoptrace.instrumentation.hop import HopContext, HopRuntime
+from hoptrace.instrumentation.hop import HopContext, HopRuntime, _slot
 from hoptrace.instrumentation.producer import HopProducer
 from hoptrace.instrumentation.spec import PipelineSpec, load_spec
 from tests.instrumentation.helpers import committed, running
@@ -138,3 +138,74 @@ async def test_a_lane_behind_pauses_its_partition_and_resumes_it(
     assert _in_order(seen)
     assert most == 1  # one lane: one record at a time
     assert paused and resumed
+
+
+async def test_keys_of_one_partition_overlap_and_the_commit_waits_for_the_slowest(
+    spec, topics, kafka_bootstrap, db_url
+) -> None:
+    """One partition, several keys: a record held up does not hold up the other lanes, the
+    records of its lane (its key's among them) wait behind it, and the committed offset stays
+    at it until it is done."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute("CREATE TABLE tutoring_sessions (correlation_id text PRIMARY KEY)")
+    finally:
+        await conn.close()
+    step = spec.step("session.created")
+    n, keys, lanes, held = 32, 8, 4, 5
+
+    def key(i: int) -> bytes:
+        return f"k{i % keys}".encode()
+
+    def lane(i: int) -> int:
+        return _slot(key(i), 0, lanes)
+
+    async with HopProducer(kafka_bootstrap) as producer:
+        for i in range(n):
+            env = Envelope.new("TRAINER_ALLOCATED", 1, f"key-{i % keys}-{i}", {"i": i})
+            await producer._producer.send_and_wait(
+                step.consumes, env.to_bytes(), key=key(i), partition=0
+            )
+    blocked = [i for i in range(held + 1, n) if lane(i) == lane(held)]
+    passing = [i for i in range(held + 1, n) if lane(i) != lane(held)]
+    assert blocked and passing  # the keys spread over more than one lane
+    release = asyncio.Event()
+    order: list[int] = []
+
+    async def handler(ctx: HopContext) -> None:
+        if ctx.record.offset == held:
+            await release.wait()
+        await ctx.conn.execute("INSERT INTO tutoring_sessions VALUES ($1)", ctx.correlation_id)
+        order.append(ctx.record.offset)
+
+    rt = HopRuntime(
+        spec,
+        "session.created",
+        handler,
+        bootstrap=kafka_bootstrap,
+        database_url=db_url,
+        handle_signals=False,
+        commit_interval_s=0.05,
+        max_lanes=lanes,
+    )
+    async with running(rt):
+        await wait_for(
+            lambda: _at_least(rt, n - 1 - len(blocked)), timeout=30, what="the other lanes"
+        )
+        await wait_for(
+            lambda: _committed_is(kafka_bootstrap, step.group, step.consumes, {0: held}),
+            timeout=10,
+            what="offsets committed up to the held record",
+        )
+        assert not set(order) & set(blocked)  # its lane waits behind it
+        assert set(passing) <= set(order)  # the other lanes went past it
+        release.set()
+        await wait_for(lambda: _at_least(rt, n), timeout=30, what="all records")
+        await wait_for(
+            lambda: _committed_is(kafka_bootstrap, step.group, step.consumes, {0: n}),
+            timeout=10,
+            what="all offsets committed",
+        )
+    for k in range(keys):  # per key: offset order
+        mine = [o for o in order if o % keys == k]
+        assert mine == sorted(mine) == list(range(k, n, keys))
