@@ -10,14 +10,16 @@
 use std::borrow::Cow;
 use std::io::Write;
 
+use prost::bytes::Bytes;
 use prost::Message;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
 // ------------------------------------------------------------------------------------------
-// OTLP messages. Only what the store reads, plus every other string field of the schema: a
-// string field is UTF-8 checked on decode, as the Python (upb) parser does.
+// OTLP messages. Only what the store reads, plus every other string field of the schema. String
+// fields are declared as bytes (zero-copy slices of the body: no allocation per string) and all
+// UTF-8 checked by `valid_utf8` before use, as the Python (upb) parser checks them.
 
 #[derive(Clone, PartialEq, Message)]
 pub struct ExportTraceServiceRequest {
@@ -31,8 +33,8 @@ pub struct ResourceSpans {
     pub resource: Option<Resource>,
     #[prost(message, repeated, tag = "2")]
     pub scope_spans: Vec<ScopeSpans>,
-    #[prost(string, tag = "3")]
-    pub schema_url: String,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub schema_url: Bytes,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -45,14 +47,14 @@ pub struct Resource {
 
 #[derive(Clone, PartialEq, Message)]
 pub struct EntityRef {
-    #[prost(string, tag = "1")]
-    pub schema_url: String,
-    #[prost(string, tag = "2")]
-    pub r#type: String,
-    #[prost(string, repeated, tag = "3")]
-    pub id_keys: Vec<String>,
-    #[prost(string, repeated, tag = "4")]
-    pub description_keys: Vec<String>,
+    #[prost(bytes = "bytes", tag = "1")]
+    pub schema_url: Bytes,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub r#type: Bytes,
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    pub id_keys: Vec<Bytes>,
+    #[prost(bytes = "bytes", repeated, tag = "4")]
+    pub description_keys: Vec<Bytes>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -61,32 +63,32 @@ pub struct ScopeSpans {
     pub scope: Option<InstrumentationScope>,
     #[prost(message, repeated, tag = "2")]
     pub spans: Vec<Span>,
-    #[prost(string, tag = "3")]
-    pub schema_url: String,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub schema_url: Bytes,
 }
 
 #[derive(Clone, PartialEq, Message)]
 pub struct InstrumentationScope {
-    #[prost(string, tag = "1")]
-    pub name: String,
-    #[prost(string, tag = "2")]
-    pub version: String,
+    #[prost(bytes = "bytes", tag = "1")]
+    pub name: Bytes,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub version: Bytes,
     #[prost(message, repeated, tag = "3")]
     pub attributes: Vec<KeyValue>,
 }
 
 #[derive(Clone, PartialEq, Message)]
 pub struct Span {
-    #[prost(bytes = "vec", tag = "1")]
-    pub trace_id: Vec<u8>,
-    #[prost(bytes = "vec", tag = "2")]
-    pub span_id: Vec<u8>,
-    #[prost(string, tag = "3")]
-    pub trace_state: String,
-    #[prost(bytes = "vec", tag = "4")]
-    pub parent_span_id: Vec<u8>,
-    #[prost(string, tag = "5")]
-    pub name: String,
+    #[prost(bytes = "bytes", tag = "1")]
+    pub trace_id: Bytes,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub span_id: Bytes,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub trace_state: Bytes,
+    #[prost(bytes = "bytes", tag = "4")]
+    pub parent_span_id: Bytes,
+    #[prost(bytes = "bytes", tag = "5")]
+    pub name: Bytes,
     #[prost(int32, tag = "6")]
     pub kind: i32,
     #[prost(fixed64, tag = "7")]
@@ -107,32 +109,32 @@ pub struct Span {
 pub struct Event {
     #[prost(fixed64, tag = "1")]
     pub time_unix_nano: u64,
-    #[prost(string, tag = "2")]
-    pub name: String,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub name: Bytes,
     #[prost(message, repeated, tag = "3")]
     pub attributes: Vec<KeyValue>,
 }
 
 #[derive(Clone, PartialEq, Message)]
 pub struct Link {
-    #[prost(string, tag = "3")]
-    pub trace_state: String,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub trace_state: Bytes,
     #[prost(message, repeated, tag = "4")]
     pub attributes: Vec<KeyValue>,
 }
 
 #[derive(Clone, PartialEq, Message)]
 pub struct Status {
-    #[prost(string, tag = "2")]
-    pub message: String,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub message: Bytes,
     #[prost(int32, tag = "3")]
     pub code: i32,
 }
 
 #[derive(Clone, PartialEq, Message)]
 pub struct KeyValue {
-    #[prost(string, tag = "1")]
-    pub key: String,
+    #[prost(bytes = "bytes", tag = "1")]
+    pub key: Bytes,
     #[prost(message, optional, tag = "2")]
     pub value: Option<AnyValue>,
 }
@@ -145,8 +147,8 @@ pub struct AnyValue {
 
 #[derive(Clone, PartialEq, prost::Oneof)]
 pub enum Value {
-    #[prost(string, tag = "1")]
-    StringValue(String),
+    #[prost(bytes = "bytes", tag = "1")]
+    StringValue(Bytes),
     #[prost(bool, tag = "2")]
     BoolValue(bool),
     #[prost(int64, tag = "3")]
@@ -157,8 +159,8 @@ pub enum Value {
     ArrayValue(ArrayValue),
     #[prost(message, tag = "6")]
     KvlistValue(KeyValueList),
-    #[prost(bytes = "vec", tag = "7")]
-    BytesValue(Vec<u8>),
+    #[prost(bytes = "bytes", tag = "7")]
+    BytesValue(Bytes),
     /// Profiles' string-table index: not a value for traces (rendered as null, like Python).
     #[prost(int32, tag = "8")]
     StringValueStrindex(i32),
@@ -212,8 +214,78 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-/// A JSON string (serde_json's escaping), NULs scrubbed.
+/// A string field as text (every string field passed `valid_utf8` before any use).
+fn text(b: &Bytes) -> &str {
+    std::str::from_utf8(b).unwrap_or_default()
+}
+
+fn utf8(b: &Bytes) -> bool {
+    std::str::from_utf8(b).is_ok()
+}
+
+fn utf8_value(v: &AnyValue) -> bool {
+    match &v.value {
+        Some(Value::StringValue(s)) => utf8(s),
+        Some(Value::ArrayValue(a)) => a.values.iter().all(utf8_value),
+        Some(Value::KvlistValue(l)) => utf8_kvs(&l.values),
+        _ => true,
+    }
+}
+
+fn utf8_kvs(kvs: &[KeyValue]) -> bool {
+    kvs.iter()
+        .all(|kv| utf8(&kv.key) && kv.value.as_ref().is_none_or(utf8_value))
+}
+
+/// Every string field of the request is UTF-8 (protobuf's rule for `string`).
+fn valid_utf8(req: &ExportTraceServiceRequest) -> bool {
+    req.resource_spans.iter().all(|rs| {
+        utf8(&rs.schema_url)
+            && rs.resource.as_ref().is_none_or(|r| {
+                utf8_kvs(&r.attributes)
+                    && r.entity_refs.iter().all(|e| {
+                        utf8(&e.schema_url)
+                            && utf8(&e.r#type)
+                            && e.id_keys.iter().all(utf8)
+                            && e.description_keys.iter().all(utf8)
+                    })
+            })
+            && rs.scope_spans.iter().all(|ss| {
+                utf8(&ss.schema_url)
+                    && ss.scope.as_ref().is_none_or(|sc| {
+                        utf8(&sc.name) && utf8(&sc.version) && utf8_kvs(&sc.attributes)
+                    })
+                    && ss.spans.iter().all(|sp| {
+                        utf8(&sp.trace_state)
+                            && utf8(&sp.name)
+                            && utf8_kvs(&sp.attributes)
+                            && sp
+                                .events
+                                .iter()
+                                .all(|e| utf8(&e.name) && utf8_kvs(&e.attributes))
+                            && sp
+                                .links
+                                .iter()
+                                .all(|l| utf8(&l.trace_state) && utf8_kvs(&l.attributes))
+                            && sp.status.as_ref().is_none_or(|st| utf8(&st.message))
+                    })
+            })
+    })
+}
+
+/// A JSON string (serde_json's escaping), NULs scrubbed; the common string that needs no
+/// escaping is copied as is.
 fn json_str(out: &mut Vec<u8>, s: &str) {
+    // no early exit: the scan vectorizes
+    let plain = !s.bytes().fold(false, |esc, b| {
+        esc | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if plain {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     let _ = serde_json::to_writer(&mut *out, &*scrub(s)); // writing to a Vec cannot fail
 }
 
@@ -240,7 +312,7 @@ fn json_f64(out: &mut Vec<u8>, v: f64) {
 fn json_value(out: &mut Vec<u8>, v: Option<&AnyValue>) {
     match v.and_then(|a| a.value.as_ref()) {
         None | Some(Value::StringValueStrindex(_)) => out.extend_from_slice(b"null"),
-        Some(Value::StringValue(s)) => json_str(out, s),
+        Some(Value::StringValue(s)) => json_str(out, text(s)),
         Some(Value::BoolValue(b)) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         Some(Value::IntValue(i)) => {
             let _ = write!(out, "{i}");
@@ -270,12 +342,13 @@ fn json_value(out: &mut Vec<u8>, v: Option<&AnyValue>) {
 /// scrubbed afterwards, so the dict is rebuilt here first (first position, last value).
 fn json_object(out: &mut Vec<u8>, kvs: &[KeyValue]) {
     out.push(b'{');
-    if kvs.iter().any(|kv| kv.key.contains('\0')) {
+    if kvs.iter().any(|kv| kv.key.contains(&0)) {
         let mut dict: Vec<(&str, Option<&AnyValue>)> = Vec::with_capacity(kvs.len());
         for kv in kvs {
-            match dict.iter_mut().find(|(k, _)| *k == kv.key) {
+            let key = text(&kv.key);
+            match dict.iter_mut().find(|(k, _)| *k == key) {
                 Some(slot) => slot.1 = kv.value.as_ref(),
-                None => dict.push((&kv.key, kv.value.as_ref())),
+                None => dict.push((key, kv.value.as_ref())),
             }
         }
         for (i, (k, v)) in dict.into_iter().enumerate() {
@@ -291,7 +364,7 @@ fn json_object(out: &mut Vec<u8>, kvs: &[KeyValue]) {
             if i > 0 {
                 out.push(b',');
             }
-            json_str(out, &kv.key);
+            json_str(out, text(&kv.key));
             out.push(b':');
             json_value(out, kv.value.as_ref());
         }
@@ -348,7 +421,7 @@ fn valid_cid(s: &str) -> bool {
 fn py_str(v: Option<&AnyValue>) -> Result<Option<Cow<'_, str>>, ()> {
     match v.and_then(|a| a.value.as_ref()) {
         None | Some(Value::StringValueStrindex(_)) => Ok(None),
-        Some(Value::StringValue(s)) => Ok(Some(scrub(s))),
+        Some(Value::StringValue(s)) => Ok(Some(scrub(text(s)))),
         Some(Value::IntValue(i)) => Ok(Some(Cow::Owned(i.to_string()))),
         Some(Value::BoolValue(b)) => Ok(Some(Cow::Borrowed(if *b { "True" } else { "False" }))),
         Some(Value::BytesValue(b)) => Ok(Some(Cow::Owned(hex(b)))),
@@ -360,7 +433,7 @@ fn py_str(v: Option<&AnyValue>) -> Result<Option<Cow<'_, str>>, ()> {
 /// correlation id format, else None.
 fn cid_of(v: Option<&AnyValue>) -> Option<String> {
     let s = match v.and_then(|a| a.value.as_ref())? {
-        Value::StringValue(s) => s.clone(),
+        Value::StringValue(s) => text(s).to_string(),
         Value::IntValue(i) => i.to_string(),
         Value::BytesValue(b) => hex(b),
         _ => return None,
@@ -370,7 +443,7 @@ fn cid_of(v: Option<&AnyValue>) -> Option<String> {
 
 /// The last value of `key` among key-values (a Python dict keeps the last).
 fn last<'a>(kvs: &'a [KeyValue], key: &str) -> Option<&'a KeyValue> {
-    kvs.iter().rev().find(|kv| kv.key == key)
+    kvs.iter().rev().find(|kv| kv.key == key.as_bytes())
 }
 
 /// smallint columns: an enum value outside int16 is stored as 0 (unspecified) rather than
@@ -455,9 +528,9 @@ struct Output {
 }
 
 /// `None`: a value needs Python's rendering (see the module docs).
-fn decode(req: &ExportTraceServiceRequest, received_us: i64) -> Option<Output> {
+fn decode(req: &ExportTraceServiceRequest, received_us: i64, capacity: usize) -> Option<Output> {
     let mut out = Output {
-        copy: Vec::with_capacity(64 * 1024),
+        copy: Vec::with_capacity(capacity),
         rows: 0,
         rejected: 0,
         steps: Vec::new(),
@@ -470,7 +543,7 @@ fn decode(req: &ExportTraceServiceRequest, received_us: i64) -> Option<Output> {
         {
             Some(AnyValue {
                 value: Some(Value::StringValue(s)),
-            }) if !s.is_empty() => scrub(s),
+            }) if !s.is_empty() => scrub(text(s)),
             Some(AnyValue {
                 value: Some(Value::BytesValue(b)),
             }) if !b.is_empty() => Cow::Owned(hex(b)),
@@ -482,7 +555,7 @@ fn decode(req: &ExportTraceServiceRequest, received_us: i64) -> Option<Output> {
             let scope = ss
                 .scope
                 .as_ref()
-                .map(|s| &s.name[..])
+                .map(|s| text(&s.name))
                 .filter(|n| !n.is_empty());
             let scope = scope.map(scrub);
             for sp in &ss.spans {
@@ -518,9 +591,9 @@ fn decode(req: &ExportTraceServiceRequest, received_us: i64) -> Option<Output> {
                 let (code, message) = sp
                     .status
                     .as_ref()
-                    .map_or((0, ""), |s| (s.code, &s.message[..]));
+                    .map_or((0, ""), |s| (s.code, text(&s.message)));
                 let message = (!message.is_empty()).then(|| scrub(message));
-                let name = scrub(&sp.name);
+                let name = scrub(text(&sp.name));
                 let (trace_hex, span_hex) = (hex(tid), hex(sid));
 
                 let mut t = Tuple(&mut out.copy);
@@ -551,7 +624,7 @@ fn decode(req: &ExportTraceServiceRequest, received_us: i64) -> Option<Output> {
                                 o.push(b',');
                             }
                             o.extend_from_slice(b"{\"name\":");
-                            json_str(o, &ev.name);
+                            json_str(o, text(&ev.name));
                             o.extend_from_slice(b",\"time\":");
                             isoformat(o, ev.time_unix_nano);
                             o.extend_from_slice(b",\"attributes\":");
@@ -606,9 +679,15 @@ fn decode_traces<'py>(
     body: &[u8],
     received_us: i64,
 ) -> PyResult<Option<Bound<'py, PyTuple>>> {
-    let req = ExportTraceServiceRequest::decode(body)
+    let req = ExportTraceServiceRequest::decode(Bytes::copy_from_slice(body))
         .map_err(|e| PyValueError::new_err(format!("invalid protobuf: {e}")))?;
-    let Some(out) = decode(&req, received_us) else {
+    if !valid_utf8(&req) {
+        return Err(PyValueError::new_err(
+            "invalid protobuf: a string field is not valid UTF-8",
+        ));
+    }
+    // rows are about twice the protobuf size (hex ids, JSON, the resource per span)
+    let Some(out) = decode(&req, received_us, body.len() * 2 + 1024) else {
         return Ok(None);
     };
     let steps = PyList::empty(py);
