@@ -320,7 +320,8 @@ def main() -> None:
                 print(
                     f"round {rnd} {mode:15s} {res['throughput_per_s']:8.1f} hops/s "
                     f"{res['cpu_us_per_hop']:8.1f} us CPU/hop  exported={res['export']['exported']} "
-                    f"dropped={res['export']['dropped']}",
+                    f"dropped={res['export']['dropped']} export thread "
+                    f"{res['export'].get('export_cpu_us', 0) / max(1, res['hops']):.0f} us/hop",
                     flush=True,
                 )
     receiver.server.stop(grace=None)

@@ -310,7 +310,10 @@ class HopRuntime:
     ``validate`` raises PoisonRecord for a wrong type/version/schema;
     ``receive_spans=True`` keeps the aiokafka instrumentation's per-record receive span (off by
     default: the process span is the child of the same extracted context and carries the same
-    messaging attributes); ``trace_bookkeeping=True`` traces the runtime's own guard/mark
+    messaging attributes); ``send_spans=True`` keeps the aiokafka send span of the emit (off by
+    default: the process span records the emitted record's topic/partition/offset and is the
+    next hop's parent, through traceparent + baggage in the record's headers);
+    ``trace_bookkeeping=True`` traces the runtime's own guard/mark
     queries too (the handler's queries are always traced); ``commit_after_export=True`` (the
     default) commits offsets every ``commit_interval_s`` after exporting the spans of the
     records handled, so a SIGKILL never leaves a committed record without its step span.
@@ -342,6 +345,7 @@ class HopRuntime:
         consumer_opts: dict[str, Any] | None = None,
         flush_timeout_s: float = 5.0,
         receive_spans: bool = False,
+        send_spans: bool = False,
         trace_bookkeeping: bool = False,
         commit_after_export: bool = True,
         commit_interval_s: float = 0.2,
@@ -372,6 +376,7 @@ class HopRuntime:
         self.consumer_opts = consumer_opts or {}
         self.flush_timeout_s = flush_timeout_s
         self.receive_spans = receive_spans
+        self.send_spans = send_spans
         self.trace_bookkeeping = trace_bookkeeping
         self.commit_after_export = commit_after_export
         self.commit_interval_s = commit_interval_s
@@ -771,7 +776,8 @@ class HopRuntime:
         if ctx is not None and self.hooks.after_db_commit is not None:
             await self.hooks.after_db_commit(ctx)
         if next_env is not None and step.emits:
-            await self.producer.emit(step.emits, next_env)  # records topic/partition/offset
+            # records topic/partition/offset on the process span
+            await self.producer.emit(step.emits, next_env, send_span=self.send_spans)
             if ctx is not None and self.hooks.after_emit is not None:
                 await self.hooks.after_emit(ctx)
         return c.OUTCOME_DUPLICATE if duplicate else c.OUTCOME_OK

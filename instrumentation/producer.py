@@ -117,11 +117,17 @@ class HopProducer:
         return await self._producer.send_and_wait(topic, value, key=key, headers=out)
 
     async def emit(
-        self, topic: str, envelope: Envelope, key: bytes | None = None
+        self,
+        topic: str,
+        envelope: Envelope,
+        key: bytes | None = None,
+        *,
+        send_span: bool = True,
     ) -> RecordMetadata:
         """Send ``envelope`` and wait for the ack; the current span gets the record's topic,
         partition and offset. The key defaults to the correlation id (one correlation, one
-        partition, in order)."""
+        partition, in order). ``send_span=False`` skips the aiokafka send span: the record's
+        traceparent then names the current span (the hop runtime's process span)."""
         headers = envelope_headers(envelope)
         cid = envelope.correlation_id
         ctx = context.get_current()
@@ -130,8 +136,12 @@ class HopProducer:
         if key is None and cid:
             key = cid.encode()
         plain = getattr(AIOKafkaProducer.send, "__wrapped__", None)
-        if plain is not None:  # aiokafka is instrumented: its send span, made here
+        if plain is not None and send_span:  # aiokafka is instrumented: its send span, made here
             md = await self._traced_send(plain, topic, envelope.to_bytes(), key, headers, ctx)
+        elif plain is not None:  # the un-instrumented send (no send span)
+            propagate.inject(headers, context=ctx, setter=_setter)
+            fut = await plain(self._producer, topic, envelope.to_bytes(), key, None, None, headers)
+            md = await fut
         else:
             propagate.inject(headers, context=ctx, setter=_setter)
             md = await self._producer.send_and_wait(

@@ -51,6 +51,7 @@ class _Stats:
         self.dropped_queue_full = 0
         self.skipped_unreachable = 0
         self.ended = 0
+        self.export_cpu_s = 0.0  # CPU of the export calls (encode + send), on their thread
         self._last_warning = 0.0
 
     def warn_dropped(self) -> None:
@@ -92,6 +93,13 @@ class _CountingExporter(SpanExporter):
             return SpanExportResult.FAILURE
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        cpu0 = time.thread_time()
+        try:
+            return self._export(spans)
+        finally:
+            _stats.export_cpu_s += time.thread_time() - cpu0
+
+    def _export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         now = time.monotonic()
         if now < self._open_until:
             with _stats.lock:
@@ -192,6 +200,7 @@ class _State:
         self.switch = switch
         self.exporter_key: object = None
         self.instrumented = False
+        self.tracer: trace.Tracer | None = None
 
 
 def _default_hold_s() -> float:
@@ -393,7 +402,8 @@ def shutdown_tracing(timeout_s: float = 5.0) -> None:
 def export_stats() -> dict[str, int]:
     """Counts since process start: spans ``exported``, ``export_failed`` (incl.
     ``skipped_unreachable``: dropped unseen during the cool-down after a failed export),
-    ``dropped_queue_full``, ``dropped`` (failed + queue full) and ``ended``."""
+    ``dropped_queue_full``, ``dropped`` (failed + queue full), ``ended`` and
+    ``export_cpu_us`` (CPU spent in export calls: encoding and sending)."""
     with _stats.lock:
         return {
             "exported": _stats.exported,
@@ -402,6 +412,7 @@ def export_stats() -> dict[str, int]:
             "skipped_unreachable": _stats.skipped_unreachable,
             "dropped": _stats.export_failed + _stats.dropped_queue_full,
             "ended": _stats.ended,
+            "export_cpu_us": int(_stats.export_cpu_s * 1e6),
         }
 
 
@@ -425,10 +436,13 @@ def _dump_stats() -> None:
 
 
 def get_tracer() -> trace.Tracer:
-    """The hoptrace tracer (a no-op one until tracing is configured)."""
+    """The hoptrace tracer (a no-op one until tracing is configured); made once per provider
+    (the SDK's get_tracer builds a new tracer and scope on every call)."""
     state = _state
     if state is not None:
-        return state.provider.get_tracer(TRACER_NAME)
+        if state.tracer is None:
+            state.tracer = state.provider.get_tracer(TRACER_NAME)
+        return state.tracer
     return trace.get_tracer(TRACER_NAME)
 
 

@@ -90,6 +90,7 @@ async def test_two_hops_make_one_connected_trace(
         database_url=db_url,
         handle_signals=False,
         receive_spans=True,
+        send_spans=True,
     )
     rt2 = HopRuntime(
         spec,
