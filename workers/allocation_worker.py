@@ -9,6 +9,7 @@ import httpx
 from hoptrace.instrumentation.envelope import PoisonRecord, RetryableError
 from hoptrace.instrumentation.hop import Emit, HopContext
 
+from . import http_client
 from .events import (
     PURCHASE_CREATED,
     TRAINER_ALLOCATED,
@@ -23,9 +24,9 @@ CONSUMES = PURCHASE_CREATED
 
 class Allocator:
     """The handler, bound to admin-service at ``base_url``. Requests go straight to an httpx
-    transport (keep-alive pool; traced by the httpx instrumentation like any httpx request):
-    the client layer above it (base URL, redirects, cookies, auth, event hooks) is not needed
-    here and cost about a third of the call's CPU."""
+    transport (keep-alive pool on asyncio streams, see :mod:`.http_client`; traced by the httpx
+    instrumentation like any httpx request): the client layer above it (base URL, redirects,
+    cookies, auth, event hooks) is not needed here and cost about a third of the call's CPU."""
 
     def __init__(
         self,
@@ -34,7 +35,7 @@ class Allocator:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = httpx.URL(base_url.rstrip("/") + "/allocations")
-        self.transport = transport or httpx.AsyncHTTPTransport()
+        self.transport = transport or http_client.transport(base_url)
         self._timeout = httpx.Timeout(timeout_s).as_dict()
 
     async def aclose(self) -> None:
