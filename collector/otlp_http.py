@@ -29,6 +29,9 @@ JSON = "application/json"
 _PROTOBUF_TYPES = {"application/x-protobuf", "application/protobuf"}
 
 
+_OK = ExportTraceServiceResponse().SerializeToString()
+
+
 class TooLarge(Exception):
     pass
 
@@ -113,6 +116,8 @@ def build_app(
             return _error(400, str(exc), json_in)
         if not outcome.accepted:
             return _error(503, outcome.error, json_in, {"Retry-After": "1"})
+        if not outcome.rejected and not json_in:  # the common answer, pre-encoded
+            return Response(_OK, 200, media_type=PROTOBUF)
         resp = ExportTraceServiceResponse()
         if outcome.rejected:
             resp.partial_success.rejected_spans = outcome.rejected

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -124,6 +125,17 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+class _Chunks:
+    """An async iterable over byte strings (asyncpg's COPY source; re-iterable for a retry)."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+
+
 class Writer:
     """Writes batches of span rows; see the module docstring."""
 
@@ -176,7 +188,7 @@ class Writer:
         total = len(rows) + sum(b.n for b in batches if type(b) is Encoded)  # type: ignore[union-attr]
         if not total:
             return 0
-        copy = COPY_HEADER + b"".join(blobs) + COPY_TRAILER if blobs else None
+        copy = [COPY_HEADER, *blobs, COPY_TRAILER] if blobs else None
         t0 = time.perf_counter()
         async with self.pool.acquire() as conn:
             await self._ensure_days(conn, days)
@@ -205,18 +217,17 @@ class Writer:
 
     @staticmethod
     async def _copy(
-        conn: asyncpg.Connection, table: str, rows: list[SpanRow], copy: bytes | None
+        conn: asyncpg.Connection, table: str, rows: list[SpanRow], copy: list[bytes] | None
     ) -> None:
-        if copy is not None:
-            # a memoryview: asyncpg would take bytes for a file path
+        if copy is not None:  # binary COPY data in pieces, sent as they are (no joined copy)
             await conn.copy_to_table(
-                table, source=memoryview(copy), columns=SPAN_COLUMNS, format="binary"
+                table, source=_Chunks(copy), columns=SPAN_COLUMNS, format="binary"
             )
         if rows:
             await conn.copy_records_to_table(table, records=rows, columns=SPAN_COLUMNS)
 
     async def _copy_direct(
-        self, conn: asyncpg.Connection, rows: list[SpanRow], copy: bytes | None
+        self, conn: asyncpg.Connection, rows: list[SpanRow], copy: list[bytes] | None
     ) -> bool:
         """COPY straight into ``spans`` (the common case: no duplicates); False when a span is
         already there (the savepoint is rolled back and the caller takes the staging path)."""
