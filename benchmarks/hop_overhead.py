@@ -4,6 +4,8 @@ with tracing off (OTEL_SDK_DISABLED), on (OTLP gRPC to a live receiver) and on w
 collector endpoint unreachable. Each mode runs in its own worker subprocess; rounds alternate
 the modes to spread drift.
 
+The worker process is set up as `hoptrace worker` runs (uvloop, its GC tuning, 1 s offset
+commits with span flush; ``--setup plain`` for asyncio with default GC and runtime options).
 Throughput = N / wall time; CPU = the worker process's CPU time (all threads, incl. the span
 export thread) over the same window; tracing CPU per hop = (CPU on - CPU off) / N.
 
@@ -74,6 +76,12 @@ async def worker(n: int) -> dict:
         )
         return Emit("PURCHASE_CREATED", {"payment_id": ctx.correlation_id})
 
+    as_worker = os.environ.get("BENCH_SETUP", "worker") == "worker"
+    opts = {}
+    if as_worker:  # the runtime settings `hoptrace worker` uses
+        from hoptrace.workers.run import COMMIT_INTERVAL_S
+
+        opts["commit_interval_s"] = COMMIT_INTERVAL_S
     rt = HopRuntime(
         spec,
         "purchase.created",
@@ -81,9 +89,14 @@ async def worker(n: int) -> dict:
         bootstrap=os.environ["HOPTRACE_KAFKA_BOOTSTRAP"],
         database_url=os.environ["HOPTRACE_DATABASE_URL"],
         handle_signals=False,
+        **opts,
     )
     task = asyncio.create_task(rt.run())
     await rt.ready.wait()
+    if as_worker:  # as `hoptrace worker` does once it is up
+        from hoptrace.workers.run import _tune_gc
+
+        _tune_gc()
     # the clock starts at the first processed record (excludes group join / first fetch)
     while rt.stats["ok"] == 0:  # noqa: ASYNC110 - polling a counter, not an event
         await asyncio.sleep(0.0005)
@@ -292,11 +305,24 @@ def main() -> None:
     parser.add_argument(
         "--profile", help="write each worker's cProfile stats to PROFILE.<mode> (not for figures)"
     )
+    parser.add_argument(
+        "--setup",
+        choices=("worker", "plain"),
+        default="worker",
+        help="worker: the process set up as `hoptrace worker` runs (uvloop, tuned GC, 1 s "
+        "commit interval); plain: asyncio loop, default GC and runtime options",
+    )
     args = parser.parse_args()
+    os.environ.setdefault("BENCH_SETUP", args.setup)
     if args.profile:
         os.environ["BENCH_PROFILE"] = os.path.abspath(args.profile)
     if args.worker:
-        print(json.dumps(asyncio.run(worker(args.records))))
+        if os.environ.get("BENCH_SETUP", "worker") == "worker":
+            from hoptrace.workers.run import _run  # uvloop when installed, as the workers
+
+            print(json.dumps(_run(worker(args.records))))
+        else:
+            print(json.dumps(asyncio.run(worker(args.records))))
         return
 
     from hoptrace import devstack
@@ -364,6 +390,7 @@ def main() -> None:
             ),
         }
     summary = {
+        "setup": args.setup,
         "records_per_run": args.records,
         "rounds": args.rounds,
         "load_average_1m_at_end": os.getloadavg()[0],

@@ -255,7 +255,12 @@ def _instrument(provider: TracerProvider) -> None:
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
-    for inst in (AIOKafkaInstrumentor(), AsyncPGInstrumentor(), HTTPXClientInstrumentor()):
+    from .asyncpg_spans import CachingAsyncPGInstrumentor
+
+    pg: Any = CachingAsyncPGInstrumentor()
+    if AsyncPGInstrumentor().is_instrumented_by_opentelemetry:  # instrumented elsewhere
+        pg = AsyncPGInstrumentor()
+    for inst in (AIOKafkaInstrumentor(), pg, HTTPXClientInstrumentor()):
         if not inst.is_instrumented_by_opentelemetry:
             try:
                 inst.instrument(tracer_provider=provider)

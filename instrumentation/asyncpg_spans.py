@@ -1,0 +1,71 @@
+"""The kept asyncpg instrumentation (opentelemetry-instrumentation-asyncpg), with its per-call
+work on a statement's span done once per statement: for ``execute``/``fetch*`` the span name
+(leading comment stripped, first word) and the connection/statement attributes depend only on
+the statement and the connection's database, user and address, so they are computed once and
+reused. Same spans, same attributes, same error handling as the library's wrapper; cursors,
+prepared statements and ``capture_parameters`` go through the library unchanged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry.instrumentation import asyncpg as _otel_asyncpg
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+#: Statements remembered per process (a worker runs a handful; past this, no caching).
+MAX_CACHED = 1024
+
+_SpanInfo = tuple[str, dict[str, Any]]
+
+
+class CachingAsyncPGInstrumentor(_otel_asyncpg.AsyncPGInstrumentor):
+    """AsyncPGInstrumentor whose ``_do_execute`` reuses the span name and attributes of a
+    statement already seen on the same database/user/address."""
+
+    _instance = None  # BaseInstrumentor's singleton: this class's own, not the parent's
+    _span_info: dict[tuple[Any, ...], _SpanInfo] = {}
+
+    def _info(self, instance: Any, query: str) -> _SpanInfo:
+        params = getattr(instance, "_params", None)
+        key = (
+            query,
+            getattr(params, "database", None),
+            getattr(params, "user", None),
+            getattr(instance, "_addr", None),
+        )
+        info = self._span_info.get(key)
+        if info is None:
+            try:  # the library's naming: leading comment stripped, first word
+                name = self._leading_comment_remover.sub("", query).split()[0]
+            except IndexError:
+                name = ""
+            attrs = _otel_asyncpg._hydrate_span_from_args(
+                instance, query, None, semconv_opt_in_mode=self._semconv_opt_in_mode
+            )
+            info = (name, attrs)
+            if len(self._span_info) < MAX_CACHED:
+                self._span_info[key] = info
+        return info
+
+    async def _do_execute(self, func: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        if (
+            self.capture_parameters
+            or not args
+            or not isinstance(args[0], str)
+            or not args[0]
+            or not is_instrumentation_enabled()
+        ):
+            return await super()._do_execute(func, instance, args, kwargs)
+        name, attrs = self._info(instance, args[0])
+        with self._tracer.start_as_current_span(
+            name, kind=SpanKind.CLIENT, attributes=attrs
+        ) as span:
+            try:
+                return await func(*args, **kwargs)
+            except Exception as exc:
+                if span.is_recording():
+                    span.set_status(Status(StatusCode.ERROR))
+                    if _otel_asyncpg._report_new(self._semconv_opt_in_mode):
+                        span.set_attribute(_otel_asyncpg.ERROR_TYPE, type(exc).__qualname__)
+                raise
