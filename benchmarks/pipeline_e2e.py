@@ -196,7 +196,7 @@ def start(name: str, env: dict[str, str], tmp: Path, n: int = 0) -> subprocess.P
     ready = tmp / f"{name}-{n}.ready"
     log = open(tmp / f"{name}-{n}.log", "ab")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(
-        [HOPTRACE, "worker", name],
+        [HOPTRACE, "collector"] if name == "collector" else [HOPTRACE, "worker", name],
         env={**env, "HOPTRACE_READY_FILE": str(ready)},
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -348,6 +348,18 @@ async def stage_times(db_url: str, ids: list[str]) -> dict[str, float]:
         await conn.close()
 
 
+async def settle(pid: int, timeout: float = 30.0) -> None:
+    """Wait until ``pid`` stops using CPU (its queue drained), at most ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last = cpu_s(pid)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        now = cpu_s(pid)
+        if now - last < 0.02:
+            return
+        last = now
+
+
 def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
@@ -366,6 +378,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     await ensure_topics(cfg.kafka_bootstrap, spec)
     sink = SpanSink()
     pay_port = free_port()
+    collector_http = free_port()
     env = {
         **os.environ,
         "HOPTRACE_DATABASE_URL": db_url,
@@ -373,7 +386,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "HOPTRACE_PIPELINE": str(spec_path),
         "HOPTRACE_PAYMENT_SERVICE_PORT": str(pay_port),
         "HOPTRACE_ADMIN_SERVICE_PORT": str(free_port()),
-        "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": (
+            f"http://127.0.0.1:{collector_http}" if args.collector else sink.endpoint
+        ),
+        "HOPTRACE_OTLP_HTTP_PORT": str(collector_http),
+        "HOPTRACE_OTLP_GRPC_PORT": str(free_port()),
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "HOPTRACE_FAULT": "",
     }
@@ -382,6 +399,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     procs: list[subprocess.Popen] = []
     names: list[str] = []
     try:
+        if args.collector:  # the real receiver and span store (same database, own tables)
+            procs.append(start("collector", env, tmp))
+            names.append("collector")
         for name in ["admin-service", "payment-service"]:
             procs.append(start(name, env, tmp))
             names.append(name)
@@ -417,6 +437,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         burst_ids: list[str] = burst["ids"]  # type: ignore[assignment]
         await wait_sessions(db_url, burst_ids, timeout=900)
         _, span = await e2e(db_url, burst_ids)
+        stored = None
+        if args.collector:  # let it store what it accepted before its CPU is read
+            await settle(procs[names.index("collector")].pid)
+            conn = await asyncpg.connect(db_url)
+            try:
+                stored = await conn.fetchval(
+                    "SELECT count(*) FROM spans WHERE correlation_id = ANY($1::text[])", burst_ids
+                )
+            finally:
+                await conn.close()
         throughput = len(burst_ids) / span
         stages = await stage_times(db_url, burst_ids)
         cpu_ms: dict[str, float] = {}
@@ -452,7 +482,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 lat = rate_lat
         return {
             "benchmark": "pipeline_e2e",
-            "tracing": "off" if args.no_tracing else "on (OTLP/HTTP to a sink process)",
+            "tracing": "off"
+            if args.no_tracing
+            else (
+                "on (OTLP/HTTP to the hoptrace collector, storing spans)"
+                if args.collector
+                else "on (OTLP/HTTP to a sink process)"
+            ),
             "replicas_per_worker": args.replicas,
             "partitions": spec.partitions,
             "throughput": {
@@ -484,6 +520,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 "by_rate": by_rate,
             },
             "otlp_export_requests": sink.requests(),
+            "spans_stored_by_collector_for_burst": stored,
             "cpus": os.cpu_count(),
             "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         }
@@ -523,6 +560,9 @@ def main() -> None:
     )
     parser.add_argument("--replicas", type=int, default=1, help="processes per worker")
     parser.add_argument("--no-tracing", action="store_true", help="comparison run: SDK disabled")
+    parser.add_argument(
+        "--collector", action="store_true", help="export to a real `hoptrace collector`"
+    )
     parser.add_argument("--partitions", type=int, default=0, help="override the spec's")
     parser.add_argument("--skip-latency", action="store_true", help="throughput run only")
     parser.add_argument("--profile", default="", help="py-spy each service into this folder")
