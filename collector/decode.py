@@ -336,6 +336,17 @@ def native_available() -> bool:
     return _native is not None
 
 
+def body_span_count(body: bytes) -> int | None:
+    """Spans in a protobuf request body without decoding them (native only; None when unknown:
+    no native module, or not protobuf)."""
+    if _native is None:
+        return None
+    try:
+        return _native.count_spans(body)
+    except ValueError:
+        return None
+
+
 def _received_us(received_at: datetime) -> int:
     return (received_at - _EPOCH) // timedelta(microseconds=1)
 

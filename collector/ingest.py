@@ -9,7 +9,14 @@ from datetime import UTC, datetime
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from . import metrics
-from .decode import Decoded, decode_body, decode_request, native_available, span_count
+from .decode import (
+    Decoded,
+    body_span_count,
+    decode_body,
+    decode_request,
+    native_available,
+    span_count,
+)
 from .spanqueue import SpanQueue
 
 
@@ -51,6 +58,11 @@ class Ingestor:
 
     def submit_body(self, body: bytes, transport: str) -> Outcome:
         """A protobuf request body (raises DecodeFailure when it is not one)."""
+        n = body_span_count(body)
+        if n and not self.queue.fits(n):  # refuse before decoding: the sender retries it anyway
+            metrics.SPANS_RECEIVED.labels(transport).inc(n)
+            metrics.SPANS_DROPPED.labels("queue_full").inc(n)
+            return Outcome(False, 0, 0, "queue full: retry later")
         return self._enqueue(decode_body(body, datetime.now(UTC)), transport)
 
     def _enqueue(self, decoded: Decoded, transport: str) -> Outcome:

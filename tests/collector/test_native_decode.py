@@ -28,7 +28,7 @@ from opentelemetry.proto.common.v1.common_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from hoptrace.collector import schema
+from hoptrace.collector import ingest, schema
 from hoptrace.collector.decode import (
     COLUMNS,
     CORRELATION_ATTR,
@@ -43,6 +43,7 @@ from hoptrace.collector.decode import (
     decode_request,
     parse_protobuf,
 )
+from hoptrace.collector.spanqueue import SpanQueue
 from hoptrace.collector.writer import Writer, init_connection
 from hoptrace.ids import is_valid_correlation_id
 from hoptrace.instrumentation.spec import load_spec
@@ -571,3 +572,28 @@ def test_generated_requests_store_identically(
     # at least one storable span, so the comparison is not vacuous
     valid = one(span([kv(CORRELATION_ATTR, "c1"), kv(STEP_ATTR, STEPS[0])], name=STEPS[0]))
     asyncio.run(_store_both(db_url, spec_path, [*reqs, valid]))
+
+
+def test_count_spans_without_decoding_them() -> None:
+    req = request([step_span("a", 0), step_span("a", 1)])
+    req.resource_spans.add().scope_spans.add()  # an empty scope
+    assert hoptrace_native.count_spans(req.SerializeToString()) == 2
+    assert hoptrace_native.count_spans(b"") == 0
+    with pytest.raises(ValueError, match="invalid protobuf"):
+        hoptrace_native.count_spans(b"\xff\xff\xff")
+
+
+def test_a_full_queue_refuses_a_body_before_decoding_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    queue = SpanQueue(max_spans=2)
+    ing = ingest.Ingestor(queue, None)
+    body = request([step_span("a", 0), step_span("a", 1)]).SerializeToString()
+    first = ing.submit_body(body, "http")
+    assert first.accepted and first.stored == 2 and queue.depth == 2
+
+    def boom(*_: object) -> None:
+        raise AssertionError("decoded although the queue is full")
+
+    monkeypatch.setattr(ingest, "decode_body", boom)
+    out = ing.submit_body(request([step_span("b", 0)]).SerializeToString(), "http")
+    assert not out.accepted and out.error.startswith("queue full")
+    assert queue.depth == 2
