@@ -10,7 +10,7 @@ ATTR_STEP = "hoptrace.step"
 ATTR_OUTCOME = "hoptrace.step.outcome"
 ATTR_EVENT_ID = "hoptrace.event.id"
 ATTR_EVENT_TYPE = "hoptrace.event.type"
-ATTR_ATTEMPTS = "hoptrace.attempts"
+ATTR_ATTEMPTS = "hoptrace.attempts"  # set when a record took more than one attempt
 ATTR_DLQ_TOPIC = "hoptrace.dlq.topic"
 ATTR_ERROR_REASON = "hoptrace.error.reason"
 # The record this step emitted (always set on emit, also on a consuming step's span, whose

@@ -608,6 +608,7 @@ class HopRuntime:
         headers = list(record.headers or ())
         parent = propagate.extract(headers, getter=_getter)
         cid = baggage.get_baggage(BAGGAGE_KEY, parent)
+        in_baggage = bool(cid)
         if not cid:
             raw = _header(headers, CORRELATION_HEADER)
             cid = raw.decode("utf-8", "replace") if raw else None
@@ -621,7 +622,7 @@ class HopRuntime:
             c.MSG_GROUP: self.group,
             c.MSG_OPERATION_TYPE: "process",
         }
-        if cid:
+        if cid and not in_baggage:  # from baggage, BaggageSpanProcessor sets it at start
             attrs[c.ATTR_CORRELATION_ID] = cid
         span = self._tracer.start_span(
             self.step.id, context=parent, kind=SpanKind.CONSUMER, attributes=attrs
@@ -692,7 +693,8 @@ class HopRuntime:
             attempt += 1
             try:
                 outcome = await self._attempt(envelope, cid, info, span, attempt, hdrs)
-                span.set_attribute(c.ATTR_ATTEMPTS, attempt)
+                if attempt > 1:  # absent: the first attempt did it
+                    span.set_attribute(c.ATTR_ATTEMPTS, attempt)
                 return outcome
             except PoisonRecord as exc:
                 await self._dead_letter(record, headers, span, exc.reason, exc, attempt)

@@ -300,46 +300,94 @@ fn opt_u64(value: Bound<'_, PyAny>) -> PyResult<u64> {
     }
 }
 
-fn trace_id(ctx: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
-    let id: u128 = ctx.getattr(intern!(ctx.py(), "trace_id"))?.extract()?;
+/// The fields of an SDK SpanContext: a tuple subclass laid out as (trace_id, span_id,
+/// is_remote, trace_flags, trace_state, is_valid); read by index (no property calls), other
+/// span context types by attribute.
+struct Ctx<'py> {
+    trace_id: Bound<'py, PyAny>,
+    span_id: Bound<'py, PyAny>,
+    is_remote: Bound<'py, PyAny>,
+    trace_state: Bound<'py, PyAny>,
+}
+
+fn ctx_fields<'py>(ctx: &Bound<'py, PyAny>) -> PyResult<Ctx<'py>> {
+    let py = ctx.py();
+    if let Ok(t) = ctx.cast::<PyTuple>() {
+        if t.len() == 6 && ctx.get_type().name()?.to_str()? == "SpanContext" {
+            return Ok(Ctx {
+                trace_id: t.get_item(0)?,
+                span_id: t.get_item(1)?,
+                is_remote: t.get_item(2)?,
+                trace_state: t.get_item(4)?,
+            });
+        }
+    }
+    Ok(Ctx {
+        trace_id: ctx.getattr(intern!(py, "trace_id"))?,
+        span_id: ctx.getattr(intern!(py, "span_id"))?,
+        is_remote: ctx.getattr(intern!(py, "is_remote"))?,
+        trace_state: ctx.getattr(intern!(py, "trace_state"))?,
+    })
+}
+
+fn trace_id(ctx: &Ctx<'_>) -> PyResult<Vec<u8>> {
+    let id: u128 = ctx.trace_id.extract()?;
     Ok(id.to_be_bytes().to_vec())
 }
 
-fn span_id(ctx: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
-    let id: u64 = ctx.getattr(intern!(ctx.py(), "span_id"))?.extract()?;
+fn span_id(ctx: &Ctx<'_>) -> PyResult<Vec<u8>> {
+    let id: u64 = ctx.span_id.extract()?;
     Ok(id.to_be_bytes().to_vec())
 }
 
 /// The SDK's `_span_flags`: always "has is_remote", plus "is_remote" for a remote context.
 fn flags(ctx: &Bound<'_, PyAny>) -> PyResult<u32> {
     let mut flags = FLAGS_HAS_IS_REMOTE;
-    if !ctx.is_none()
-        && ctx.is_truthy()?
-        && ctx.getattr(intern!(ctx.py(), "is_remote"))?.is_truthy()?
-    {
+    if !ctx.is_none() && ctx.is_truthy()? && ctx_fields(ctx)?.is_remote.is_truthy()? {
         flags |= FLAGS_IS_REMOTE;
     }
     Ok(flags)
 }
 
-/// TraceState -> "k1=v1,k2=v2" (empty when there is none).
-fn trace_state(ctx: &Bound<'_, PyAny>) -> PyResult<String> {
-    let py = ctx.py();
-    let ts = ctx.getattr(intern!(py, "trace_state"))?;
-    if ts.is_none() {
-        return Ok(String::new());
+fn push_pair(out: &mut String, k: &Bound<'_, PyAny>, v: &Bound<'_, PyAny>) -> PyResult<()> {
+    if !out.is_empty() {
+        out.push(',');
     }
+    out.push_str(k.str()?.to_str()?);
+    out.push('=');
+    out.push_str(v.str()?.to_str()?);
+    Ok(())
+}
+
+/// TraceState -> "k1=v1,k2=v2" (empty when there is none).
+fn trace_state(ctx: &Ctx<'_>) -> PyResult<String> {
+    let ts = &ctx.trace_state;
     let mut out = String::new();
-    for item in ts.call_method0(intern!(py, "items"))?.try_iter()? {
-        let (k, v): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item?.extract()?;
-        if !out.is_empty() {
-            out.push(',');
+    if ts.is_none() {
+        return Ok(out);
+    }
+    // TraceState keeps its entries in a plain dict `_dict` (items() iterates that)
+    if let Ok(d) = ts.getattr(intern!(ts.py(), "_dict")) {
+        if let Ok(d) = d.cast::<PyDict>() {
+            for (k, v) in d.iter() {
+                push_pair(&mut out, &k, &v)?;
+            }
+            return Ok(out);
         }
-        out.push_str(k.str()?.to_str()?);
-        out.push('=');
-        out.push_str(v.str()?.to_str()?);
+    }
+    for item in ts.call_method0(intern!(ts.py(), "items"))?.try_iter()? {
+        let (k, v): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item?.extract()?;
+        push_pair(&mut out, &k, &v)?;
     }
     Ok(out)
+}
+
+/// The items of a BoundedList (its deque `_dq`, iterated without a Python call) or of any
+/// other iterable.
+fn items_of<'py>(list: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let inner = list.getattr(intern!(list.py(), "_dq")).ok();
+    let source = inner.as_ref().unwrap_or(list);
+    source.try_iter()?.collect()
 }
 
 fn dropped(obj: &Bound<'_, PyAny>, name: &Bound<'_, PyString>) -> PyResult<u32> {
@@ -359,9 +407,10 @@ fn event(abc: &Abc<'_>, ev: &Bound<'_, PyAny>) -> PyResult<Event> {
 fn link(abc: &Abc<'_>, ln: &Bound<'_, PyAny>) -> PyResult<Link> {
     let py = ln.py();
     let ctx = ln.getattr(intern!(py, "context"))?;
+    let fields = ctx_fields(&ctx)?;
     Ok(Link {
-        trace_id: trace_id(&ctx)?,
-        span_id: span_id(&ctx)?,
+        trace_id: trace_id(&fields)?,
+        span_id: span_id(&fields)?,
         attributes: attributes(abc, &ln.getattr(intern!(py, "attributes"))?)?,
         dropped_attributes_count: dropped(ln, intern!(py, "dropped_attributes"))?,
         flags: flags(&ctx)?,
@@ -406,7 +455,7 @@ fn span(abc: &Abc<'_>, s: &Bound<'_, PyAny>) -> PyResult<Span> {
     let parent_span_id = if parent.is_none() || !parent.is_truthy()? {
         Vec::new()
     } else {
-        span_id(&parent)?
+        span_id(&ctx_fields(&parent)?)?
     };
     let kind = enum_value(&field(s, intern!(py, "_kind"), intern!(py, "kind"))?)?;
     if !(0..=4).contains(&kind) {
@@ -415,13 +464,13 @@ fn span(abc: &Abc<'_>, s: &Bound<'_, PyAny>) -> PyResult<Span> {
     let attrs = field(s, intern!(py, "_attributes"), intern!(py, "attributes"))?;
     let ev_list = field(s, intern!(py, "_events"), intern!(py, "events"))?;
     let mut events = Vec::new();
-    for ev in ev_list.try_iter()? {
-        events.push(event(abc, &ev?)?);
+    for ev in items_of(&ev_list)? {
+        events.push(event(abc, &ev)?);
     }
     let ln_list = field(s, intern!(py, "_links"), intern!(py, "links"))?;
     let mut links = Vec::new();
-    for ln in ln_list.try_iter()? {
-        links.push(link(abc, &ln?)?);
+    for ln in items_of(&ln_list)? {
+        links.push(link(abc, &ln)?);
     }
     let status = field(s, intern!(py, "_status"), intern!(py, "status"))?;
     let status = if status.is_none() {
@@ -432,10 +481,11 @@ fn span(abc: &Abc<'_>, s: &Bound<'_, PyAny>) -> PyResult<Span> {
             code: enum_value(&status.getattr(intern!(py, "status_code"))?)?,
         })
     };
+    let fields = ctx_fields(&ctx)?;
     Ok(Span {
-        trace_id: trace_id(&ctx)?,
-        span_id: span_id(&ctx)?,
-        trace_state: trace_state(&ctx)?,
+        trace_id: trace_id(&fields)?,
+        span_id: span_id(&fields)?,
+        trace_state: trace_state(&fields)?,
         parent_span_id,
         name: opt_string(field(s, intern!(py, "_name"), intern!(py, "name"))?)?,
         kind: kind + 1, // SpanKind.INTERNAL (0) is SPAN_KIND_INTERNAL (1), and so on
