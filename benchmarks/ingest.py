@@ -952,13 +952,15 @@ async def mix_phase(args: argparse.Namespace, admin: str, mix: str) -> dict:
                 got = samples[-1][1]
                 first = next(t for t, v in samples if v > 0)  # the load processes are up
                 done_at = next(t for t, v in samples if v >= got) - first
+                refused = sum(r[1] for r in loads)
                 result["fixed_rate"] = {
                     "offered_spans_per_s": args.rate,
                     "spans_sent": sum(r[0] for r in loads),
                     "spans_stored": round(got),
-                    "refused_503": sum(r[1] for r in loads),
+                    "refused_503": refused,
                     "stored_spans_per_s": round(got / done_at),
-                    "kept_up": got >= n * 0.999 and done_at <= args.rate_seconds * 1.25,
+                    # kept up: nothing refused and the stored rate within 5% of the offered one
+                    "kept_up": refused == 0 and got / done_at >= 0.95 * args.rate,
                     "latency_probes": len(lat),
                     "receive_to_queryable_p50_ms": round(pct(lat, 50) * 1000, 1),
                     "receive_to_queryable_p99_ms": round(pct(lat, 99) * 1000, 1),
@@ -1193,6 +1195,9 @@ async def main_async(args: argparse.Namespace) -> dict:
     out: dict = {
         "cpu_count": os.cpu_count(),
         "loadavg_before": os.getloadavg(),
+        "decoder": "native (hoptrace_native.decode_traces -> binary COPY)",
+        "load_generator": "separate processes, requests built before the clock starts, lean "
+        "keep-alive HTTP/1.1 client, 503 -> retry after 50 ms",
         "bar_judged_on": "realistic",
         "why": "the bar is about real traffic; the realistic mix is the reference pipeline's real "
         "span mix per payment (16 spans, 4 step spans). worst_case (every span a step span, the "
