@@ -184,4 +184,7 @@ def test_native_stage_builds_the_codec_wheel_from_the_copied_files(
     build = stage(parsed, "build")
     assert {"sources": ["/wheels"], "dest": "/wheels", "from": "native"} in build["copies"]
     text = DOCKERFILE.read_text()
-    assert "pip install -c constraints.txt . /wheels/*.whl" in text and 'python -c "import hoptrace_native"' in text
+    assert (
+        "pip install -c constraints.txt . /wheels/*.whl" in text
+        and 'python -c "import hoptrace_native"' in text
+    )
