@@ -49,13 +49,9 @@ class CachingAsyncPGInstrumentor(_otel_asyncpg.AsyncPGInstrumentor):
         return info
 
     async def _do_execute(self, func: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        if (
-            self.capture_parameters
-            or not args
-            or not isinstance(args[0], str)
-            or not args[0]
-            or not is_instrumentation_enabled()
-        ):
+        if not is_instrumentation_enabled():  # suppressed: the call alone, as the library
+            return await func(*args, **kwargs)
+        if self.capture_parameters or not args or not isinstance(args[0], str) or not args[0]:
             return await super()._do_execute(func, instance, args, kwargs)
         name, attrs = self._info(instance, args[0])
         with self._tracer.start_as_current_span(

@@ -155,6 +155,11 @@ class _CountingBatchProcessor(BatchSpanProcessor):
             with _stats.lock:
                 _stats.dropped_queue_full += 1
                 _stats.warn_dropped()
+            # what the SDK does with a full queue (the oldest span goes), without the log
+            # record it makes per dropped span (collector down: every span)
+            if span.context is not None and span.context.trace_flags.sampled:
+                queue.appendleft(span)
+            return
         super().on_end(span)
 
 
