@@ -44,6 +44,8 @@ COMMIT_INTERVAL_S = 1.0
 #: Allocations (minus deallocations) of container objects between young-generation collections
 #: (Python's default is 700).
 GC_GEN0_THRESHOLD = 20_000
+#: Records handled at once per consumer (by key: one correlation's records stay in order).
+MAX_LANES = 16
 #: Emits of concurrent records wait this long to share one produce request.
 LINGER_MS = 2
 
@@ -161,6 +163,7 @@ async def _worker(
             handle_signals=False,
             producer=producer,
             commit_interval_s=COMMIT_INTERVAL_S,
+            max_lanes=MAX_LANES,
             **opts,
         )
         for _ in range(consumers)
