@@ -3,6 +3,10 @@
 - ``envelope``: the event envelope, PoisonRecord / RetryableError, header and baggage names
 - ``tracing``: ``configure_tracing`` / ``shutdown_tracing`` / ``export_stats`` /
   ``correlation_context``
+- ``otlp``: the SDK's OTLP gRPC/HTTP span exporters with the native encoder (hoptrace_native;
+  the SDK's encoder without it)
+- ``asyncpg_spans``: the kept asyncpg instrumentation, each statement's span name and
+  attributes computed once
 - ``producer``: ``HopProducer`` (emit with correlation carry) and ``step_span`` (producer-only step)
 - ``hop``: ``HopRuntime`` (consume -> idempotent, effect-verified handle -> emit -> commit)
 - ``spec``: the pipeline spec loader
