@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from opentelemetry import context, trace
 from opentelemetry.instrumentation import asyncpg as _otel_asyncpg
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -54,14 +55,19 @@ class CachingAsyncPGInstrumentor(_otel_asyncpg.AsyncPGInstrumentor):
         if self.capture_parameters or not args or not isinstance(args[0], str) or not args[0]:
             return await super()._do_execute(func, instance, args, kwargs)
         name, attrs = self._info(instance, args[0])
-        with self._tracer.start_as_current_span(
-            name, kind=SpanKind.CLIENT, attributes=attrs
-        ) as span:
-            try:
-                return await func(*args, **kwargs)
-            except Exception as exc:
-                if span.is_recording():
-                    span.set_status(Status(StatusCode.ERROR))
-                    if _otel_asyncpg._report_new(self._semconv_opt_in_mode):
-                        span.set_attribute(_otel_asyncpg.ERROR_TYPE, type(exc).__qualname__)
-                raise
+        # start_as_current_span + use_span, unrolled (no generator context managers per call)
+        span = self._tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs)
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            return await func(*args, **kwargs)
+        except Exception as exc:
+            if span.is_recording():
+                span.set_status(Status(StatusCode.ERROR))  # the library's wrapper
+                if _otel_asyncpg._report_new(self._semconv_opt_in_mode):
+                    span.set_attribute(_otel_asyncpg.ERROR_TYPE, type(exc).__qualname__)
+                span.record_exception(exc)  # use_span's, on the way out
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            context.detach(token)
+            span.end()

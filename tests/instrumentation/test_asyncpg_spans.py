@@ -38,8 +38,21 @@ async def _run(db_url: str, provider: TracerProvider) -> None:
 
 def _shape(exporter: InMemorySpanExporter) -> list[tuple]:
     return [
-        (s.name, s.kind, dict(s.attributes), s.status.status_code, s.status.description)
-        for s in exporter.get_finished_spans()
+        (
+            s.name,
+            s.kind,
+            dict(s.attributes),
+            s.status.status_code,
+            s.status.description,
+            s.parent.span_id == parent.context.span_id,
+            [
+                (e.name, e.attributes.get("exception.type"), e.attributes.get("exception.message"))
+                for e in s.events
+            ],
+        )
+        for spans in [exporter.get_finished_spans()]
+        for parent in [next(p for p in spans if p.name == "parent")]
+        for s in spans
         if s.name != "parent"
     ]
 
@@ -70,6 +83,7 @@ async def test_same_spans_as_the_library(db_url: str) -> None:
     library, first, cached = results
     assert len(library) == len(STATEMENTS)
     assert library[1][0] == "INSERT" and library[-1][3] is trace.StatusCode.ERROR
+    assert library[-1][6][0][1].endswith("UniqueViolationError") and all(s[5] for s in library)
     assert first == library
     assert cached == library  # the second run reuses the cached name/attributes
     assert CachingAsyncPGInstrumentor._span_info
