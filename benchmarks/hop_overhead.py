@@ -106,6 +106,7 @@ async def worker(n: int) -> dict:
 
         prof = cProfile.Profile()
         prof.enable()
+    gc_time = _gc_timer()
     w0, c0, done0 = time.perf_counter(), time.process_time(), rt.stats["ok"]
     while rt.stats["ok"] < n:  # noqa: ASYNC110
         if task.done():
@@ -113,6 +114,7 @@ async def worker(n: int) -> dict:
             raise RuntimeError("runtime stopped early")
         await asyncio.sleep(0.002)
     w1, c1, done1 = time.perf_counter(), time.process_time(), rt.stats["ok"]
+    gc_s = gc_time()
     if profile_to:
         prof.disable()
         prof.dump_stats(f"{profile_to}.{mode}")
@@ -131,10 +133,32 @@ async def worker(n: int) -> dict:
         "throughput_per_s": hops / (w1 - w0),
         "cpu_us_per_hop": (c1 - c0) / hops * 1e6,
         "shutdown_s": time.perf_counter() - t0,
+        "gc_us_per_hop": gc_s / hops * 1e6,
         "stats": rt.stats,
         "sdk_span_cpu_us": calib,
         "export": hop_export,
     }
+
+
+def _gc_timer():  # noqa: ANN202
+    """Start timing the garbage collector; the returned function stops and gives seconds."""
+    import gc
+
+    spent = [0.0, 0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            spent[1] = time.perf_counter()
+        else:
+            spent[0] += time.perf_counter() - spent[1]
+
+    gc.callbacks.append(callback)
+
+    def stop() -> float:
+        gc.callbacks.remove(callback)
+        return spent[0]
+
+    return stop
 
 
 def _span_calibration(n: int = 2000) -> float:
@@ -347,7 +371,8 @@ def main() -> None:
                     f"round {rnd} {mode:15s} {res['throughput_per_s']:8.1f} hops/s "
                     f"{res['cpu_us_per_hop']:8.1f} us CPU/hop  exported={res['export']['exported']} "
                     f"dropped={res['export']['dropped']} export thread "
-                    f"{res['export'].get('export_cpu_us', 0) / max(1, res['hops']):.0f} us/hop",
+                    f"{res['export'].get('export_cpu_us', 0) / max(1, res['hops']):.0f} us/hop, "
+                    f"GC {res['gc_us_per_hop']:.0f} us/hop",
                     flush=True,
                 )
     receiver.server.stop(grace=None)
