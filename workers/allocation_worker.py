@@ -24,9 +24,12 @@ CONSUMES = PURCHASE_CREATED
 
 class Allocator:
     """The handler, bound to admin-service at ``base_url``. Requests go straight to an httpx
-    transport (keep-alive pool on asyncio streams, see :mod:`.http_client`; traced by the httpx
-    instrumentation like any httpx request): the client layer above it (base URL, redirects,
-    cookies, auth, event hooks) is not needed here and cost about a third of the call's CPU."""
+    transport (keep-alive connection on asyncio streams, see :mod:`.http_client`; traced by the
+    httpx instrumentation like any httpx request): the client layer above it (base URL,
+    redirects, cookies, auth, event hooks) is not needed here and cost about a third of the
+    call's CPU. Each request in flight takes a single-connection transport from an idle list
+    (one per concurrent record, reused): one shared pool's request-to-connection assignment
+    scans all its connections on every request."""
 
     def __init__(
         self,
@@ -34,20 +37,40 @@ class Allocator:
         timeout_s: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        self.base_url = base_url
         self.url = httpx.URL(base_url.rstrip("/") + "/allocations")
-        self.transport = transport or http_client.transport(base_url)
+        self.transport = transport  # given: used for every request
+        self._idle: list[httpx.AsyncBaseTransport] = []
+        self._made: list[httpx.AsyncBaseTransport] = []
         self._timeout = httpx.Timeout(timeout_s).as_dict()
 
     async def aclose(self) -> None:
-        await self.transport.aclose()
+        for transport in [*self._made, *([self.transport] if self.transport else [])]:
+            await transport.aclose()
+        self._idle.clear()
+        self._made.clear()
+
+    def _take(self) -> httpx.AsyncBaseTransport:
+        if self.transport is not None:
+            return self.transport
+        if self._idle:
+            return self._idle.pop()
+        made = http_client.transport(self.base_url, connections=1)
+        self._made.append(made)
+        return made
 
     async def _post(self, body: dict[str, str]) -> httpx.Response:
         request = httpx.Request("POST", self.url, json=body, extensions={"timeout": self._timeout})
-        response = await self.transport.handle_async_request(request)
+        transport = self._take()
         try:
-            await response.aread()
+            response = await transport.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
         finally:
-            await response.aclose()
+            if transport is not self.transport:
+                self._idle.append(transport)
         return response
 
     async def handle(self, ctx: HopContext) -> Emit:

@@ -110,13 +110,17 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-def transport(url: str) -> httpx.AsyncBaseTransport:
-    """An httpx transport for requests to ``url``: on :class:`AsyncioBackend` for ``http://``
-    (httpx's own for anything else). Still an ``httpx.AsyncHTTPTransport``, so the httpx
-    instrumentation traces its requests."""
-    out = httpx.AsyncHTTPTransport()
+def transport(url: str, connections: int | None = None) -> httpx.AsyncBaseTransport:
+    """An httpx transport for requests to ``url`` (at most ``connections`` at once; httpx's
+    default limits when None): on :class:`AsyncioBackend` for ``http://`` (httpx's own for
+    anything else). Still an ``httpx.AsyncHTTPTransport``, so the httpx instrumentation traces
+    its requests."""
+    limits = httpx.Limits(
+        max_connections=connections or httpx.Limits().max_connections,
+        max_keepalive_connections=connections or httpx.Limits().max_keepalive_connections,
+    )
+    out = httpx.AsyncHTTPTransport(limits=limits)
     if httpx.URL(url).scheme == "http":
-        limits = httpx.Limits()
         out._pool = httpcore.AsyncConnectionPool(  # the same pool httpx builds, another backend
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,

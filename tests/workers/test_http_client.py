@@ -81,15 +81,30 @@ async def keep_alive() -> AsyncIterator[tuple[Server, str]]:
 async def test_requests_share_one_keep_alive_connection(keep_alive) -> None:
     server, url = keep_alive
     allocator = Allocator(url)
-    assert isinstance(allocator.transport._pool._network_backend, AsyncioBackend)  # type: ignore[attr-defined]
     try:
         for _ in range(3):
             resp = await allocator._post(BODY)
             assert resp.status_code == 200 and resp.json() == {"trainer": "trainer-1"}
+        made = allocator._made
+        assert len(made) == 1
+        assert isinstance(made[0]._pool._network_backend, AsyncioBackend)  # type: ignore[attr-defined]
     finally:
         await allocator.aclose()
     assert server.bodies == [BODY] * 3
     assert server.connections == 1
+
+
+async def test_concurrent_requests_get_a_connection_each_and_reuse_them(keep_alive) -> None:
+    server, url = keep_alive
+    allocator = Allocator(url)
+    try:
+        for _ in range(2):  # the second round reuses the first round's connections
+            answers = await asyncio.gather(*(allocator._post(BODY) for _ in range(5)))
+            assert [a.json() for a in answers] == [{"trainer": "trainer-1"}] * 5
+    finally:
+        await allocator.aclose()
+    assert len(server.bodies) == 10
+    assert server.connections == 5
 
 
 async def test_a_server_closing_each_connection_gets_a_new_one_per_request() -> None:
