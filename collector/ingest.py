@@ -46,11 +46,9 @@ class Ingestor:
 
     def submit(self, req: ExportTraceServiceRequest, transport: str) -> Outcome:
         """A parsed request (OTLP/JSON bodies): decoded natively (re-serialized) when available."""
-        n = span_count(req)
-        if n and not self.queue.fits(n):  # refuse before decoding: the sender retries it anyway
-            metrics.SPANS_RECEIVED.labels(transport).inc(n)
-            metrics.SPANS_DROPPED.labels("queue_full").inc(n)
-            return Outcome(False, 0, 0, "queue full: retry later")
+        refused = self._refuse_if_full(span_count(req), transport)
+        if refused is not None:
+            return refused
         now = datetime.now(UTC)
         if native_available():
             return self._enqueue(decode_body(req.SerializeToString(), now), transport)
@@ -58,12 +56,19 @@ class Ingestor:
 
     def submit_body(self, body: bytes, transport: str) -> Outcome:
         """A protobuf request body (raises DecodeFailure when it is not one)."""
-        n = body_span_count(body)
-        if n and not self.queue.fits(n):  # refuse before decoding: the sender retries it anyway
-            metrics.SPANS_RECEIVED.labels(transport).inc(n)
-            metrics.SPANS_DROPPED.labels("queue_full").inc(n)
-            return Outcome(False, 0, 0, "queue full: retry later")
+        refused = self._refuse_if_full(body_span_count(body), transport)
+        if refused is not None:
+            return refused
         return self._enqueue(decode_body(body, datetime.now(UTC)), transport)
+
+    def _refuse_if_full(self, n: int, transport: str) -> Outcome | None:
+        """Refuse ``n`` spans before decoding them when the queue cannot take them (the sender
+        retries them anyway); None when they fit."""
+        if not n or self.queue.fits(n):
+            return None
+        metrics.SPANS_RECEIVED.labels(transport).inc(n)
+        metrics.SPANS_DROPPED.labels("queue_full").inc(n)
+        return Outcome(False, 0, 0, "queue full: retry later")
 
     def _enqueue(self, decoded: Decoded, transport: str) -> Outcome:
         count = decoded.count
