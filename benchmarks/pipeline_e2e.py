@@ -35,7 +35,7 @@ import asyncpg
 from hoptrace import devstack
 from hoptrace.instrumentation.spec import load_spec
 from hoptrace.settings import PROJECT_ROOT
-from hoptrace.workers.client import traffic
+from hoptrace.workers.client import at_rate, traffic
 from hoptrace.workers.topics import ensure_topics
 
 HOPTRACE = str(Path(sys.executable).parent / "hoptrace")
@@ -159,19 +159,12 @@ class LightClient:
                 conn = []
             pool.put_nowait(conn)
 
-        t0 = time.monotonic()
-        tasks = []
-        for i in range(count):
-            delay = t0 + i / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
+        seconds = await at_rate(count, rate, one)
         while not pool.empty():
             conn = pool.get_nowait()
             if conn:
                 conn[1].close()
-        return {"ids": ids, "errors": errors, "seconds": time.monotonic() - t0}
+        return {"ids": ids, "errors": errors, "seconds": seconds}
 
 
 def isolated_spec(tmp: Path, suffix: str, partitions: int | None = None) -> Path:

@@ -7,6 +7,7 @@ import asyncio
 import random
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -61,6 +62,20 @@ def pay_cli(student: str, course: str, amount: str) -> None:
     print(payment_id)
 
 
+async def at_rate(count: int, rate: float, one: Callable[[], Awaitable[None]]) -> float:
+    """Start ``one()`` ``count`` times, steadily ``rate`` per second, and wait for all of them;
+    returns the seconds taken."""
+    t0 = time.monotonic()
+    tasks = []
+    for i in range(count):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    return time.monotonic() - t0
+
+
 async def traffic(
     rate: float, count: int, *, url: str | None = None, concurrency: int = 200
 ) -> dict[str, object]:
@@ -86,15 +101,7 @@ async def traffic(
                 except PaymentError as exc:
                     errors.append(str(exc))
 
-        t0 = time.monotonic()
-        tasks = []
-        for i in range(count):
-            delay = t0 + i / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
-        took = time.monotonic() - t0
+        took = await at_rate(count, rate, one)
     return {"ids": ids, "errors": errors, "seconds": took}
 
 
