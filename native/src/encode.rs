@@ -10,6 +10,9 @@
 //!
 //! The messages are declared with prost derive (the OTLP field numbers of
 //! opentelemetry-proto's trace, common and resource protos); only what is encoded is declared.
+//! They are not shared with `decode.rs`, whose fields are zero-copy `Bytes` views of the body:
+//! prost encodes a `Bytes` field by cloning it (a refcount promotion per string), which made
+//! this encoder about 30% slower when tried (3.9 -> 5.2 µs per span).
 
 use prost::Message;
 use pyo3::exceptions::PyValueError;
