@@ -62,16 +62,26 @@ def test_browser_looks_up_a_stalled_payment(dashboard: str, seeded: Seeded) -> N
     cid = seeded.stalled[0]
     with Browser(height=1800) as browser:
         browser.open(f"{dashboard}/?id={cid}")
-        text = browser.wait_for_text(f"Payment {cid}", "STOPPED HERE", "Traces in Jaeger")
+        # Streamlit renders each element on its own (a list's markdown can land after the
+        # elements below it): wait for everything asserted on, not just the last heading
+        text = browser.wait_for_text(
+            f"Payment {cid}",
+            "⟵ ⛔ STOPPED HERE",
+            "payment.confirmed",
+            "session.created",
+            "Traces in Jaeger",
+        )
         browser.wait_for_selector(".js-plotly-plot .main-svg")  # the Gantt
         browser.wait_for_selector("[data-testid='stDataFrame'] canvas", count=2)  # Kafka, DB
         shot = browser.screenshot(ARTIFACTS / "dashboard-lookup-stalled.png")
         # the overview, reached through the navigation's URL, lists the same payment as stalled
         browser.open(f"{dashboard}/overview")
-        overview = browser.wait_for_text("Stalled payments", *seeded.stalled)
+        overview = browser.wait_for_text(
+            "Stalled payments", *seeded.stalled, f"{cid} — waiting on trainer.allocated"
+        )
         browser.wait_for_selector(".js-plotly-plot .main-svg", count=2)  # funnel, histogram
         browser.screenshot(ARTIFACTS / "dashboard-overview.png")
-    marked = [line for line in text.splitlines() if "STOPPED HERE" in line]
+    marked = [line for line in text.splitlines() if "⟵ ⛔ STOPPED HERE" in line]
     assert any("trainer.allocated" in line for line in marked), marked
     assert "payment.confirmed" in text and "session.created" in text
     assert shot.stat().st_size > 10_000
