@@ -33,6 +33,7 @@ from opentelemetry.sdk.trace.export import (
 )
 
 from .envelope import BAGGAGE_KEY
+from .lean_spans import LeanTracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +309,7 @@ def configure_tracing(
         else:
             attrs: dict[str, Any] = {"service.name": service_name}
             attrs.update(opts.pop("resource_attributes", None) or {})
-            provider = TracerProvider(resource=Resource.create(attrs))
+            provider = LeanTracerProvider(resource=Resource.create(attrs))
             switch = _SwitchableProcessor(BaggageSpanProcessor(lambda k: k == BAGGAGE_KEY))
             provider.add_span_processor(switch)
             trace.set_tracer_provider(provider)
