@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import signal
 import threading
@@ -26,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import asyncpg.pool
 import httpx
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
@@ -140,6 +142,17 @@ async def ensure_processed_events(conn: asyncpg.Connection) -> None:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('hoptrace.processed_events'))")
         await conn.execute(PROCESSED_EVENTS_DDL)
+
+
+def _untraced(conn: Any, name: str) -> Callable[..., Awaitable[Any]]:
+    """Connection method ``name`` of ``conn`` (a pool's proxy or a connection) without the
+    asyncpg instrumentation's wrapper (wrapt keeps the original function as ``__wrapped__``):
+    no span and none of the wrapper's per-call work."""
+    raw = conn._con if isinstance(conn, asyncpg.pool.PoolConnectionProxy) else conn
+    if not isinstance(raw, asyncpg.Connection):  # released proxy, or not asyncpg's
+        return getattr(conn, name)
+    method = getattr(type(raw), name)
+    return functools.partial(getattr(method, "__wrapped__", method), raw)
 
 
 def _quote_ident(name: str) -> str:
@@ -738,12 +751,11 @@ class HopRuntime:
         next_env: Envelope | None = None
         ctx: HopContext | None = None
         conn = await self._connection()
-        tx = conn.transaction()
-        with suppress_instrumentation():  # BEGIN/COMMIT spans carry nothing worth their cost
-            await tx.start()
+        # BEGIN/COMMIT spans carry nothing worth their cost: the statements go around the
+        # asyncpg instrumentation, as do the guard and mark unless trace_bookkeeping
+        await _untraced(conn, "execute")("BEGIN")
         try:
-            with self._bookkeeping():
-                row = await conn.fetchrow(_GUARD_SQL, envelope.event_id)
+            row = await self._own(conn, "fetchrow")(_GUARD_SQL, envelope.event_id)
             if row is not None:
                 duplicate = True
                 if row["emitted"] is not None:
@@ -768,13 +780,11 @@ class HopRuntime:
                         log.warning(
                             "%s: handler returned an event but the step emits no topic", step.id
                         )
-                with self._bookkeeping():
-                    await self._mark(conn, envelope, cid, next_env)
+                await self._mark(conn, envelope, cid, next_env)
         except BaseException:
-            await self._rollback(conn, tx)
+            await self._rollback(conn)
             raise
-        with suppress_instrumentation():
-            await tx.commit()
+        await _untraced(conn, "execute")("COMMIT")
         if ctx is not None and self.hooks.after_db_commit is not None:
             await self.hooks.after_db_commit(ctx)
         if next_env is not None and step.emits:
@@ -792,17 +802,22 @@ class HopRuntime:
         args = (envelope.event_id, envelope.type, cid, self.step.id, emitted)
         verify = self.verify_effect and self.effect_check is not None
         if verify and self._mark_with_effect_sql is not None:
-            if await conn.fetchval(self._mark_with_effect_sql, *args) is None:
+            if await self._own(conn, "fetchval")(self._mark_with_effect_sql, *args) is None:
                 raise EffectMissing(
                     f"effect missing: no row in {self.step.table!r} for correlation {cid!r}"
                 )
             return
         if verify:
-            if not await self.effect_check(conn, envelope):  # type: ignore[misc]
-                raise EffectMissing(
-                    f"effect missing: the effect check for correlation {cid!r} failed"
-                )
-        await conn.execute(_MARK_SQL, *args)
+            with self._bookkeeping():  # a custom check's statements are bookkeeping too
+                if not await self.effect_check(conn, envelope):  # type: ignore[misc]
+                    raise EffectMissing(
+                        f"effect missing: the effect check for correlation {cid!r} failed"
+                    )
+        await self._own(conn, "execute")(_MARK_SQL, *args)
+
+    def _own(self, conn: asyncpg.Connection, name: str) -> Callable[..., Awaitable[Any]]:
+        """A connection method for the runtime's own statements (traced only when asked)."""
+        return getattr(conn, name) if self.trace_bookkeeping else _untraced(conn, name)
 
     def _bookkeeping(self) -> contextlib.AbstractContextManager[object]:
         """The runtime's own queries (guard, effect check, mark) are not traced unless asked
@@ -835,10 +850,10 @@ class HopRuntime:
             with suppress_instrumentation(), contextlib.suppress(Exception):
                 await self._pool.release(conn, timeout=5)
 
-    async def _rollback(self, conn: asyncpg.Connection, tx: Any) -> None:
+    async def _rollback(self, conn: asyncpg.Connection) -> None:
         try:
-            with suppress_instrumentation():
-                await tx.rollback()
+            if not conn.is_closed() and conn.is_in_transaction():
+                await _untraced(conn, "execute")("ROLLBACK")
         except Exception:  # noqa: BLE001 - a broken connection: get a new one next time
             await self._drop_connection()
 
