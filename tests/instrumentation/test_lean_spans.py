@@ -107,3 +107,63 @@ async def test_default_hops_link_process_spans_directly(
     assert hdrs[CORRELATION_HEADER].decode() == cid
     assert f"{c.ATTR_CORRELATION_ID}={cid}" in hdrs["baggage"].decode()
     assert f"{p1.context.span_id:016x}" in hdrs["traceparent"].decode()
+
+
+async def test_bookkeeping_statements_make_spans_only_when_asked(
+    spec, topics, tables, spans, kafka_bootstrap
+):
+    """The runtime's own statements (BEGIN, guard, mark, COMMIT) go around the asyncpg
+    instrumentation: a hop's only asyncpg span is its handler's. ``trace_bookkeeping=True``
+    brings the guard and mark spans back (BEGIN/COMMIT never have one)."""
+
+    async def purchase(ctx: HopContext) -> Emit:
+        await ctx.conn.execute(
+            "INSERT INTO student_course_purchases VALUES ($1, $2)", ctx.correlation_id, 3
+        )
+        return Emit("PURCHASE_CREATED", {"payment_id": ctx.correlation_id})
+
+    children: dict[bool, list[str]] = {}
+    for traced in (False, True):
+        rt = HopRuntime(
+            spec,
+            "purchase.created",
+            purchase,
+            bootstrap=kafka_bootstrap,
+            database_url=tables,
+            handle_signals=False,
+            trace_bookkeeping=traced,
+        )
+        cid = unique("pay-")
+        async with running(rt), HopProducer(kafka_bootstrap) as producer:
+            await producer.emit(
+                spec.step("payment.confirmed").emits,
+                Envelope.new("PURCHASE_CONFIRMED", 1, cid, {"payment_id": cid, "amount": 3}),
+            )
+
+            def process_span(cid: str = cid):  # noqa: ANN202
+                return next(
+                    (
+                        s
+                        for s in spans.get_finished_spans()
+                        if s.name == "purchase.created"
+                        and (s.attributes or {}).get(c.ATTR_CORRELATION_ID) == cid
+                    ),
+                    None,
+                )
+
+            async def processed(cid: str = cid) -> bool:
+                return process_span(cid) is not None
+
+            await wait_for(processed, what="the hop's process span")
+        p = process_span(cid)
+        assert p.attributes[c.ATTR_OUTCOME] == "ok"
+        children[traced] = sorted(
+            (s.attributes or {}).get("db.statement", s.name)
+            for s in spans.get_finished_spans()
+            if s.kind is SpanKind.CLIENT and s.parent and s.parent.span_id == p.context.span_id
+        )
+    assert children[False] == ["INSERT INTO student_course_purchases VALUES ($1, $2)"]
+    assert len(children[True]) == 3, children[True]
+    assert any("FROM processed_events WHERE event_id" in s for s in children[True])
+    assert any(s.startswith("INSERT INTO processed_events") for s in children[True])
+    assert not any(s.split()[0] in {"BEGIN", "COMMIT"} for s in children[True])
