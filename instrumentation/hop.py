@@ -751,9 +751,12 @@ class HopRuntime:
         next_env: Envelope | None = None
         ctx: HopContext | None = None
         conn = await self._connection()
-        # BEGIN/COMMIT spans carry nothing worth their cost: the statements go around the
-        # asyncpg instrumentation, as do the guard and mark unless trace_bookkeeping
-        await _untraced(conn, "execute")("BEGIN")
+        # asyncpg's Transaction (a handler may open a savepoint in it); BEGIN/COMMIT spans carry
+        # nothing worth their cost. The guard and mark go around the asyncpg instrumentation
+        # (unless trace_bookkeeping): no span and none of its wrapper's work.
+        tx = conn.transaction()
+        with suppress_instrumentation():
+            await tx.start()
         try:
             row = await self._own(conn, "fetchrow")(_GUARD_SQL, envelope.event_id)
             if row is not None:
@@ -782,9 +785,10 @@ class HopRuntime:
                         )
                 await self._mark(conn, envelope, cid, next_env)
         except BaseException:
-            await self._rollback(conn)
+            await self._rollback(conn, tx)
             raise
-        await _untraced(conn, "execute")("COMMIT")
+        with suppress_instrumentation():
+            await tx.commit()
         if ctx is not None and self.hooks.after_db_commit is not None:
             await self.hooks.after_db_commit(ctx)
         if next_env is not None and step.emits:
@@ -850,10 +854,10 @@ class HopRuntime:
             with suppress_instrumentation(), contextlib.suppress(Exception):
                 await self._pool.release(conn, timeout=5)
 
-    async def _rollback(self, conn: asyncpg.Connection) -> None:
+    async def _rollback(self, conn: asyncpg.Connection, tx: Any) -> None:
         try:
-            if not conn.is_closed() and conn.is_in_transaction():
-                await _untraced(conn, "execute")("ROLLBACK")
+            with suppress_instrumentation():
+                await tx.rollback()
         except Exception:  # noqa: BLE001 - a broken connection: get a new one next time
             await self._drop_connection()
 

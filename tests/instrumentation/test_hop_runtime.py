@@ -362,3 +362,39 @@ async def test_concurrent_mark_turns_into_duplicate(spec, topics, tables, spans,
 
 async def _async(value: object) -> object:
     return value
+
+
+async def test_a_handler_savepoint_rolls_back_alone(spec, topics, tables, spans, kafka_bootstrap):
+    """The hop's transaction is asyncpg's: a handler's ``conn.transaction()`` is a savepoint
+    inside it; a failed savepoint undoes only its own writes, the step's row and mark stay."""
+    db_url = tables
+
+    async def purchase(ctx: HopContext) -> Emit:
+        await ctx.conn.execute(
+            "INSERT INTO student_course_purchases VALUES ($1, 5)", ctx.correlation_id
+        )
+        try:
+            async with ctx.conn.transaction():
+                await ctx.conn.execute(
+                    "INSERT INTO student_course_purchases VALUES ($1, 6)", ctx.correlation_id + "x"
+                )
+                raise ValueError("undo the savepoint")
+        except ValueError:
+            pass
+        return Emit("PURCHASE_CREATED", {"payment_id": ctx.correlation_id})
+
+    cid = unique("pay-")
+    await emit_payment(spec, kafka_bootstrap, cid)
+    rt = runtime(spec, purchase, kafka_bootstrap, db_url)
+    async with running(rt):
+        await read_topic(kafka_bootstrap, spec.step("purchase.created").emits, 1)
+    assert rt.stats["ok"] == 1 and rt.stats.get("error", 0) == 0
+    rows = await fetchval(
+        db_url,
+        "SELECT string_agg(correlation_id, ',') FROM student_course_purchases"
+        " WHERE correlation_id LIKE $1",
+        cid + "%",
+    )
+    assert rows == cid
+    marks = "SELECT count(*) FROM processed_events WHERE correlation_id = $1"
+    assert await fetchval(db_url, marks, cid) == 1
