@@ -49,11 +49,16 @@ class CachingAsyncPGInstrumentor(_otel_asyncpg.AsyncPGInstrumentor):
                 self._span_info[key] = info
         return info
 
-    async def _do_execute(self, func: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    def _do_execute(self, func: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        """The wrapper wrapt calls: returns the awaitable the caller awaits. Suppressed, that is
+        the call itself (no extra coroutine frame on every resumption of the query)."""
         if not is_instrumentation_enabled():  # suppressed: the call alone, as the library
-            return await func(*args, **kwargs)
+            return func(*args, **kwargs)
         if self.capture_parameters or not args or not isinstance(args[0], str) or not args[0]:
-            return await super()._do_execute(func, instance, args, kwargs)
+            return super()._do_execute(func, instance, args, kwargs)
+        return self._traced(func, instance, args, kwargs)
+
+    async def _traced(self, func: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         name, attrs = self._info(instance, args[0])
         # start_as_current_span + use_span, unrolled (no generator context managers per call)
         span = self._tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs)
