@@ -130,12 +130,16 @@ class LeanTracer(Tracer):
         record_exception: bool = True,
         set_status_on_exception: bool = True,
     ) -> trace_api.Span:
+        parent = trace_api.get_current_span(context).get_span_context()
+        if parent is not None and not isinstance(parent, trace_api.SpanContext):  # as the SDK
+            raise TypeError("parent_span_context must be a SpanContext or None.")
         if (
             links
             or self.sampler is not _sampling.DEFAULT_ON
             or not self._tracer_config.is_enabled
             or type(self._tracer_metrics) is not NoOpTracerMetrics
-        ):
+            or (parent is not None and parent.is_valid and not parent.trace_flags.sampled)
+        ):  # the SDK's own path (an unsampled parent: ParentBased drops the span there)
             return super().start_span(
                 name,
                 context,
@@ -146,7 +150,6 @@ class LeanTracer(Tracer):
                 record_exception,
                 set_status_on_exception,
             )
-        parent = trace_api.get_current_span(context).get_span_context()
         ids = self.id_generator
         if parent is None or not parent.is_valid:
             parent = None
@@ -154,10 +157,6 @@ class LeanTracer(Tracer):
             random_id = ids.is_trace_id_random()
             trace_state = None
         else:
-            if not isinstance(parent, trace_api.SpanContext):  # pragma: no cover - as the SDK
-                raise TypeError("parent_span_context must be a SpanContext or None.")
-            if not parent.trace_flags.sampled:  # ParentBased: an unsampled parent -> drop
-                return super().start_span(name, context, kind, attributes, links, start_time)
             trace_id = parent.trace_id
             random_id = parent.trace_flags.random_trace_id
             trace_state = parent.trace_state
@@ -177,7 +176,6 @@ class LeanTracer(Tracer):
         span._instrumentation_info = self.instrumentation_info
         span._instrumentation_scope = self._instrumentation_scope
         span._parent = parent
-        span._start_time = None
         span._end_time = None
         span._resource = self.resource
         span._status = _UNSET
