@@ -24,16 +24,18 @@ from ..support import unique, wait_for
 from .helpers import read_topic, running
 
 
+async def purchase(ctx: HopContext) -> Emit:
+    """The purchase step's handler: its one row, then the next event."""
+    await ctx.conn.execute(
+        "INSERT INTO student_course_purchases VALUES ($1, $2)", ctx.correlation_id, 3
+    )
+    return Emit("PURCHASE_CREATED", {"payment_id": ctx.correlation_id})
+
+
 async def test_default_hops_link_process_spans_directly(
     spec, topics, tables, spans, kafka_bootstrap
 ):
     db_url = tables
-
-    async def purchase(ctx: HopContext) -> Emit:
-        await ctx.conn.execute(
-            "INSERT INTO student_course_purchases VALUES ($1, $2)", ctx.correlation_id, 3
-        )
-        return Emit("PURCHASE_CREATED", {"payment_id": ctx.correlation_id})
 
     async def allocate(ctx: HopContext) -> Emit:
         await ctx.conn.execute(
@@ -115,12 +117,6 @@ async def test_bookkeeping_statements_make_spans_only_when_asked(
     """The runtime's own statements (BEGIN, guard, mark, COMMIT) go around the asyncpg
     instrumentation: a hop's only asyncpg span is its handler's. ``trace_bookkeeping=True``
     brings the guard and mark spans back (BEGIN/COMMIT never have one)."""
-
-    async def purchase(ctx: HopContext) -> Emit:
-        await ctx.conn.execute(
-            "INSERT INTO student_course_purchases VALUES ($1, $2)", ctx.correlation_id, 3
-        )
-        return Emit("PURCHASE_CREATED", {"payment_id": ctx.correlation_id})
 
     children: dict[bool, list[str]] = {}
     for traced in (False, True):
