@@ -606,8 +606,7 @@ class KafkaPart(Part):
                     "kafka.tools.StorageTool",
                     "format",
                     "--standalone",
-                    "-t",
-                    _kafka_cluster_id(),
+                    f"--cluster-id={_kafka_cluster_id()}",
                     "-c",
                     str(self.properties),
                     "--ignore-formatted",
@@ -644,9 +643,14 @@ class KafkaPart(Part):
 
 
 def _kafka_cluster_id() -> str:
+    """A random cluster id as Kafka writes them (URL-safe base64 of 16 bytes), never starting
+    with "-" (Kafka's Uuid.randomUuid rules those out too: a command line reads them as options)."""
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 async def _kafka_metadata(bootstrap: str) -> bool:

@@ -154,3 +154,11 @@ def test_missing_java_is_one_clear_line(
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
     assert "`java` not found" in res.stderr
+
+
+def test_kafka_cluster_ids_never_read_as_options() -> None:
+    """A cluster id starting with "-" made kafka-storage read it as an option (1 format in 64
+    failed): ids are drawn as Kafka draws them, and passed attached to their flag."""
+    ids = [devstack._kafka_cluster_id() for _ in range(5000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)
