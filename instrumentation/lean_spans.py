@@ -8,21 +8,26 @@ hardware the SDK's span construction was most of tracing's cost per hop: a gener
 ``LeanTracerProvider`` is the SDK's ``TracerProvider`` whose tracers take a shorter path in the
 common case and the SDK's own path otherwise:
 
-* the spans are the SDK's ``_Span`` objects, with the same fields, processors, limits, resource
-  and scope, so every processor, exporter and instrumentation sees what it always sees;
+* the spans are the SDK's ``_Span`` objects (see ``LeanSpan`` below), with the same fields,
+  processors, limits, resource and scope, so every processor, exporter and instrumentation
+  sees what it always sees;
 * the fast path is taken only for the default sampler (``parentbased_always_on``), an enabled
   tracer, the SDK's internal span metrics off, and no links; anything else is ``super()``;
 * attribute values of type ``str``/``bool``/``int``/``float`` within the limits are stored as
   they are (what the SDK's cleaning returns for them); any other value, key or a full attribute
-  table goes through the SDK's ``BoundedAttributes`` code unchanged.
+  table goes through the SDK's ``BoundedAttributes`` code unchanged;
+* the spans are ``LeanSpan``s (a ``_Span`` subclass): their events and links lists are made at
+  the first event or link, and ``end`` hands the processors the ended span itself rather than
+  a ``ReadableSpan`` copy of its fields (an ended span no longer changes).
 
-``tests/instrumentation/test_lean_spans.py`` builds the same spans through both paths and
+``tests/instrumentation/test_lean_tracer.py`` builds the same spans through both paths and
 compares everything an exporter reads, and checks that the fields set here are the fields the
 SDK's constructor sets (so an SDK upgrade that adds one fails the test, not production).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from time import time_ns
@@ -38,7 +43,9 @@ from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util import types
 
-__all__ = ["LeanAttributes", "LeanTracer", "LeanTracerProvider"]
+__all__ = ["LeanAttributes", "LeanSpan", "LeanTracer", "LeanTracerProvider"]
+
+_log = logging.getLogger("opentelemetry.sdk.trace")  # where the SDK's span warnings go
 
 #: Value types the SDK's cleaning returns unchanged (bool is an int, listed for clarity).
 _PLAIN = frozenset((str, bool, int, float))
@@ -116,6 +123,56 @@ class LeanAttributes(BoundedAttributes):
                     d[key] = value
 
 
+class _NoneYet(BoundedList):
+    """The events/links of a span that has none yet: one shared, empty, read-only list (a
+    span gets its own at its first event or link). Appending to it is a bug in this module,
+    never a silent write into every span's list."""
+
+    def append(self, item: Any) -> None:
+        raise RuntimeError("hoptrace lean_spans: append to the shared empty events/links list")
+
+    def extend(self, seq: Any) -> None:
+        raise RuntimeError("hoptrace lean_spans: extend of the shared empty events/links list")
+
+
+_NONE_YET = _NoneYet(0)
+
+
+class LeanSpan(_Span):
+    """The SDK's ``_Span`` with two per-span costs taken out of the common case: its events
+    and links lists are made at the first event or link (most spans have none), and ``end``
+    hands the processors the span itself (ended, it no longer changes: every setter checks
+    the end time under the span's lock) instead of a ``ReadableSpan`` copy of its fields."""
+
+    def _add_event(self, event: Any) -> None:
+        if self._events is _NONE_YET:
+            with self._lock:
+                if self._events is _NONE_YET:
+                    self._events = self._new_events()
+        super()._add_event(event)
+
+    def _add_link(self, link: trace_api.Link) -> None:
+        if self._links is _NONE_YET:
+            with self._lock:
+                if self._links is _NONE_YET:
+                    self._links = BoundedList(self._limits.max_links)
+        super()._add_link(link)
+
+    def end(self, end_time: int | None = None) -> None:
+        with self._lock:  # as the SDK's end
+            if self._start_time is None:
+                raise RuntimeError("Calling end() on a not started span.")
+            if self._end_time is not None:
+                _log.warning("Calling end() on an ended span.")
+                return
+            self._end_time = end_time if end_time is not None else time_ns()
+            self._attributes._immutable = True  # type: ignore[attr-defined]
+        if self._record_end_metrics:
+            self._record_end_metrics()
+        self._span_processor._on_ending(self)
+        self._span_processor.on_end(self)
+
+
 class LeanTracer(Tracer):
     """The SDK ``Tracer`` with a shorter ``start_span`` for the common case (module doc)."""
 
@@ -168,7 +225,7 @@ class LeanTracer(Tracer):
             trace_state=trace_state,
         )
         limits = self._span_limits
-        span: _Span = _Span.__new__(_Span)
+        span: LeanSpan = LeanSpan.__new__(LeanSpan)
         # the fields _Span.__init__ sets (the test compares the two sets), values as it sets them
         span._name = name
         span._context = span_context
@@ -192,8 +249,8 @@ class LeanTracer(Tracer):
             immutable=False,
             max_value_len=limits.max_span_attribute_length,
         )
-        span._events = BoundedList(limits.max_events)
-        span._links = BoundedList(limits.max_links)
+        span._events = _NONE_YET  # LeanSpan makes its own at the first event / link
+        span._links = _NONE_YET
         span._record_end_metrics = None
         span._start_time = start_time if start_time is not None else time_ns()
         self.span_processor.on_start(span, parent_context=context)

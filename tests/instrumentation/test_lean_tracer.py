@@ -28,7 +28,12 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from hoptrace.instrumentation.lean_spans import LeanAttributes, LeanTracer, LeanTracerProvider
+from hoptrace.instrumentation.lean_spans import (
+    LeanAttributes,
+    LeanSpan,
+    LeanTracer,
+    LeanTracerProvider,
+)
 from hoptrace.instrumentation.otlp import sdk_encode_request
 from hoptrace.instrumentation.tracing import get_tracer
 
@@ -119,8 +124,16 @@ def _scenario(tracer: trace.Tracer) -> None:
     s.add_event("evt", {"a": 1}, timestamp=T0 + 1)
     s.record_exception(ValueError("boom"), timestamp=T0 + 2)
     s.set_status(Status(StatusCode.ERROR, "boom"))
+    s.add_link(REMOTE_UNSAMPLED, {"added": "later"})
     s.update_name("renamed")
     s.end(end_time=T0 + 3)
+    # after the end nothing changes what the processors got (the SDK hands them a copy)
+    s.set_attribute("after end", 1)
+    s.add_event("after end")
+    s.add_link(REMOTE, {"after": "end"})
+    s.set_status(Status(StatusCode.OK))
+    s.update_name("after end")
+    s.end(end_time=T0 + 9)  # a second end: a warning, no second export
 
     with tracer.start_as_current_span("local parent", start_time=T0, end_on_exit=False) as p:
         c = tracer.start_span("local child", attributes={"k": "v"}, start_time=T0)
@@ -210,9 +223,35 @@ def test_the_span_has_the_fields_the_sdk_constructor_sets() -> None:
     assert provider.get_tracer("lean") is tracer  # the provider's cache is kept
     lean = tracer.start_span("x")
     sdk = Tracer.start_span(tracer, "x")  # the SDK's own path, same tracer
-    assert type(lean) is type(sdk) is _Span
+    assert type(sdk) is _Span
+    assert type(lean) is LeanSpan and isinstance(lean, _Span)
     assert sorted(vars(lean)) == sorted(vars(sdk))
     assert type(lean._attributes) is LeanAttributes  # noqa: SLF001
+
+
+def test_events_and_links_are_each_spans_own() -> None:
+    """Spans start sharing one empty events/links list; the first event or link gives the span
+    its own, so nothing one span records shows on another."""
+    provider, exporter = _provider(LeanTracerProvider)
+    tracer = provider.get_tracer("lean")
+    a, b, c = (tracer.start_span(n) for n in "abc")
+    a.add_event("only a")
+    b.add_link(REMOTE, {"only": "b"})
+    for s in (a, b, c):
+        s.end()
+    got = {s.name: s for s in exporter.get_finished_spans()}
+    assert [e.name for e in got["a"].events] == ["only a"] and got["a"].links == ()
+    assert got["b"].events == () and [lk.context for lk in got["b"].links] == [REMOTE]
+    assert got["c"].events == () and got["c"].links == ()
+    assert got["c"].dropped_events == got["c"].dropped_links == 0
+    # events past the limit are dropped and counted on the span's own list, as in the SDK
+    limited, _ = _provider(LeanTracerProvider, span_limits=SpanLimits(max_events=1, max_links=1))
+    s = limited.get_tracer("lean").start_span("full")
+    for i in range(3):
+        s.add_event(f"e{i}")
+        s.add_link(REMOTE)
+    assert (s.dropped_events, s.dropped_links) == (2, 2)
+    assert tracer.start_span("fresh").dropped_events == 0
 
 
 def test_lean_attributes_match_bounded_attributes() -> None:
