@@ -7,6 +7,7 @@ skipped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime
 
@@ -22,7 +23,15 @@ log = logging.getLogger("hoptrace.collector.kafka_source")
 
 class KafkaSpanSource:
     def __init__(
-        self, bootstrap: str, topic: str, group: str, queue: SpanQueue, max_records: int = 1000
+        self,
+        bootstrap: str,
+        topic: str,
+        group: str,
+        queue: SpanQueue,
+        max_records: int = 1000,
+        *,
+        retry_s: float = 1.0,
+        max_retry_s: float = 30.0,
     ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
@@ -31,17 +40,44 @@ class KafkaSpanSource:
         self.max_records = max_records
         self.assigned = asyncio.Event()
         self.consumer: AIOKafkaConsumer | None = None
+        self.retry_s = retry_s
+        self.max_retry_s = max_retry_s
+        self.start_failures = 0  # starts that failed (broker unreachable)
+
+    async def _start(self) -> AIOKafkaConsumer:
+        """A started consumer. While the broker cannot be reached, says so and tries again with
+        backoff (the collector's other inputs keep working meanwhile); a consumer that failed
+        to start, or was cancelled while starting, is closed, never left open."""
+        delay = self.retry_s
+        while True:
+            consumer = AIOKafkaConsumer(
+                self.topic,
+                bootstrap_servers=self.bootstrap,
+                group_id=self.group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+            try:
+                await consumer.start()
+                return consumer
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                if not isinstance(exc, KafkaError | OSError):
+                    raise
+                self.start_failures += 1
+                log.warning(
+                    "kafka span source: cannot start on %s (%s: %s); retrying in %.1fs",
+                    self.bootstrap,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(self.max_retry_s, delay * 2)
 
     async def run(self) -> None:
-        consumer = AIOKafkaConsumer(
-            self.topic,
-            bootstrap_servers=self.bootstrap,
-            group_id=self.group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-        )
-        self.consumer = consumer
-        await consumer.start()
+        consumer = self.consumer = await self._start()
         loop = asyncio.get_running_loop()
         try:
             while True:

@@ -3,7 +3,12 @@ only after the write."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
+
 import asyncpg
+import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -50,4 +55,76 @@ async def test_kafka_topic_spans_stored_and_committed(
     finally:
         await admin.close()
         await pool.close()
+        await delete_topics(kafka_bootstrap, [topic])
+
+
+async def _forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_kafka_unreachable_at_start_is_retried_until_it_is_back(
+    make_collector, kafka_bootstrap: str, suffix: str, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    """Collector started while the broker cannot be reached: it says so, keeps retrying (its
+    consumer closed each time), and reads the topic once the broker answers."""
+    topic, group = f"otlp-spans-{suffix}", f"hoptrace-collector-{suffix}"
+    await create_topics(kafka_bootstrap, [topic], partitions=1)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there yet
+    kafka_host, kafka_port = kafka_bootstrap.rsplit(":", 1)
+    pipes: list[asyncio.Task[None]] = []
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(kafka_host, int(kafka_port))
+        pipes.extend(
+            [
+                asyncio.create_task(_forward(reader, up_writer)),
+                asyncio.create_task(_forward(up_reader, writer)),
+            ]
+        )
+
+    caplog.set_level(logging.WARNING, logger="hoptrace.collector.kafka_source")
+    c = await make_collector(
+        span_topic=topic, span_group=group, kafka_bootstrap=f"127.0.0.1:{port}"
+    )
+    assert c.kafka is not None
+    source = c.kafka
+
+    async def failed_once():  # type: ignore[no-untyped-def]
+        return source.start_failures >= 1 or None
+
+    await wait_for(failed_once, timeout=30, what="a failed start")
+    assert f"cannot start on 127.0.0.1:{port}" in caplog.text
+    assert not source.assigned.is_set()
+    # the broker becomes reachable at that address (it then advertises its own listener)
+    server = await asyncio.start_server(relay, "127.0.0.1", port)
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    try:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            req = request([step_span("kafka-late", 0), step_span("kafka-late", 1)])
+            await producer.send_and_wait(topic, req.SerializeToString(), key=b"kafka-late")
+        finally:
+            await producer.stop()
+
+        async def stored():  # type: ignore[no-untyped-def]
+            return await pool.fetchval("SELECT count(*) FROM spans") == 2 or None
+
+        await wait_for(stored, timeout=60, what="the 2 spans once the broker is reachable")
+        assert source.assigned.is_set()
+    finally:
+        await pool.close()
+        server.close()
+        for task in pipes:
+            task.cancel()
         await delete_topics(kafka_bootstrap, [topic])
