@@ -104,7 +104,9 @@ class LeanAttributes(BoundedAttributes):
         if self._immutable or (maxlen is not None and len(d) + len(attributes) > maxlen):
             super()._set_items(attributes)
             return
-        for key, value in attributes.items():  # all plain, or the SDK's path for all
+        # all plain, or the SDK's path for all (``_plain`` inlined: a call per attribute cost
+        # 1.5 µs per hop)
+        for key, value in attributes.items():
             kind = type(value)
             if (
                 kind not in _PLAIN
@@ -155,7 +157,7 @@ class LeanSpan(_Span):
         if self._links is _NONE_YET:
             with self._lock:
                 if self._links is _NONE_YET:
-                    self._links = BoundedList(self._limits.max_links)
+                    self._links = self._new_links(())
         super()._add_link(link)
 
     def end(self, end_time: int | None = None) -> None:

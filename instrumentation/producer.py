@@ -136,17 +136,13 @@ class HopProducer:
         if key is None and cid:
             key = cid.encode()
         plain = getattr(AIOKafkaProducer.send, "__wrapped__", None)
+        value = envelope.to_bytes()
         if plain is not None and send_span:  # aiokafka is instrumented: its send span, made here
-            md = await self._traced_send(plain, topic, envelope.to_bytes(), key, headers, ctx)
-        elif plain is not None:  # the un-instrumented send (no send span)
+            md = await self._traced_send(plain, topic, value, key, headers, ctx)
+        else:  # no send span: aiokafka's own send (past the instrumentation's wrapper, if any)
             propagate.inject(headers, context=ctx, setter=_setter)
-            fut = await plain(self._producer, topic, envelope.to_bytes(), key, None, None, headers)
-            md = await fut
-        else:
-            propagate.inject(headers, context=ctx, setter=_setter)
-            md = await self._producer.send_and_wait(
-                topic, envelope.to_bytes(), key=key, headers=headers
-            )
+            send = plain or AIOKafkaProducer.send
+            md = await (await send(self._producer, topic, value, key, None, None, headers))
         record_emit(trace.get_current_span(), md, envelope)
         return md
 
