@@ -5,7 +5,8 @@ collector endpoint unreachable. Each mode runs in its own worker subprocess; rou
 the modes to spread drift.
 
 The worker process is set up as `hoptrace worker` runs (uvloop, its GC tuning, 1 s offset
-commits with span flush; ``--setup plain`` for asyncio with default GC and runtime options).
+commits with span flush, its lanes per consumer and its producer linger; ``--setup plain`` for
+asyncio with default GC and runtime options).
 Throughput = N / wall time; CPU = the worker process's CPU time (all threads, incl. the span
 export thread) over the same window; tracing CPU per hop = (CPU on - CPU off) / N.
 
@@ -78,10 +79,13 @@ async def worker(n: int) -> dict:
 
     as_worker = os.environ.get("BENCH_SETUP", "worker") == "worker"
     opts = {}
+    producer = None
     if as_worker:  # the runtime settings `hoptrace worker` uses
-        from hoptrace.workers.run import COMMIT_INTERVAL_S
+        from hoptrace.instrumentation import HopProducer
+        from hoptrace.workers.run import COMMIT_INTERVAL_S, LINGER_MS, MAX_LANES
 
-        opts["commit_interval_s"] = COMMIT_INTERVAL_S
+        producer = HopProducer(os.environ["HOPTRACE_KAFKA_BOOTSTRAP"], linger_ms=LINGER_MS)
+        opts.update(commit_interval_s=COMMIT_INTERVAL_S, max_lanes=MAX_LANES, producer=producer)
     rt = HopRuntime(
         spec,
         "purchase.created",
@@ -120,6 +124,8 @@ async def worker(n: int) -> dict:
         prof.dump_stats(f"{profile_to}.{mode}")
     await rt.stop()
     await task
+    if producer is not None:
+        await producer.stop()
     hop_export = export_stats()  # before the calibration spans
     calib = _span_calibration() if mode != "off" else None
     t0 = time.perf_counter()
@@ -334,7 +340,8 @@ def main() -> None:
         choices=("worker", "plain"),
         default="worker",
         help="worker: the process set up as `hoptrace worker` runs (uvloop, tuned GC, 1 s "
-        "commit interval); plain: asyncio loop, default GC and runtime options",
+        "commit interval, its lanes and producer linger); plain: asyncio loop, default GC and "
+        "runtime options",
     )
     args = parser.parse_args()
     os.environ.setdefault("BENCH_SETUP", args.setup)
