@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from hoptrace.instrumentation.hop import HopRuntime
+from hoptrace.instrumentation.hop import Handler, HopRuntime
+from hoptrace.instrumentation.spec import PipelineSpec
 
 from ..support import wait_for
 
@@ -20,6 +22,20 @@ CREATE TABLE IF NOT EXISTS student_course_purchases (correlation_id text PRIMARY
 CREATE TABLE IF NOT EXISTS trainer_allocations (correlation_id text PRIMARY KEY, trainer text);
 CREATE TABLE IF NOT EXISTS tutoring_sessions (correlation_id text PRIMARY KEY);
 """
+
+
+def runtime(
+    spec: PipelineSpec,
+    handler: Handler,
+    kafka_bootstrap: str,
+    db_url: str,
+    *,
+    step: str = "purchase.created",
+    **kw: Any,
+) -> HopRuntime:
+    """A HopRuntime for ``step`` (purchase.created by default) without signal handlers."""
+    kw.setdefault("handle_signals", False)
+    return HopRuntime(spec, step, handler, bootstrap=kafka_bootstrap, database_url=db_url, **kw)
 
 
 async def create_tables(db_url: str) -> None:

@@ -15,7 +15,6 @@ from hoptrace.instrumentation import (
     HopContext,
     HopHooks,
     HopProducer,
-    HopRuntime,
     PoisonRecord,
     RetryableError,
     next_event_id,
@@ -23,18 +22,11 @@ from hoptrace.instrumentation import (
 from hoptrace.instrumentation import conventions as c
 
 from ..support import unique, wait_for
-from .helpers import committed, fetchval, header, read_topic, running
+from .helpers import committed, fetchval, header, read_topic, running, runtime
 
 
 class Crash(BaseException):
     """Simulated process death (not an Exception: nothing in the runtime may swallow it)."""
-
-
-def runtime(spec, handler, kafka_bootstrap, db_url, **kw) -> HopRuntime:
-    kw.setdefault("handle_signals", False)
-    return HopRuntime(
-        spec, "purchase.created", handler, bootstrap=kafka_bootstrap, database_url=db_url, **kw
-    )
 
 
 async def emit_payment(spec, kafka_bootstrap, cid: str, **payload) -> Envelope:

@@ -15,13 +15,12 @@ from hoptrace.instrumentation import (
     Envelope,
     HopContext,
     HopProducer,
-    HopRuntime,
     step_span,
 )
 from hoptrace.instrumentation import conventions as c
 
 from ..support import unique, wait_for
-from .helpers import read_topic, running
+from .helpers import read_topic, running, runtime
 
 
 async def purchase(ctx: HopContext) -> Emit:
@@ -43,22 +42,8 @@ async def test_default_hops_link_process_spans_directly(
         )
         return Emit("TRAINER_ALLOCATED", {"payment_id": ctx.correlation_id})
 
-    rt1 = HopRuntime(
-        spec,
-        "purchase.created",
-        purchase,
-        bootstrap=kafka_bootstrap,
-        database_url=db_url,
-        handle_signals=False,
-    )
-    rt2 = HopRuntime(
-        spec,
-        "trainer.allocated",
-        allocate,
-        bootstrap=kafka_bootstrap,
-        database_url=db_url,
-        handle_signals=False,
-    )
+    rt1 = runtime(spec, purchase, kafka_bootstrap, db_url)
+    rt2 = runtime(spec, allocate, kafka_bootstrap, db_url, step="trainer.allocated")
     cid = unique("pay-")
     first = spec.step("payment.confirmed")
     async with running(rt1), running(rt2), HopProducer(kafka_bootstrap) as producer:
@@ -120,15 +105,7 @@ async def test_bookkeeping_statements_make_spans_only_when_asked(
 
     children: dict[bool, list[str]] = {}
     for traced in (False, True):
-        rt = HopRuntime(
-            spec,
-            "purchase.created",
-            purchase,
-            bootstrap=kafka_bootstrap,
-            database_url=tables,
-            handle_signals=False,
-            trace_bookkeeping=traced,
-        )
+        rt = runtime(spec, purchase, kafka_bootstrap, tables, trace_bookkeeping=traced)
         cid = unique("pay-")
         async with running(rt), HopProducer(kafka_bootstrap) as producer:
             await producer.emit(

@@ -20,13 +20,12 @@ from hoptrace.instrumentation import (
     Envelope,
     HopContext,
     HopProducer,
-    HopRuntime,
     step_span,
 )
 from hoptrace.instrumentation import conventions as c
 
 from ..support import unique, wait_for
-from .helpers import fetchval, read_topic, running
+from .helpers import fetchval, read_topic, running, runtime
 
 
 @pytest.fixture
@@ -82,24 +81,8 @@ async def test_two_hops_make_one_connected_trace(
 ):
     db_url = tables
     purchase, allocate = make_handlers(admin_url)
-    rt1 = HopRuntime(
-        spec,
-        "purchase.created",
-        purchase,
-        bootstrap=kafka_bootstrap,
-        database_url=db_url,
-        handle_signals=False,
-        receive_spans=True,
-        send_spans=True,
-    )
-    rt2 = HopRuntime(
-        spec,
-        "trainer.allocated",
-        allocate,
-        bootstrap=kafka_bootstrap,
-        database_url=db_url,
-        handle_signals=False,
-    )
+    rt1 = runtime(spec, purchase, kafka_bootstrap, db_url, receive_spans=True, send_spans=True)
+    rt2 = runtime(spec, allocate, kafka_bootstrap, db_url, step="trainer.allocated")
     cid = unique("pay-")
     first = spec.step("payment.confirmed")
     async with running(rt1), running(rt2), HopProducer(kafka_bootstrap) as producer:
@@ -193,14 +176,7 @@ async def test_correlation_survives_uninstrumented_producer(
         )
         return Emit("PURCHASE_CREATED", {"payment_id": ctx.correlation_id})
 
-    rt = HopRuntime(
-        spec,
-        "purchase.created",
-        purchase,
-        bootstrap=kafka_bootstrap,
-        database_url=db_url,
-        handle_signals=False,
-    )
+    rt = runtime(spec, purchase, kafka_bootstrap, db_url)
     via_header, via_payload = unique("hdr-"), unique("pl-")
     raw = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
     send = AIOKafkaProducer.send.__wrapped__  # the un-instrumented aiokafka send
