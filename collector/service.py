@@ -181,7 +181,8 @@ def _cause_hook() -> CauseFn | None:
 
 
 async def _serve() -> None:
-    collector = Collector(cause_for=_cause_hook())
+    hook = _cause_hook()
+    collector = Collector(cause_for=hook)
     await collector.start()
     log.info(
         "collector listening: OTLP gRPC %s:%d, HTTP %s:%d",
@@ -197,6 +198,8 @@ async def _serve() -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await collector.stop()
+    if hook is not None:  # the Kafka and database clients the diagnosis opened on this loop
+        await importlib.import_module("hoptrace.collector.api").close()
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ read-only role (``get_settings().readonly_database_url()``). Overview reads are 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -29,6 +30,7 @@ class ApiSource:
 
     _instances: ClassVar[dict[str, ApiSource]] = {}
     _lock: ClassVar[threading.Lock] = threading.Lock()
+    _closed_at_exit: ClassVar[bool] = False
 
     def __init__(self, dsn: str, jaeger_url: str) -> None:
         self.dsn = dsn
@@ -44,6 +46,9 @@ class ApiSource:
             inst = cls._instances.get(dsn)
             if inst is None:
                 inst = cls._instances[dsn] = cls(dsn, settings.jaeger_url)
+                if not cls._closed_at_exit:  # the pools and the API's Kafka clients
+                    cls._closed_at_exit = True
+                    atexit.register(cls.close_all)
             return inst
 
     @classmethod

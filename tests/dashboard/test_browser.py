@@ -56,6 +56,9 @@ def dashboard(seeded: Seeded, hoptrace_env: dict[str, str], tmp_path: Path) -> I
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+    # stopped, it closed the Kafka clients its lookups opened
+    text = (tmp_path / "dashboard.log").read_text(errors="replace")
+    assert "Unclosed AIOKafkaConsumer" not in text, text[-2000:]
 
 
 def test_browser_looks_up_a_stalled_payment(dashboard: str, seeded: Seeded) -> None:

@@ -176,6 +176,9 @@ def teardown(stack: Stack, admin_db_url: str, name: str) -> None:
         stack.collector.kill()
     asyncio.run(delete_topics(stack.bootstrap, stack.spec.topics))
     asyncio.run(drop_database(admin_db_url, name))
+    # stopped, it closed the Kafka clients its diagnoses (the alerts' causes) opened
+    log = (stack.services.workdir / "collector.log").read_text(errors="replace")
+    assert "Unclosed AIOKafkaConsumer" not in log, log[-2000:]
 
 
 @pytest.fixture(scope="module")
