@@ -726,7 +726,7 @@ def cli_checks(stack: Stack, ids: list[str]) -> list[dict[str, Any]]:
 
 
 async def chaos(plan: Plan, stack: Stack, hook: Webhook, stats_dir: Path) -> dict[str, Any]:
-    from hoptrace.instrumentation.spec import load_spec
+    from hoptrace.contract import load_spec
     from hoptrace.settings import get_settings
 
     rng = random.Random(plan.seed)

@@ -45,6 +45,7 @@ async def worker(n: int) -> dict:
     from hoptrace.instrumentation import (
         Emit,
         HopContext,
+        HopOptions,
         HopRuntime,
         configure_tracing,
         export_stats,
@@ -85,15 +86,18 @@ async def worker(n: int) -> dict:
         from hoptrace.workers.run import COMMIT_INTERVAL_S, LINGER_MS, MAX_LANES
 
         producer = HopProducer(os.environ["HOPTRACE_KAFKA_BOOTSTRAP"], linger_ms=LINGER_MS)
-        opts.update(commit_interval_s=COMMIT_INTERVAL_S, max_lanes=MAX_LANES, producer=producer)
+        opts.update(commit_interval_s=COMMIT_INTERVAL_S, max_lanes=MAX_LANES)
     rt = HopRuntime(
         spec,
         "purchase.created",
         purchase,
-        bootstrap=os.environ["HOPTRACE_KAFKA_BOOTSTRAP"],
-        database_url=os.environ["HOPTRACE_DATABASE_URL"],
-        handle_signals=False,
-        **opts,
+        HopOptions(
+            bootstrap=os.environ["HOPTRACE_KAFKA_BOOTSTRAP"],
+            database_url=os.environ["HOPTRACE_DATABASE_URL"],
+            handle_signals=False,
+            **opts,
+        ),
+        producer=producer,
     )
     task = asyncio.create_task(rt.run())
     await rt.ready.wait()

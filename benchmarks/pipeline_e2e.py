@@ -33,7 +33,7 @@ from pathlib import Path
 import asyncpg
 
 from hoptrace import devstack
-from hoptrace.instrumentation.spec import load_spec
+from hoptrace.contract import load_spec
 from hoptrace.settings import PROJECT_ROOT
 from hoptrace.workers.client import at_rate, traffic
 from hoptrace.workers.topics import ensure_topics

@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from hoptrace.collector import schema
-from hoptrace.instrumentation.spec import load_spec
+from hoptrace.contract import load_spec
 from hoptrace.settings import PROJECT_ROOT, Settings, get_settings
 from hoptrace.workers.schema import migrate as migrate_business
 

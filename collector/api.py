@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from hoptrace.contract import PipelineSpec, load_spec
 from hoptrace.ids import PATTERN, validate_correlation_id
-from hoptrace.instrumentation.spec import PipelineSpec, load_spec
 from hoptrace.settings import Settings, get_settings
 
 from .diagnosis import CAUSES, Diagnosis, Evidence, StepResult

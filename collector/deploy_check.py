@@ -24,7 +24,7 @@ from typing import Any
 import typer
 import yaml
 
-from hoptrace.instrumentation.spec import PipelineSpec, SpecError, load_spec
+from hoptrace.contract import PipelineSpec, SpecError, load_spec
 from hoptrace.settings import get_settings
 
 _WORKER = re.compile(r"(?:^|\s)worker\s+([A-Za-z0-9_.-]+)")

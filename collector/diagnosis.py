@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from hoptrace.instrumentation.spec import PipelineSpec, Step
+from hoptrace.contract import PipelineSpec, Step
 
 #: Cause codes of DESIGN.md, plus ``missing_evidence`` when the deciding source could not be read.
 CAUSES = (

@@ -26,7 +26,7 @@ from aiokafka.errors import for_code
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.protocol.admin import ListGroupsRequest
 
-from hoptrace.instrumentation.spec import PipelineSpec, Step
+from hoptrace.contract import PipelineSpec, Step
 from hoptrace.settings import Settings, get_settings
 
 from . import store

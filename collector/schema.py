@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 
-from hoptrace.instrumentation.spec import PipelineSpec, load_spec
+from hoptrace.contract import PipelineSpec, load_spec
 from hoptrace.settings import get_settings
 
 from .state import MASK_STEPS

@@ -13,7 +13,7 @@ from datetime import timedelta
 import asyncpg
 import uvicorn
 
-from hoptrace.instrumentation.spec import PipelineSpec, load_spec, parse_duration
+from hoptrace.contract import PipelineSpec, load_spec, parse_duration
 from hoptrace.readiness import mark_ready
 from hoptrace.settings import Settings, get_settings
 

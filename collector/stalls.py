@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import orjson
 
-from hoptrace.instrumentation.spec import PipelineSpec
+from hoptrace.contract import PipelineSpec
 
 from . import metrics
 from .decode import us_to_dt

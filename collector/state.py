@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from hoptrace.instrumentation.spec import PipelineSpec
+from hoptrace.contract import PipelineSpec
 
 from .decode import (
     I_CID,

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from hoptrace.instrumentation.spec import PipelineSpec, load_spec
+from hoptrace.contract import PipelineSpec, load_spec
 from hoptrace.settings import get_settings
 
 Pool = asyncpg.Pool | asyncpg.Connection

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from hoptrace.instrumentation.spec import PipelineSpec
+from hoptrace.contract import PipelineSpec
 
 from . import metrics
 from .decode import COLUMNS, DAY_US, I_SPAN, I_START, I_STEP, I_TRACE, Encoded, SpanRow, us_to_dt

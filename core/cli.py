@@ -184,7 +184,7 @@ def migrate() -> None:
 
     settings = get_settings()
     schema = _component("hoptrace.collector.schema", "migrate", "collector")
-    parse = _component("hoptrace.instrumentation.spec", "parse_duration", "instrumentation")
+    parse = _component("hoptrace.contract", "parse_duration", "contract")
 
     async def store() -> None:
         conn = await asyncpg.connect(settings.database_url)

@@ -13,9 +13,10 @@
 - ``conventions``: span attribute names the collector relies on
 """
 
+from hoptrace.contract import PipelineSpec, SpecError, Step, load_spec
+from hoptrace.contract.conventions import BAGGAGE_KEY, CORRELATION_HEADER
+
 from .envelope import (
-    BAGGAGE_KEY,
-    CORRELATION_HEADER,
     Envelope,
     PoisonRecord,
     RetryableError,
@@ -28,12 +29,12 @@ from .hop import (
     Handler,
     HopContext,
     HopHooks,
+    HopOptions,
     HopRuntime,
     RecordInfo,
     ensure_processed_events,
 )
 from .producer import HopProducer, step_span
-from .spec import PipelineSpec, SpecError, Step, load_spec
 from .tracing import (
     configure_tracing,
     correlation_context,
@@ -52,6 +53,7 @@ __all__ = [
     "Handler",
     "HopContext",
     "HopHooks",
+    "HopOptions",
     "HopProducer",
     "HopRuntime",
     "PipelineSpec",

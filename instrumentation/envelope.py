@@ -10,13 +10,6 @@ from typing import Any
 
 import pydantic
 
-CORRELATION_HEADER = "x-correlation-id"
-"""Kafka header carrying the correlation id (survives an uninstrumented producer)."""
-BAGGAGE_KEY = "hoptrace.correlation_id"
-"""W3C baggage key (and span attribute) carrying the correlation id."""
-EVENT_ID_HEADER = "x-event-id"
-EVENT_TYPE_HEADER = "x-event-type"
-
 _EVENT_NS = uuid.UUID("5f1c1c52-8a55-4c1e-9a67-6b7f0d6b6a11")
 
 MAX_RECORD_BYTES = 512 * 1024

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import logging
 import signal
@@ -21,7 +22,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -43,12 +44,12 @@ from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from hoptrace.contract import Outcome, PipelineSpec, Step
+from hoptrace.contract import conventions as c
+from hoptrace.contract.conventions import BAGGAGE_KEY, CORRELATION_HEADER
 from hoptrace.ids import is_valid_correlation_id
 
-from . import conventions as c
 from .envelope import (
-    BAGGAGE_KEY,
-    CORRELATION_HEADER,
     MAX_RECORD_BYTES,
     Envelope,
     PoisonRecord,
@@ -56,12 +57,9 @@ from .envelope import (
     next_event_id,
 )
 from .producer import HopProducer
-from .spec import PipelineSpec, Step
 from .tracing import flush_tracing, get_tracer
 
 log = logging.getLogger(__name__)
-
-_TRACE_HEADERS = {"traceparent", "tracestate", "baggage"}
 
 
 @dataclass(slots=True)
@@ -313,88 +311,103 @@ def _on_signal() -> None:
         rt.request_stop()
 
 
-class HopRuntime:
-    """Consume a step's topic and run ``handler`` per record with tracing, idempotency, effect
-    verification, retries, dead-lettering and manual offset commits.
+@dataclass(frozen=True, slots=True)
+class HopOptions:
+    """How a :class:`HopRuntime` runs (everything but its collaborators).
 
     ``group`` overrides the spec's group (to reproduce the wrong-group fault);
     ``verify_effect=False`` ONLY reproduces the legacy mark-before-verify bug;
-    ``effect_check`` defaults to ``SELECT 1 FROM <step.table> WHERE <effect_column> = $1``;
-    ``validate`` raises PoisonRecord for a wrong type/version/schema;
     ``receive_spans=True`` keeps the aiokafka instrumentation's per-record receive span (off by
     default: the process span is the child of the same extracted context and carries the same
     messaging attributes); ``send_spans=True`` keeps the aiokafka send span of the emit (off by
     default: the process span records the emitted record's topic/partition/offset and is the
     next hop's parent, through traceparent + baggage in the record's headers);
-    ``trace_bookkeeping=True`` traces the runtime's own guard/mark
-    queries too (the handler's queries are always traced); ``commit_after_export=True`` (the
-    default) commits offsets every ``commit_interval_s`` after exporting the spans of the
-    records handled, so a SIGKILL never leaves a committed record without its step span.
-    Records of different keys are handled concurrently, in up to ``max_lanes`` lanes (a key
-    always in the same lane, in offset order; each lane with its own connection); a partition's
-    offset is committed only past records all handled (its lowest unfinished one holds it); a
-    partition with ``lane_buffer`` records waiting is paused until its lanes catch up."""
+    ``trace_bookkeeping=True`` traces the runtime's own guard/mark queries too (the handler's
+    queries are always traced); ``commit_after_export=True`` (the default) commits offsets every
+    ``commit_interval_s`` after exporting the spans of the records handled, so a SIGKILL never
+    leaves a committed record without its step span. Records of different keys are handled
+    concurrently, in up to ``max_lanes`` lanes (a key always in the same lane, in offset order;
+    each lane with its own connection); a partition with ``lane_buffer`` records waiting is
+    paused until its lanes catch up."""
+
+    bootstrap: str
+    database_url: str
+    group: str | None = None
+    verify_effect: bool = True
+    max_attempts: int = 5
+    backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+    auto_offset_reset: str = "earliest"
+    handle_signals: bool = True
+    consumer_opts: Mapping[str, Any] = field(default_factory=dict)
+    flush_timeout_s: float = 5.0
+    receive_spans: bool = False
+    send_spans: bool = False
+    trace_bookkeeping: bool = False
+    commit_after_export: bool = True
+    commit_interval_s: float = 0.2
+    max_lanes: int = 8
+    lane_buffer: int = 200
+
+    def replace(self, **changes: Any) -> HopOptions:
+        """A copy with ``changes``."""
+        return dataclasses.replace(self, **changes)
+
+
+class HopRuntime:
+    """Consume a step's topic and run ``handler`` per record with tracing, idempotency, effect
+    verification, retries, dead-lettering and manual offset commits (see :class:`HopOptions`).
+
+    ``effect_check`` defaults to ``SELECT 1 FROM <step.table> WHERE <step.correlation_column> =
+    $1``; ``validate`` raises PoisonRecord for a wrong type/version/schema; ``hooks`` are the
+    failure-injection points; ``producer`` a shared :class:`HopProducer` (default: its own).
+    A partition's offset is committed only past records all handled (its lowest unfinished one
+    holds it)."""
 
     def __init__(
         self,
         spec: PipelineSpec,
         step_id: str,
         handler: Handler,
+        options: HopOptions,
         *,
-        bootstrap: str,
-        database_url: str,
-        group: str | None = None,
-        verify_effect: bool = True,
+        producer: HopProducer | None = None,
+        hooks: HopHooks | None = None,
         effect_check: EffectCheck | None = None,
         validate: Callable[[Envelope], None] | None = None,
-        max_attempts: int = 5,
-        backoff_s: float = 0.2,
-        max_backoff_s: float = 5.0,
-        hooks: HopHooks | None = None,
-        effect_column: str = "correlation_id",
-        auto_offset_reset: str = "earliest",
-        handle_signals: bool = True,
-        producer: HopProducer | None = None,
-        consumer_opts: dict[str, Any] | None = None,
-        flush_timeout_s: float = 5.0,
-        receive_spans: bool = False,
-        send_spans: bool = False,
-        trace_bookkeeping: bool = False,
-        commit_after_export: bool = True,
-        commit_interval_s: float = 0.2,
-        max_lanes: int = 8,
-        lane_buffer: int = 200,
     ) -> None:
         self.spec = spec
+        self.options = o = options
         self.step = spec.step(step_id)
         if not self.step.consumes:
             raise ValueError(f"step {step_id!r} consumes no topic; use step_span + HopProducer")
-        self.group = group or self.step.group or step_id
+        self.group = o.group or self.step.group or step_id
         self.handler = handler
-        self.bootstrap = bootstrap
-        self.database_url = database_url
-        self.verify_effect = verify_effect
+        self.bootstrap = o.bootstrap
+        self.database_url = o.database_url
+        self.verify_effect = o.verify_effect
         self._mark_with_effect_sql: str | None = None
+        column = self.step.correlation_column
         if effect_check is None and self.step.table:
-            effect_check = default_effect_check(self.step.table, effect_column)
-            self._mark_with_effect_sql = _mark_with_effect_sql(self.step.table, effect_column)
+            effect_check = default_effect_check(self.step.table, column)
+            self._mark_with_effect_sql = _mark_with_effect_sql(self.step.table, column)
         self.effect_check = effect_check
         self.validate = validate
-        self.max_attempts = max(1, max_attempts)
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.max_attempts = max(1, o.max_attempts)
+        self.backoff_s = o.backoff_s
+        self.max_backoff_s = o.max_backoff_s
         self.hooks = hooks or HopHooks()
-        self.auto_offset_reset = auto_offset_reset
-        self.handle_signals = handle_signals
-        self.consumer_opts = consumer_opts or {}
-        self.flush_timeout_s = flush_timeout_s
-        self.receive_spans = receive_spans
-        self.send_spans = send_spans
-        self.trace_bookkeeping = trace_bookkeeping
-        self.commit_after_export = commit_after_export
-        self.commit_interval_s = commit_interval_s
-        self.max_lanes = max(1, max_lanes)
-        self.lane_buffer = max(1, lane_buffer)
+        self.auto_offset_reset = o.auto_offset_reset
+        self.handle_signals = o.handle_signals
+        self.consumer_opts = dict(o.consumer_opts)
+        self.flush_timeout_s = o.flush_timeout_s
+        self.receive_spans = o.receive_spans
+        self.send_spans = o.send_spans
+        self.trace_bookkeeping = o.trace_bookkeeping
+        self.commit_after_export = o.commit_after_export
+        self.commit_interval_s = o.commit_interval_s
+        self.max_lanes = max(1, o.max_lanes)
+        self.lane_buffer = max(1, o.lane_buffer)
         self._lanes: dict[int, _Lane] = {}
         self._paused: set[TopicPartition] = set()
         self._waiting: dict[TopicPartition, int] = {}  # records queued or in hand
@@ -405,7 +418,7 @@ class HopRuntime:
         self._committer: asyncio.Task[None] | None = None
         self._unflushed_since: float | None = None
         self._own_producer = producer is None
-        self.producer = producer or HopProducer(bootstrap)
+        self.producer = producer or HopProducer(o.bootstrap)
         self.ready = asyncio.Event()
         self.assigned: set[TopicPartition] = set()
         self.stats: dict[str, int] = {
@@ -628,12 +641,12 @@ class HopRuntime:
         attrs: dict[str, Any] = {
             c.ATTR_PIPELINE: self.spec.name,
             c.ATTR_STEP: self.step.id,
-            c.MSG_SYSTEM: "kafka",
+            c.MSG_SYSTEM: c.MESSAGING_SYSTEM_KAFKA,
             c.MSG_DESTINATION: record.topic,
             c.MSG_PARTITION: str(record.partition),
             c.MSG_OFFSET: record.offset,
             c.MSG_GROUP: self.group,
-            c.MSG_OPERATION_TYPE: "process",
+            c.MSG_OPERATION_TYPE: c.Operation.PROCESS,
         }
         if cid and not in_baggage:  # from baggage, BaggageSpanProcessor sets it at start
             attrs[c.ATTR_CORRELATION_ID] = cid
@@ -687,7 +700,7 @@ class HopRuntime:
         except PoisonRecord as exc:
             with _baggage(cid):
                 await self._dead_letter(record, headers, span, exc.reason, exc, attempts=0)
-            return c.OUTCOME_ERROR
+            return Outcome.ERROR.value
         with _baggage(cid):
             return await self._attempts(record, info, headers, span, envelope, cid)
 
@@ -711,19 +724,19 @@ class HopRuntime:
                 return outcome
             except PoisonRecord as exc:
                 await self._dead_letter(record, headers, span, exc.reason, exc, attempt)
-                return c.OUTCOME_ERROR
+                return Outcome.ERROR.value
             except Exception as exc:
-                span.record_exception(exc, attributes={"hoptrace.attempt": attempt})
+                span.record_exception(exc, attributes={c.ATTR_ATTEMPT: attempt})
                 if not is_retryable(exc):
                     reason = f"non-retryable {type(exc).__name__}: {exc}"
                     log.warning("%s: %s", self.step.id, reason)
                     await self._dead_letter(record, headers, span, reason, exc, attempt)
-                    return c.OUTCOME_ERROR
+                    return Outcome.ERROR.value
                 if attempt >= self.max_attempts and not is_outage(exc):
                     reason = f"gave up after {attempt} attempts: {type(exc).__name__}: {exc}"
                     log.warning("%s: %s", self.step.id, reason)
                     await self._dead_letter(record, headers, span, reason, exc, attempt)
-                    return c.OUTCOME_ERROR
+                    return Outcome.ERROR.value
                 self.stats["retries"] += 1
                 delay = min(self.max_backoff_s, self.backoff_s * (2 ** (min(attempt, 30) - 1)))
                 log.info(
@@ -796,7 +809,7 @@ class HopRuntime:
             await self.producer.emit(step.emits, next_env, send_span=self.send_spans)
             if ctx is not None and self.hooks.after_emit is not None:
                 await self.hooks.after_emit(ctx)
-        return c.OUTCOME_DUPLICATE if duplicate else c.OUTCOME_OK
+        return Outcome.DUPLICATE.value if duplicate else Outcome.OK.value
 
     async def _mark(
         self, conn: asyncpg.Connection, envelope: Envelope, cid: str, next_env: Envelope | None
@@ -872,14 +885,18 @@ class HopRuntime:
     ) -> None:
         """Copy the record to ``<topic>.dlq`` with the reason in headers; mark the span ERROR.
         Keeps trying while the DLQ is unreachable (never commits a record it did not park)."""
-        dlq = f"{record.topic}.dlq"
+        dlq = c.dlq_topic(record.topic)
         if span.is_recording():
             if attempts == 0:  # retried failures were recorded per attempt already
                 span.record_exception(exc)
             span.set_attribute(c.ATTR_DLQ_TOPIC, dlq)
             span.set_attribute(c.ATTR_ERROR_REASON, reason[:1000])
             span.set_status(Status(StatusCode.ERROR, reason[:500]))
-        out = [(k, v) for k, v in headers if k not in _TRACE_HEADERS and not k.startswith("x-dlq-")]
+        out = [
+            (k, v)
+            for k, v in headers
+            if k not in c.TRACE_HEADERS and not k.startswith(c.DLQ_HEADER_PREFIX)
+        ]
         out += [
             (c.DLQ_REASON_HEADER, reason.encode()[:4000]),
             (c.DLQ_ERROR_HEADER, type(exc).__name__.encode()),
@@ -901,8 +918,8 @@ class HopRuntime:
                 log.warning("%s: record too large for %s; parking its head", self.step.id, dlq)
                 size = len(record.value or b"")
                 value = (record.value or b"")[:MAX_RECORD_BYTES]
-                out = [(k, v) for k, v in out if k != "x-dlq-truncated-from"]
-                out.append(("x-dlq-truncated-from", str(size).encode()))
+                out = [(k, v) for k, v in out if k != c.DLQ_TRUNCATED_HEADER]
+                out.append((c.DLQ_TRUNCATED_HEADER, str(size).encode()))
                 if len(value) == size:  # the headers alone are too large: drop the record value
                     value = b""
             except Exception as send_exc:  # noqa: BLE001 - keep the record until it is parked
@@ -1014,6 +1031,7 @@ __all__ = [
     "Handler",
     "HopContext",
     "HopHooks",
+    "HopOptions",
     "HopRuntime",
     "PROCESSED_EVENTS_DDL",
     "RecordInfo",

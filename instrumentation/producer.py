@@ -13,15 +13,18 @@ from aiokafka.structs import RecordMetadata
 from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from . import conventions as c
-from .envelope import (
+from hoptrace.contract import Outcome, PipelineSpec
+from hoptrace.contract import conventions as c
+from hoptrace.contract.conventions import (
     BAGGAGE_KEY,
     CORRELATION_HEADER,
     EVENT_ID_HEADER,
     EVENT_TYPE_HEADER,
+)
+
+from .envelope import (
     Envelope,
 )
-from .spec import PipelineSpec
 from .tracing import get_tracer
 
 Headers = list[tuple[str, bytes]]
@@ -65,11 +68,11 @@ def record_emit(span: Span, md: RecordMetadata, envelope: Envelope | None = None
     if envelope is not None:
         attrs[c.ATTR_EMIT_EVENT_ID] = envelope.event_id
     if c.MSG_DESTINATION not in (getattr(span, "attributes", None) or {}):
-        attrs[c.MSG_SYSTEM] = "kafka"
+        attrs[c.MSG_SYSTEM] = c.MESSAGING_SYSTEM_KAFKA
         attrs[c.MSG_DESTINATION] = md.topic
         attrs[c.MSG_PARTITION] = str(md.partition)
         attrs[c.MSG_OFFSET] = md.offset
-        attrs[c.MSG_OPERATION_TYPE] = "send"
+        attrs[c.MSG_OPERATION_TYPE] = c.Operation.SEND
     span.set_attributes(attrs)
 
 
@@ -163,15 +166,15 @@ class HopProducer:
         if self._server_address is None:
             self._server_address = json.dumps(client._bootstrap_servers)
         attrs: dict[str, Any] = {
-            c.MSG_SYSTEM: "kafka",
-            "server.address": self._server_address,
-            "messaging.client.id": client._client_id,
+            c.MSG_SYSTEM: c.MESSAGING_SYSTEM_KAFKA,
+            c.SERVER_ADDRESS: self._server_address,
+            c.MSG_CLIENT_ID: client._client_id,
             c.MSG_DESTINATION: topic,
-            "messaging.operation.name": "send",
-            c.MSG_OPERATION_TYPE: "publish",
+            c.MSG_OPERATION_NAME: c.Operation.SEND,
+            c.MSG_OPERATION_TYPE: c.Operation.PUBLISH,
         }
         if key is not None:
-            attrs["messaging.kafka.message.key"] = key.decode("utf-8", "replace")
+            attrs[c.MSG_MESSAGE_KEY] = key.decode("utf-8", "replace")
         span = get_tracer().start_span(
             f"{topic} send", context=ctx, kind=SpanKind.PRODUCER, attributes=attrs
         )
@@ -216,13 +219,13 @@ def step_span(
             try:
                 yield span
             except BaseException as exc:
-                span.set_attribute(c.ATTR_OUTCOME, c.OUTCOME_ERROR)
+                span.set_attribute(c.ATTR_OUTCOME, Outcome.ERROR.value)
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
                 raise
             else:
                 existing = getattr(span, "attributes", None) or {}
                 if c.ATTR_OUTCOME not in existing:
-                    span.set_attribute(c.ATTR_OUTCOME, c.OUTCOME_OK)
+                    span.set_attribute(c.ATTR_OUTCOME, Outcome.OK.value)
     finally:
         context.detach(token)

@@ -32,7 +32,8 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
-from .envelope import BAGGAGE_KEY
+from hoptrace.contract.conventions import BAGGAGE_KEY
+
 from .lean_spans import LeanTracerProvider
 
 log = logging.getLogger(__name__)

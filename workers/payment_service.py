@@ -21,9 +21,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from hoptrace.contract import PipelineSpec
 from hoptrace.instrumentation.envelope import Envelope
 from hoptrace.instrumentation.producer import HopProducer, step_span
-from hoptrace.instrumentation.spec import PipelineSpec
 from hoptrace.instrumentation.tracing import correlation_context
 
 from . import faults

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 
 import asyncpg
 
-from hoptrace.instrumentation.hop import HopHooks, HopRuntime
+from hoptrace.contract import PipelineSpec, SpecError, load_spec
+from hoptrace.instrumentation.hop import HopHooks, HopOptions, HopRuntime
 from hoptrace.instrumentation.producer import HopProducer
-from hoptrace.instrumentation.spec import PipelineSpec, SpecError, load_spec
 from hoptrace.instrumentation.tracing import configure_tracing, shutdown_tracing
 from hoptrace.readiness import clear_ready, mark_ready
 from hoptrace.settings import Settings, get_settings
@@ -133,7 +133,7 @@ async def _worker(
     from .events import validator
 
     step = spec.step_for_service(name)
-    opts: dict[str, object] = {"hooks": _hooks(fault)}
+    opts: dict[str, object] = {}
     allocator: allocation_worker.Allocator | None = None
     if name == "allocation-worker":
         base = _url(settings.admin_service_url, settings.bind_host, settings.admin_service_port)
@@ -157,14 +157,17 @@ async def _worker(
             spec,
             step.id,
             handler,
-            bootstrap=settings.kafka_bootstrap,
-            database_url=settings.database_url,
-            validate=validator(consumes),
-            handle_signals=False,
+            HopOptions(
+                bootstrap=settings.kafka_bootstrap,
+                database_url=settings.database_url,
+                handle_signals=False,
+                commit_interval_s=COMMIT_INTERVAL_S,
+                max_lanes=MAX_LANES,
+                **opts,  # type: ignore[arg-type]
+            ),
             producer=producer,
-            commit_interval_s=COMMIT_INTERVAL_S,
-            max_lanes=MAX_LANES,
-            **opts,
+            hooks=_hooks(fault),
+            validate=validator(consumes),
         )
         for _ in range(consumers)
     ]

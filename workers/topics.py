@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from hoptrace.instrumentation.spec import PipelineSpec, SpecError, load_spec
+from hoptrace.contract import PipelineSpec, SpecError, load_spec
 
 
 @dataclass(frozen=True)

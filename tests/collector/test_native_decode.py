@@ -45,8 +45,8 @@ from hoptrace.collector.decode import (
 )
 from hoptrace.collector.spanqueue import SpanQueue
 from hoptrace.collector.writer import Writer, init_connection
+from hoptrace.contract import load_spec
 from hoptrace.ids import is_valid_correlation_id
-from hoptrace.instrumentation.spec import load_spec
 
 from .helpers import STEPS, kv, request, step_span
 

@@ -244,7 +244,7 @@ async def test_handover_without_a_gap_holds_nothing(make_collector, fast_spec: P
 
 def test_late_steps_judges_by_span_times_and_trusts_later_steps(spec_path: Path) -> None:
     from hoptrace.collector.stalls import late_steps
-    from hoptrace.instrumentation.spec import load_spec
+    from hoptrace.contract import load_spec
 
     spec = load_spec(spec_path)
     ids = [s.id for s in spec.steps]

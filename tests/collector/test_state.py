@@ -11,7 +11,7 @@ import httpx
 from hoptrace.collector import store
 from hoptrace.collector.service import Collector
 from hoptrace.collector.state import StepObs, fold
-from hoptrace.instrumentation.spec import load_spec
+from hoptrace.contract import load_spec
 from hoptrace.settings import PROJECT_ROOT
 
 from ..support import wait_for

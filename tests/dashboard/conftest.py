@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from hoptrace.contract import load_spec
 from hoptrace.dashboard.api_source import ApiSource
-from hoptrace.instrumentation.spec import load_spec
 
 from ..support import create_topics, delete_topics
 from .seed import Seeded, seed

@@ -18,7 +18,7 @@ from hoptrace.collector.decode import I_STEP, decode_request
 from hoptrace.collector.schema import migrate
 from hoptrace.collector.stalls import CauseFn, StallScanner
 from hoptrace.collector.writer import Writer, init_connection
-from hoptrace.instrumentation.spec import PipelineSpec
+from hoptrace.contract import PipelineSpec
 
 from ..support import wait_for
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hoptrace.instrumentation.spec import PipelineSpec, load_spec
+from hoptrace.contract import PipelineSpec, load_spec
 from tests.support import create_database, delete_topics, drop_database, isolated_spec, unique
 from tests.workers.harness import HOPTRACE, Services, service_env
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from hoptrace.instrumentation.spec import load_spec
+from hoptrace.contract import load_spec
 from hoptrace.settings import PROJECT_ROOT
 
 from .gotools import COMPOSE_FILE, ENV_EXAMPLE, clean_env, timeout_for

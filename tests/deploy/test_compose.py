@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from hoptrace.instrumentation.spec import load_spec
+from hoptrace.contract import load_spec
 from hoptrace.settings import PROJECT_ROOT, Settings
 
 from .gotools import COMPOSE_FILE, ENV_EXAMPLE, clean_env, timeout_for

@@ -22,7 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from hoptrace import devstack
-from hoptrace.instrumentation.spec import load_spec
+from hoptrace.contract import load_spec
 from hoptrace.settings import PROJECT_ROOT
 
 from ..support import free_port

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hoptrace.collector.deploy_check import ComposeError, check_deploy
-from hoptrace.instrumentation.spec import load_spec
+from hoptrace.contract import load_spec
 from hoptrace.settings import PROJECT_ROOT
 
 SPEC = load_spec(PROJECT_ROOT / "pipelines" / "payments.toml")

@@ -18,7 +18,7 @@ from hoptrace.collector.diagnosis import (
     SpanRecord,
     diagnose,
 )
-from hoptrace.instrumentation.spec import load_spec
+from hoptrace.contract import load_spec
 from hoptrace.settings import PROJECT_ROOT
 
 SPEC = load_spec(PROJECT_ROOT / "pipelines" / "payments.toml")

@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 from hoptrace.collector import api
-from hoptrace.instrumentation.spec import PipelineSpec, load_spec
+from hoptrace.contract import PipelineSpec, load_spec
 from hoptrace.settings import Settings
 from tests.support import (
     create_database,

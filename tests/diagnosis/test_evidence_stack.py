@@ -16,8 +16,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from hoptrace.collector import api, schema
+from hoptrace.contract import load_spec
 from hoptrace.instrumentation.hop import ensure_processed_events
-from hoptrace.instrumentation.spec import load_spec
 from hoptrace.settings import PROJECT_ROOT, get_settings
 from hoptrace.workers.schema import migrate as migrate_business
 

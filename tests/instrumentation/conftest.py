@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from hoptrace.instrumentation.spec import PipelineSpec, load_spec
+from hoptrace.contract import PipelineSpec, load_spec
 from hoptrace.instrumentation.tracing import configure_tracing, shutdown_tracing
 
 from ..support import create_topics, delete_topics

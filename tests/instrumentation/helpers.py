@@ -12,8 +12,8 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from hoptrace.instrumentation.hop import Handler, HopRuntime
-from hoptrace.instrumentation.spec import PipelineSpec
+from hoptrace.contract import PipelineSpec
+from hoptrace.instrumentation.hop import Handler, HopOptions, HopRuntime
 
 from ..support import wait_for
 
@@ -35,7 +35,11 @@ def runtime(
 ) -> HopRuntime:
     """A HopRuntime for ``step`` (purchase.created by default) without signal handlers."""
     kw.setdefault("handle_signals", False)
-    return HopRuntime(spec, step, handler, bootstrap=kafka_bootstrap, database_url=db_url, **kw)
+    collaborators = {
+        k: kw.pop(k) for k in ("producer", "hooks", "effect_check", "validate") if k in kw
+    }
+    options = HopOptions(bootstrap=kafka_bootstrap, database_url=db_url, **kw)
+    return HopRuntime(spec, step, handler, options, **collaborators)
 
 
 async def create_tables(db_url: str) -> None:
@@ -55,7 +59,9 @@ async def fetchval(db_url: str, sql: str, *args: object) -> object:
 
 
 @contextlib.asynccontextmanager
-async def running(runtime: HopRuntime, timeout: float = 30.0) -> AsyncIterator[asyncio.Task]:
+async def running(
+    runtime: HopOptions, HopRuntime, timeout: float = 30.0
+) -> AsyncIterator[asyncio.Task]:
     """Run ``runtime`` in a task until the block ends; waits for its partition assignment."""
     task = asyncio.create_task(runtime.run())
     ready = asyncio.create_task(runtime.ready.wait())

@@ -10,6 +10,7 @@ import sys
 from hoptrace.instrumentation import (
     Emit,
     HopContext,
+    HopOptions,
     HopRuntime,
     configure_tracing,
     load_spec,
@@ -38,8 +39,10 @@ async def main() -> None:
         spec,
         "purchase.created",
         purchase,
-        bootstrap=os.environ["HOPTRACE_KAFKA_BOOTSTRAP"],
-        database_url=os.environ["HOPTRACE_DATABASE_URL"],
+        HopOptions(
+            bootstrap=os.environ["HOPTRACE_KAFKA_BOOTSTRAP"],
+            database_url=os.environ["HOPTRACE_DATABASE_URL"],
+        ),
     )
     task = asyncio.create_task(runtime.run())
     await runtime.ready.wait()

@@ -8,6 +8,7 @@ import json
 from aiokafka import AIOKafkaProducer
 from opentelemetry.trace import StatusCode
 
+from hoptrace.contract import conventions as c
 from hoptrace.instrumentation import (
     CORRELATION_HEADER,
     Emit,
@@ -19,7 +20,6 @@ from hoptrace.instrumentation import (
     RetryableError,
     next_event_id,
 )
-from hoptrace.instrumentation import conventions as c
 
 from ..support import unique, wait_for
 from .helpers import committed, fetchval, header, read_topic, running, runtime

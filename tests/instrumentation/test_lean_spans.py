@@ -9,6 +9,7 @@ import json
 
 from opentelemetry.trace import SpanKind
 
+from hoptrace.contract import conventions as c
 from hoptrace.instrumentation import (
     CORRELATION_HEADER,
     Emit,
@@ -17,7 +18,6 @@ from hoptrace.instrumentation import (
     HopProducer,
     step_span,
 )
-from hoptrace.instrumentation import conventions as c
 
 from ..support import unique, wait_for
 from .helpers import read_topic, running, runtime

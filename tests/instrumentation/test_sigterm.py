@@ -8,8 +8,8 @@ import json
 import signal
 import sys
 
+from hoptrace.contract import conventions as c
 from hoptrace.instrumentation import Envelope, HopProducer
-from hoptrace.instrumentation import conventions as c
 from hoptrace.settings import PROJECT_ROOT
 
 from ..support import unique, wait_for

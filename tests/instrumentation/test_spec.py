@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hoptrace.instrumentation.spec import SpecError, load_spec, parse_duration
+from hoptrace.contract import SpecError, load_spec, parse_duration
 
 from ..support import REFERENCE_SPEC
 

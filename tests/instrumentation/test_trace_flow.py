@@ -14,6 +14,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from opentelemetry.trace import SpanKind
 
+from hoptrace.contract import conventions as c
 from hoptrace.instrumentation import (
     CORRELATION_HEADER,
     Emit,
@@ -22,7 +23,6 @@ from hoptrace.instrumentation import (
     HopProducer,
     step_span,
 )
-from hoptrace.instrumentation import conventions as c
 
 from ..support import unique, wait_for
 from .helpers import fetchval, read_topic, running, runtime

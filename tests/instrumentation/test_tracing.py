@@ -10,6 +10,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from hoptrace.contract import conventions as c
 from hoptrace.instrumentation import (
     configure_tracing,
     correlation_context,
@@ -19,7 +20,6 @@ from hoptrace.instrumentation import (
     shutdown_tracing,
     step_span,
 )
-from hoptrace.instrumentation import conventions as c
 from hoptrace.instrumentation.tracing import get_tracer
 
 from ..support import REFERENCE_SPEC, unique, wait_for

@@ -20,8 +20,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from hoptrace.collector import schema
 from hoptrace.collector.alerts import AlertDispatcher, Targets
+from hoptrace.contract import load_spec
 from hoptrace.instrumentation import hop
-from hoptrace.instrumentation.spec import load_spec
 from hoptrace.instrumentation.tracing import (
     configure_tracing,
     export_stats,
@@ -199,8 +199,7 @@ async def test_offsets_are_committed_only_after_the_spans_are_exported(monkeypat
         load_spec(REFERENCE_SPEC),
         "purchase.created",
         lambda ctx: None,  # type: ignore[arg-type,return-value]
-        bootstrap="127.0.0.1:1",
-        database_url="postgresql://x@127.0.0.1:1/x",
+        hop.HopOptions(bootstrap="127.0.0.1:1", database_url="postgresql://x@127.0.0.1:1/x"),
     )
     rt._consumer = Consumer()  # type: ignore[assignment]
     rt._committer = asyncio.create_task(asyncio.sleep(60))  # the commit loop is running
@@ -240,9 +239,7 @@ def _runtime(db_url: str, **kw: object) -> hop.HopRuntime:
         load_spec(REFERENCE_SPEC),
         "session.created",
         kw.pop("handler", None) or (lambda ctx: None),  # type: ignore[arg-type]
-        bootstrap="127.0.0.1:1",
-        database_url=db_url,
-        **kw,  # type: ignore[arg-type]
+        hop.HopOptions(bootstrap="127.0.0.1:1", database_url=db_url, **kw),  # type: ignore[arg-type]
     )
 
 

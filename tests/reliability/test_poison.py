@@ -16,8 +16,8 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from hoptrace.contract import PipelineSpec, load_spec
 from hoptrace.instrumentation.envelope import MAX_RECORD_BYTES, Envelope
-from hoptrace.instrumentation.spec import PipelineSpec, load_spec
 from hoptrace.workers.events import PURCHASE_CONFIRMED, PurchaseConfirmedV1, new_event
 from tests.collector.helpers import request, step_span
 from tests.support import wait_for

@@ -175,7 +175,7 @@ def test_services_bind_localhost_and_log_no_secret(
             dash.wait(20)
         services.stop_all()
         collector.stop()
-        from hoptrace.instrumentation.spec import load_spec
+        from hoptrace.contract import load_spec
 
         asyncio.run(delete_topics(kafka_bootstrap, load_spec(spec_path).topics))
 

@@ -69,7 +69,7 @@ def rig(
     finally:
         services.stop_all()
         collector.stop()
-        from hoptrace.instrumentation.spec import load_spec
+        from hoptrace.contract import load_spec
 
         asyncio.run(delete_topics(kafka_bootstrap, load_spec(spec_path).topics))
         from hoptrace.settings import get_settings

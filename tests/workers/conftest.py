@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hoptrace.instrumentation.spec import PipelineSpec, load_spec
+from hoptrace.contract import PipelineSpec, load_spec
 from tests.support import create_database, delete_topics, drop_database, isolated_spec, unique
 
 from .harness import HOPTRACE, OtlpReceiver, Services, service_env

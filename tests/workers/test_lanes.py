@@ -10,10 +10,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from hoptrace.contract import PipelineSpec, load_spec
 from hoptrace.instrumentation.envelope import Envelope
-from hoptrace.instrumentation.hop import HopContext, HopRuntime, _slot
+from hoptrace.instrumentation.hop import HopContext, HopOptions, HopRuntime, _slot
 from hoptrace.instrumentation.producer import HopProducer
-from hoptrace.instrumentation.spec import PipelineSpec, load_spec
 from tests.instrumentation.helpers import committed, running
 from tests.support import create_topics, delete_topics, wait_for
 
@@ -69,11 +69,13 @@ async def _run(spec, kafka_bootstrap, db_url, **opts) -> tuple[HopRuntime, list,
         spec,
         "session.created",
         handler,
-        bootstrap=kafka_bootstrap,
-        database_url=db_url,
-        handle_signals=False,
-        commit_interval_s=0.1,
-        **opts,
+        HopOptions(
+            bootstrap=kafka_bootstrap,
+            database_url=db_url,
+            handle_signals=False,
+            commit_interval_s=0.1,
+            **opts,
+        ),
     )
     total = PARTITIONS * PER_PARTITION
     async with running(rt):
@@ -182,11 +184,13 @@ async def test_keys_of_one_partition_overlap_and_the_commit_waits_for_the_slowes
         spec,
         "session.created",
         handler,
-        bootstrap=kafka_bootstrap,
-        database_url=db_url,
-        handle_signals=False,
-        commit_interval_s=0.05,
-        max_lanes=lanes,
+        HopOptions(
+            bootstrap=kafka_bootstrap,
+            database_url=db_url,
+            handle_signals=False,
+            commit_interval_s=0.05,
+            max_lanes=lanes,
+        ),
     )
     async with running(rt):
         await wait_for(

@@ -8,8 +8,8 @@ import subprocess
 import asyncpg
 import pytest
 
+from hoptrace.contract import load_spec
 from hoptrace.instrumentation.envelope import Envelope, PoisonRecord
-from hoptrace.instrumentation.spec import load_spec
 from hoptrace.workers.events import (
     PURCHASE_CONFIRMED,
     PURCHASE_CREATED,
