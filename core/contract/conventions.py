@@ -97,6 +97,10 @@ PRODUCE_OPERATIONS = frozenset({Operation.SEND, Operation.PUBLISH, Operation.CRE
 
 RESOURCE_SERVICE_NAME = "service.name"
 UNKNOWN_SERVICE = "unknown_service"
+#: hoptrace's instrumentation names itself in this resource attribute: such a service's steps
+#: report themselves (hoptrace's step spans), so its other spans are never matched as steps.
+RESOURCE_DISTRO_NAME = "telemetry.distro.name"
+DISTRO_NAME = "hoptrace"
 HTTP_STATUS_KEYS = ("http.response.status_code", "http.status_code")
 PEER_KEYS = ("peer.service", "server.address", "url.full", "http.url")
 DB_TABLE_KEYS = ("db.sql.table", "db.collection.name")

@@ -539,23 +539,115 @@ struct StepRow {
     outcome: Option<String>,
 }
 
+/// A span without a step attribute that may still be a pipeline step or fail one (a consumer or
+/// producer span, a span naming a messaging destination, a span with status ERROR): what the
+/// collector's step matching reads (`hoptrace.contract`'s rules, applied in Python).
+struct Candidate {
+    trace: String,
+    span: String,
+    parent: Option<String>,
+    name: String,
+    service: String,
+    kind: i16,
+    start_us: i64,
+    end_us: i64,
+    status_code: i16,
+    status_message: Option<String>,
+    cid: Option<String>,
+    destination: Option<String>,
+    group: Option<String>,
+    operation: Option<String>,
+}
+
+/// Attribute names the decoder reads, passed in by the caller (the contract's names).
+#[pyclass(frozen, module = "hoptrace_native")]
+pub struct Keys {
+    /// correlation id carriers, in order of preference
+    cid: Vec<String>,
+    /// spellings of the messaging destination, consumer group and operation attributes; with
+    /// none given, no candidates are collected
+    destination: Vec<String>,
+    group: Vec<String>,
+    operation: Vec<String>,
+    /// a resource attribute (key, value) marking services whose steps report themselves (their
+    /// spans are never candidates)
+    own: Option<(String, String)>,
+}
+
+#[pymethods]
+impl Keys {
+    #[new]
+    #[pyo3(signature = (cid, destination=Vec::new(), group=Vec::new(), operation=Vec::new(), own=None))]
+    fn new(
+        cid: Vec<String>,
+        destination: Vec<String>,
+        group: Vec<String>,
+        operation: Vec<String>,
+        own: Option<(String, String)>,
+    ) -> Self {
+        Keys {
+            cid,
+            destination,
+            group,
+            operation,
+            own,
+        }
+    }
+}
+
+impl Keys {
+    fn default_keys() -> Self {
+        Keys {
+            cid: vec![CORRELATION_ATTR.to_string()],
+            destination: Vec::new(),
+            group: Vec::new(),
+            operation: Vec::new(),
+            own: None,
+        }
+    }
+}
+
 struct Output {
     copy: Vec<u8>,
     rows: usize,
     rejected: usize,
     steps: Vec<StepRow>,
     days: Vec<i64>,
+    candidates: Vec<Candidate>,
+}
+
+/// The first key of `keys` holding a non-empty string value.
+fn first_text(kvs: &[KeyValue], keys: &[String]) -> Option<String> {
+    keys.iter().find_map(|k| match last(kvs, k).and_then(|kv| kv.value.as_ref()) {
+        Some(AnyValue {
+            value: Some(Value::StringValue(s)),
+        }) if !s.is_empty() => Some(scrub(text(s)).into_owned()),
+        _ => None,
+    })
+}
+
+/// The first carrier of `keys` holding a valid correlation id.
+fn first_cid(kvs: &[KeyValue], keys: &[String]) -> Option<String> {
+    keys.iter()
+        .find_map(|k| cid_of(last(kvs, k).and_then(|kv| kv.value.as_ref())))
 }
 
 /// `None`: a value needs Python's rendering (see the module docs).
-fn decode(req: &ExportTraceServiceRequest, received_us: i64, capacity: usize) -> Option<Output> {
+fn decode(
+    req: &ExportTraceServiceRequest,
+    received_us: i64,
+    capacity: usize,
+    keys: &Keys,
+) -> Option<Output> {
     let mut out = Output {
         copy: Vec::with_capacity(capacity),
         rows: 0,
         rejected: 0,
         steps: Vec::new(),
         days: Vec::new(),
+        candidates: Vec::new(),
     };
+    let candidates = !keys.destination.is_empty();
     let empty: &[KeyValue] = &[];
     for rs in &req.resource_spans {
         let res_attrs = rs.resource.as_ref().map_or(empty, |r| &r.attributes[..]);
@@ -571,6 +663,12 @@ fn decode(req: &ExportTraceServiceRequest, received_us: i64, capacity: usize) ->
         };
         let mut res_json = Vec::new();
         json_object(&mut res_json, res_attrs);
+        let own = keys.own.as_ref().is_some_and(|(k, v)| {
+            matches!(
+                last(res_attrs, k).and_then(|kv| kv.value.as_ref()),
+                Some(AnyValue { value: Some(Value::StringValue(s)) }) if s == v.as_bytes()
+            )
+        });
         for ss in &rs.scope_spans {
             let scope = ss
                 .scope
@@ -590,7 +688,7 @@ fn decode(req: &ExportTraceServiceRequest, received_us: i64, capacity: usize) ->
                 }
                 let attrs = &sp.attributes[..];
                 let value = |key| last(attrs, key).and_then(|kv| kv.value.as_ref());
-                let cid = cid_of(value(CORRELATION_ATTR));
+                let cid = first_cid(attrs, &keys.cid);
                 let pipeline = py_str(value(PIPELINE_ATTR)).ok()?;
                 let step = py_str(value(STEP_ATTR)).ok()?;
                 let outcome = match step {
@@ -663,6 +761,28 @@ fn decode(req: &ExportTraceServiceRequest, received_us: i64, capacity: usize) ->
                 if !out.days.contains(&day) {
                     out.days.push(day);
                 }
+                let kind = small(sp.kind);
+                if step.is_none() && candidates && !own {
+                    let destination = first_text(attrs, &keys.destination);
+                    if kind == 4 || kind == 5 || code == 2 || destination.is_some() {
+                        out.candidates.push(Candidate {
+                            trace: trace_hex.clone(),
+                            span: span_hex.clone(),
+                            parent: parent.clone(),
+                            name: name.to_string(),
+                            service: service.to_string(),
+                            kind,
+                            start_us,
+                            end_us,
+                            status_code: small(code),
+                            status_message: message.as_deref().map(str::to_string),
+                            cid: cid.clone(),
+                            destination,
+                            group: first_text(attrs, &keys.group),
+                            operation: first_text(attrs, &keys.operation),
+                        });
+                    }
+                }
                 if let Some(step) = step {
                     out.steps.push(StepRow {
                         trace: trace_hex,
@@ -687,18 +807,7 @@ fn decode(req: &ExportTraceServiceRequest, received_us: i64, capacity: usize) ->
     Some(out)
 }
 
-/// `decode_traces(body, received_us)` -> `(copy_tuples, n_rows, rejected, step_rows, days)` or
-/// None (take the Python path). `copy_tuples`: binary COPY tuples for `spans` (no header or
-/// trailer); `step_rows`: the first 15 columns (`COLUMNS[:15]`, times as integer microseconds
-/// since the Unix epoch) of each span carrying a step attribute; `days`: the distinct UTC days
-/// (microseconds // 86_400_000_000) of the rows' start times. Raises ValueError on malformed
-/// protobuf.
-#[pyfunction]
-fn decode_traces<'py>(
-    py: Python<'py>,
-    body: &[u8],
-    received_us: i64,
-) -> PyResult<Option<Bound<'py, PyTuple>>> {
+fn parse(body: &[u8]) -> PyResult<ExportTraceServiceRequest> {
     let req = ExportTraceServiceRequest::decode(Bytes::copy_from_slice(body))
         .map_err(|e| PyValueError::new_err(format!("invalid protobuf: {e}")))?;
     if !valid_utf8(&req) {
@@ -706,12 +815,12 @@ fn decode_traces<'py>(
             "invalid protobuf: a string field is not valid UTF-8",
         ));
     }
-    // rows are about twice the protobuf size (hex ids, JSON, the resource per span)
-    let Some(out) = decode(&req, received_us, body.len() * 2 + 1024) else {
-        return Ok(None);
-    };
-    let steps = PyList::empty(py);
-    for r in out.steps {
+    Ok(req)
+}
+
+fn step_rows<'py>(py: Python<'py>, steps: Vec<StepRow>) -> PyResult<Bound<'py, PyList>> {
+    let out = PyList::empty(py);
+    for r in steps {
         let row: [Bound<'py, PyAny>; 15] = [
             r.trace.into_pyobject(py)?.into_any(),
             r.span.into_pyobject(py)?.into_any(),
@@ -729,14 +838,87 @@ fn decode_traces<'py>(
             r.step.into_pyobject(py)?.into_any(),
             r.outcome.into_pyobject(py)?.into_any(),
         ];
-        steps.append(PyTuple::new(py, row)?)?;
+        out.append(PyTuple::new(py, row)?)?;
     }
+    Ok(out)
+}
+
+fn candidate_rows<'py>(py: Python<'py>, rows: Vec<Candidate>) -> PyResult<Bound<'py, PyList>> {
+    let out = PyList::empty(py);
+    for r in rows {
+        let row: [Bound<'py, PyAny>; 14] = [
+            r.trace.into_pyobject(py)?.into_any(),
+            r.span.into_pyobject(py)?.into_any(),
+            r.parent.into_pyobject(py)?.into_any(),
+            r.name.into_pyobject(py)?.into_any(),
+            r.service.into_pyobject(py)?.into_any(),
+            r.kind.into_pyobject(py)?.into_any(),
+            r.start_us.into_pyobject(py)?.into_any(),
+            r.end_us.into_pyobject(py)?.into_any(),
+            r.status_code.into_pyobject(py)?.into_any(),
+            r.status_message.into_pyobject(py)?.into_any(),
+            r.cid.into_pyobject(py)?.into_any(),
+            r.destination.into_pyobject(py)?.into_any(),
+            r.group.into_pyobject(py)?.into_any(),
+            r.operation.into_pyobject(py)?.into_any(),
+        ];
+        out.append(PyTuple::new(py, row)?)?;
+    }
+    Ok(out)
+}
+
+/// `decode_traces(body, received_us)` -> `(copy_tuples, n_rows, rejected, step_rows, days)` or
+/// None (take the Python path). `copy_tuples`: binary COPY tuples for `spans` (no header or
+/// trailer); `step_rows`: the first 15 columns (`COLUMNS[:15]`, times as integer microseconds
+/// since the Unix epoch) of each span carrying a step attribute; `days`: the distinct UTC days
+/// (microseconds // 86_400_000_000) of the rows' start times. The correlation id is read from
+/// `hoptrace.correlation_id` only (see `decode_with`). Raises ValueError on malformed protobuf.
+#[pyfunction]
+fn decode_traces<'py>(
+    py: Python<'py>,
+    body: &[u8],
+    received_us: i64,
+) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    let req = parse(body)?;
+    // rows are about twice the protobuf size (hex ids, JSON, the resource per span)
+    let Some(out) = decode(&req, received_us, body.len() * 2 + 1024, &Keys::default_keys()) else {
+        return Ok(None);
+    };
     let result = (
         PyBytes::new(py, &out.copy),
         out.rows,
         out.rejected,
-        steps,
+        step_rows(py, out.steps)?,
         out.days,
+    );
+    Ok(Some(result.into_pyobject(py)?))
+}
+
+/// `decode_with(body, received_us, keys)` -> `decode_traces`'s tuple plus `candidates`: the
+/// correlation id comes from the first of `keys.cid` holding a valid id, and `candidates` lists
+/// the spans without a step attribute that are consumer/producer spans, name a messaging
+/// destination (`keys.destination`) or have status ERROR (except spans of a resource marked
+/// `keys.own`: services whose steps report themselves), as `(trace, span, parent, name,
+/// service, kind, start_us, end_us, status_code, status_message, cid, destination, group,
+/// operation)` (string attributes only; the first spelling present wins).
+#[pyfunction]
+fn decode_with<'py>(
+    py: Python<'py>,
+    body: &[u8],
+    received_us: i64,
+    keys: &Keys,
+) -> PyResult<Option<Bound<'py, PyTuple>>> {
+    let req = parse(body)?;
+    let Some(out) = decode(&req, received_us, body.len() * 2 + 1024, keys) else {
+        return Ok(None);
+    };
+    let result = (
+        PyBytes::new(py, &out.copy),
+        out.rows,
+        out.rejected,
+        step_rows(py, out.steps)?,
+        out.days,
+        candidate_rows(py, out.candidates)?,
     );
     Ok(Some(result.into_pyobject(py)?))
 }
@@ -764,6 +946,8 @@ fn is_valid_correlation_id(value: &str) -> bool {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_traces, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_with, m)?)?;
+    m.add_class::<Keys>()?;
     m.add_function(wrap_pyfunction!(is_valid_correlation_id, m)?)?;
     m.add_function(wrap_pyfunction!(count_spans, m)?)?;
     Ok(())
