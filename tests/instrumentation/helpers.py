@@ -59,9 +59,7 @@ async def fetchval(db_url: str, sql: str, *args: object) -> object:
 
 
 @contextlib.asynccontextmanager
-async def running(
-    runtime: HopOptions, HopRuntime, timeout: float = 30.0
-) -> AsyncIterator[asyncio.Task]:
+async def running(runtime: HopRuntime, timeout: float = 30.0) -> AsyncIterator[asyncio.Task]:
     """Run ``runtime`` in a task until the block ends; waits for its partition assignment."""
     task = asyncio.create_task(runtime.run())
     ready = asyncio.create_task(runtime.ready.wait())

@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from hoptrace.instrumentation.asyncpg_spans import CachingAsyncPGInstrumentor
+from hoptrace.instrumentation._accel.asyncpg_spans import CachingAsyncPGInstrumentor
 
 STATEMENTS = [
     ("execute", "CREATE TEMP TABLE t (a text PRIMARY KEY)"),

@@ -28,13 +28,13 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from hoptrace.instrumentation.lean_spans import (
+from hoptrace.instrumentation._accel.lean_spans import (
     LeanAttributes,
     LeanSpan,
     LeanTracer,
     LeanTracerProvider,
 )
-from hoptrace.instrumentation.otlp import sdk_encode_request
+from hoptrace.instrumentation._accel.otlp import sdk_encode_request
 from hoptrace.instrumentation.tracing import get_tracer
 
 T0 = 1_700_000_000_000_000_000
