@@ -9,13 +9,27 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from hoptrace.contract import PipelineSpec
+from hoptrace.instrumentation._accel import Speedup, why_off
 from hoptrace.instrumentation.hop import Handler, HopOptions, HopRuntime
 
 from ..support import wait_for
+
+
+def accel_only(speedup: Speedup) -> pytest.MarkDecorator:
+    """For a test of what ``speedup`` installs: skipped when this process runs without it
+    (``HOPTRACE_ACCEL=0`` or an untested library version)."""
+    return pytest.mark.skipif(why_off(speedup) is not None, reason=f"{speedup} is off here")
+
+
+def plain_only(speedup: Speedup) -> pytest.MarkDecorator:
+    """For a test of the plain path that replaces ``speedup``: skipped while it is on."""
+    return pytest.mark.skipif(why_off(speedup) is None, reason=f"{speedup} is on here")
+
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS student_course_purchases (correlation_id text PRIMARY KEY, amount int);
