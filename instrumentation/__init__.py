@@ -1,16 +1,25 @@
 """hoptrace.instrumentation: what any worker imports so its business code is only business code.
 
-- ``envelope``: the event envelope, PoisonRecord / RetryableError, header and baggage names
-- ``tracing``: ``configure_tracing`` / ``shutdown_tracing`` / ``export_stats`` /
-  ``correlation_context``
-- ``otlp``: the SDK's OTLP gRPC/HTTP span exporters with the native encoder (hoptrace_native;
-  the SDK's encoder without it)
-- ``asyncpg_spans``: the kept asyncpg instrumentation, each statement's span name and
-  attributes computed once
+- ``envelope``: the event envelope, PoisonRecord / RetryableError, ``next_event_id``
+- ``tracing``: ``configure_tracing`` / ``shutdown_tracing`` / ``flush_tracing`` /
+  ``export_stats`` / ``correlation_context``
 - ``producer``: ``HopProducer`` (emit with correlation carry) and ``step_span`` (producer-only step)
-- ``hop``: ``HopRuntime`` (consume -> idempotent, effect-verified handle -> emit -> commit)
-- ``spec``: the pipeline spec loader
-- ``conventions``: span attribute names the collector relies on
+- ``hop``: ``HopRuntime`` (consume -> idempotent, effect-verified handle -> emit -> commit), a
+  package with one module per job (lifecycle, record, lanes, ledger, retry, dead letters, commits)
+- ``http``: ``HttpClient``, a handler's traced JSON client for a downstream service
+- ``settings``: ``InstrumentationSettings`` (``HOPTRACE_ACCEL``, ``HOPTRACE_EXPORT_HOLD_S``,
+  ``HOPTRACE_EXPORT_STATS_DIR``)
+- ``quiet``: calls without instrumentation spans through public API (suppression, and a tracer
+  provider that makes the aiokafka instrumentation honour it)
+- ``_accel``: every speed-up that reaches into a library's private API (lean SDK spans, cached
+  asyncpg spans and untraced bookkeeping, native-encoder OTLP exporters, aiokafka shortcuts,
+  the HTTP transport pool). One switch, ``HOPTRACE_ACCEL=0``, turns them all off (default on);
+  each also checks at start-up that the installed library versions are ones its differential
+  test ran against, and otherwise falls back to the library's public API by itself, with one
+  log line saying which speed-up is off and why. Both paths make the same spans
+  (``tests/instrumentation/test_accel_differential.py``). Workers never import it.
+
+The pipeline spec (``load_spec``) and the span conventions live in ``hoptrace.contract``.
 """
 
 from hoptrace.contract import PipelineSpec, SpecError, Step, load_spec
@@ -34,6 +43,7 @@ from .hop import (
     RecordInfo,
     ensure_processed_events,
 )
+from .http import HttpClient
 from .producer import HopProducer, step_span
 from .tracing import (
     configure_tracing,
@@ -55,6 +65,7 @@ __all__ = [
     "HopHooks",
     "HopOptions",
     "HopProducer",
+    "HttpClient",
     "HopRuntime",
     "PipelineSpec",
     "PoisonRecord",

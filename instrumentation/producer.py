@@ -4,7 +4,6 @@ the step span of a producer-only first step (e.g. payment-service)."""
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,9 +21,11 @@ from hoptrace.contract.conventions import (
     EVENT_TYPE_HEADER,
 )
 
+from ._accel import Speedup, enabled
 from .envelope import (
     Envelope,
 )
+from .quiet import quiet
 from .tracing import get_tracer
 
 Headers = list[tuple[str, bytes]]
@@ -86,7 +87,6 @@ class HopProducer:
         opts.update(aiokafka_opts)
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **opts)
         self._started = False
-        self._server_address: str | None = None
 
     async def start(self) -> None:
         if not self._started:
@@ -138,58 +138,45 @@ class HopProducer:
             ctx = baggage.set_baggage(BAGGAGE_KEY, cid, ctx)
         if key is None and cid:
             key = cid.encode()
-        plain = getattr(AIOKafkaProducer.send, "__wrapped__", None)
         value = envelope.to_bytes()
-        if plain is not None and send_span:  # aiokafka is instrumented: its send span, made here
-            md = await self._traced_send(plain, topic, value, key, headers, ctx)
-        else:  # no send span: aiokafka's own send (past the instrumentation's wrapper, if any)
+        if send_span and _kafka_instrumented():  # the instrumentation's send span
+            md = await self._send_with_span(topic, value, key, headers, ctx)
+        else:  # no send span: the current span (the process span) is the record's parent
             propagate.inject(headers, context=ctx, setter=_setter)
-            send = plain or AIOKafkaProducer.send
-            md = await (await send(self._producer, topic, value, key, None, None, headers))
+            md = await self._send_without_span(topic, value, key, headers)
         record_emit(trace.get_current_span(), md, envelope)
         return md
 
-    async def _traced_send(
-        self,
-        plain: Any,
-        topic: str,
-        value: bytes,
-        key: bytes | None,
-        headers: Headers,
-        ctx: context.Context,
+    async def _send_with_span(
+        self, topic: str, value: bytes, key: bytes | None, headers: Headers, ctx: context.Context
     ) -> RecordMetadata:
-        """The span the aiokafka instrumentation makes for a send ("<topic> send", PRODUCER,
-        the same messaging attributes, traceparent + baggage injected into the headers),
-        built in one step instead of its per-send partitioner run and attribute calls, and
-        ended at the broker's ack (which gives the partition)."""
-        client = self._producer.client
-        if self._server_address is None:
-            self._server_address = json.dumps(client._bootstrap_servers)
-        attrs: dict[str, Any] = {
-            c.MSG_SYSTEM: c.MESSAGING_SYSTEM_KAFKA,
-            c.SERVER_ADDRESS: self._server_address,
-            c.MSG_CLIENT_ID: client._client_id,
-            c.MSG_DESTINATION: topic,
-            c.MSG_OPERATION_NAME: c.Operation.SEND,
-            c.MSG_OPERATION_TYPE: c.Operation.PUBLISH,
-        }
-        if key is not None:
-            attrs[c.MSG_MESSAGE_KEY] = key.decode("utf-8", "replace")
-        span = get_tracer().start_span(
-            f"{topic} send", context=ctx, kind=SpanKind.PRODUCER, attributes=attrs
-        )
+        """Send through the aiokafka instrumentation's send span (child of ``ctx``): built in
+        one step when the speed-up allows, else made by its wrapper."""
+        if enabled(Speedup.AIOKAFKA):
+            from ._accel.aiokafka import traced_send
+
+            return await traced_send(self._producer, topic, value, key, headers, ctx)
+        token = context.attach(ctx)
         try:
-            propagate.inject(headers, context=trace.set_span_in_context(span, ctx), setter=_setter)
-            md = await (await plain(self._producer, topic, value, key, None, None, headers))
-        except BaseException as exc:
-            if span.is_recording():
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            span.end()
-            raise
-        span.set_attribute(c.MSG_PARTITION, str(md.partition))
-        span.end()
-        return md
+            fut = await self._producer.send(topic, value, key=key, headers=headers)
+        finally:
+            context.detach(token)
+        return await fut
+
+    async def _send_without_span(
+        self, topic: str, value: bytes, key: bytes | None, headers: Headers
+    ) -> RecordMetadata:
+        """aiokafka's send without a send span: past the instrumentation's wrapper when the
+        speed-up allows, else through it under ``quiet()`` (no span, nothing injected)."""
+        if enabled(Speedup.AIOKAFKA):
+            from ._accel.aiokafka import unwrapped_send
+
+            plain = unwrapped_send()
+            if plain is not None:
+                return await (await plain(self._producer, topic, value, key, None, None, headers))
+        with quiet():
+            fut = await self._producer.send(topic, value, key=key, headers=headers)
+        return await fut
 
 
 @contextlib.contextmanager

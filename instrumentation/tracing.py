@@ -14,11 +14,13 @@ pipeline on the same provider.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import baggage, context, trace
@@ -32,9 +34,12 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
+from hoptrace.contract import conventions as c
 from hoptrace.contract.conventions import BAGGAGE_KEY
 
-from .lean_spans import LeanTracerProvider
+from ._accel import Speedup, enabled
+from .quiet import SuppressibleTracerProvider
+from .settings import instrumentation_settings
 
 log = logging.getLogger(__name__)
 
@@ -208,14 +213,16 @@ class _State:
         self.exporter_key: object = None
         self.instrumented = False
         self.tracer: trace.Tracer | None = None
+        self.stats_dir: Path | None = None  # HOPTRACE_EXPORT_STATS_DIR at the last configure
 
 
-def _default_hold_s() -> float:
-    """``HOPTRACE_EXPORT_HOLD_S`` (default 60): how long a failed batch is held and retried."""
-    try:
-        return max(0.0, float(os.environ.get("HOPTRACE_EXPORT_HOLD_S", "60")))
-    except ValueError:
-        return 60.0
+def _provider(resource: Resource) -> TracerProvider:
+    """The SDK's TracerProvider, or its lean variant when the speed-up allows."""
+    if enabled(Speedup.LEAN_SPANS):
+        from ._accel.lean_spans import LeanTracerProvider
+
+        return LeanTracerProvider(resource=resource)
+    return TracerProvider(resource=resource)
 
 
 def _sdk_disabled() -> bool:
@@ -224,8 +231,8 @@ def _sdk_disabled() -> bool:
 
 def _default_exporter(opts: dict[str, Any]) -> SpanExporter | None:
     """OTLP exporter chosen by OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL;
-    endpoint, headers, timeout and TLS come from the standard OTEL_* variables. Batches are
-    serialized by hoptrace_native when it is installed (see ``otlp``)."""
+    endpoint, headers, timeout and TLS come from the standard OTEL_* variables. The SDK's
+    exporters; when the speed-up allows, batches serialized by hoptrace_native (``_accel.otlp``)."""
     kind = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
     if kind in ("none", ""):
         return None
@@ -241,36 +248,54 @@ def _default_exporter(opts: dict[str, Any]) -> SpanExporter | None:
     )
     endpoint = opts.pop("endpoint", None)
     kwargs: dict[str, Any] = {}
-    from . import otlp  # the SDK's exporters with the native encoder (SDK's without it)
-
+    native = enabled(Speedup.OTLP)
     if protocol.startswith("http"):
         if endpoint:
             kwargs["endpoint"] = endpoint.rstrip("/") + (
                 "" if endpoint.rstrip("/").endswith("/v1/traces") else "/v1/traces"
             )
-        return otlp.http_exporter(**kwargs)
+        if native:
+            from ._accel.otlp import http_exporter
+
+            return http_exporter(**kwargs)
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(**kwargs)
     if endpoint:
         kwargs["endpoint"] = endpoint
         if endpoint.startswith("http://"):
             kwargs["insecure"] = True
-    return otlp.grpc_exporter(**kwargs)
+    if native:
+        from ._accel.otlp import grpc_exporter
+
+        return grpc_exporter(**kwargs)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcSpanExporter,
+    )
+
+    return GrpcSpanExporter(**kwargs)
 
 
 def _instrument(provider: TracerProvider) -> None:
-    """Install the kept instrumentations once (they use the global provider)."""
+    """Install the kept instrumentations once. The aiokafka instrumentation does not check
+    ``suppress_instrumentation()`` itself: it gets a provider that does (see ``quiet``)."""
     from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
-    from .asyncpg_spans import CachingAsyncPGInstrumentor
+    pg: Any = AsyncPGInstrumentor()
+    if not pg.is_instrumented_by_opentelemetry and enabled(Speedup.ASYNCPG_SPANS):
+        from ._accel.asyncpg_spans import CachingAsyncPGInstrumentor
 
-    pg: Any = CachingAsyncPGInstrumentor()
-    if AsyncPGInstrumentor().is_instrumented_by_opentelemetry:  # instrumented elsewhere
-        pg = AsyncPGInstrumentor()
-    for inst in (AIOKafkaInstrumentor(), pg, HTTPXClientInstrumentor()):
+        pg = CachingAsyncPGInstrumentor()
+    for inst, given in (
+        (AIOKafkaInstrumentor(), SuppressibleTracerProvider(provider)),
+        (pg, provider),
+        (HTTPXClientInstrumentor(), provider),
+    ):
         if not inst.is_instrumented_by_opentelemetry:
             try:
-                inst.instrument(tracer_provider=provider)
+                inst.instrument(tracer_provider=given)
             except Exception:  # noqa: BLE001 - missing instrumentation: trace less, run anyway
                 log.warning("tracing: could not instrument %s", type(inst).__name__, exc_info=True)
 
@@ -288,7 +313,9 @@ def configure_tracing(
     ``max_export_batch_size`` (512), ``export_timeout_millis``; ``simple=True`` exports each
     span synchronously (tests only); ``instrument=False`` skips the library instrumentations;
     ``resource_attributes`` adds resource attributes; ``hold_s`` how long a failed batch is
-    held and retried (``HOPTRACE_EXPORT_HOLD_S``, 60; 0 drops it at once).
+    held and retried (``HOPTRACE_EXPORT_HOLD_S``, 60; 0 drops it at once). The speed-ups
+    (``HOPTRACE_ACCEL``, see ``_accel``) choose the provider, the exporters and the asyncpg
+    instrumentation here.
 
     With ``OTEL_SDK_DISABLED=true`` nothing is exported and no library is instrumented.
     """
@@ -308,9 +335,9 @@ def configure_tracing(
                     _state.service_name,
                 )
         else:
-            attrs: dict[str, Any] = {"service.name": service_name}
+            attrs: dict[str, Any] = {c.RESOURCE_SERVICE_NAME: service_name}
             attrs.update(opts.pop("resource_attributes", None) or {})
-            provider = LeanTracerProvider(resource=Resource.create(attrs))
+            provider = _provider(Resource.create(attrs))
             switch = _SwitchableProcessor(BaggageSpanProcessor(lambda k: k == BAGGAGE_KEY))
             provider.add_span_processor(switch)
             trace.set_tracer_provider(provider)
@@ -329,8 +356,10 @@ def configure_tracing(
             state.instrumented = True
         inner = exporter if exporter is not None else _default_exporter(dict(opts))
         new: SpanProcessor | None = None
+        settings = instrumentation_settings()
+        state.stats_dir = settings.export_stats_dir
         if inner is not None:
-            hold = 0.0 if opts.get("simple") else opts.get("hold_s", _default_hold_s())
+            hold = 0.0 if opts.get("simple") else opts.get("hold_s", settings.export_hold_s)
             counted = _CountingExporter(inner, hold_s=hold)
             if opts.get("simple"):
                 new = SimpleSpanProcessor(counted)
@@ -432,13 +461,11 @@ def _dump_stats() -> None:
     """With ``HOPTRACE_EXPORT_STATS_DIR`` set, write ``export_stats()`` to
     ``<dir>/<service>-<pid>.json`` after every export (a killed process leaves its last counts;
     the chaos run compares them with the store). Never raises."""
-    folder = os.environ.get("HOPTRACE_EXPORT_STATS_DIR")
     state = _state
-    if not folder or state is None:
+    folder = state.stats_dir if state is not None else None
+    if folder is None or state is None:
         return
     try:
-        import json
-
         path = os.path.join(folder, f"{state.service_name}-{os.getpid()}.json")
         with open(path + ".tmp", "w") as f:
             json.dump({"service": state.service_name, **export_stats()}, f)

@@ -8,8 +8,8 @@ import httpx
 
 from hoptrace.instrumentation.envelope import PoisonRecord, RetryableError
 from hoptrace.instrumentation.hop import Emit, HopContext
+from hoptrace.instrumentation.http import HttpClient
 
-from . import http_client
 from .events import (
     PURCHASE_CREATED,
     TRAINER_ALLOCATED,
@@ -23,55 +23,15 @@ CONSUMES = PURCHASE_CREATED
 
 
 class Allocator:
-    """The handler, bound to admin-service at ``base_url``. Requests go straight to an httpx
-    transport (keep-alive connection on asyncio streams, see :mod:`.http_client`; traced by the
-    httpx instrumentation like any httpx request): the client layer above it (base URL,
-    redirects, cookies, auth, event hooks) is not needed here and cost about a third of the
-    call's CPU. Each request in flight takes a single-connection transport from an idle list
-    (one per concurrent record, reused): one shared pool's request-to-connection assignment
-    scans all its connections on every request."""
+    """The handler, bound to admin-service at ``base_url`` (its HTTP calls traced as client
+    spans by the instrumentation's :class:`HttpClient`)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        timeout_s: float = 5.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 5.0) -> None:
         self.base_url = base_url
-        self.url = httpx.URL(base_url.rstrip("/") + "/allocations")
-        self.transport = transport  # given: used for every request
-        self._idle: list[httpx.AsyncBaseTransport] = []
-        self._made: list[httpx.AsyncBaseTransport] = []
-        self._timeout = httpx.Timeout(timeout_s).as_dict()
+        self.client = HttpClient(base_url, timeout=timeout_s)
 
     async def aclose(self) -> None:
-        for transport in [*self._made, *([self.transport] if self.transport else [])]:
-            await transport.aclose()
-        self._idle.clear()
-        self._made.clear()
-
-    def _take(self) -> httpx.AsyncBaseTransport:
-        if self.transport is not None:
-            return self.transport
-        if self._idle:
-            return self._idle.pop()
-        made = http_client.transport(self.base_url, connections=1)
-        self._made.append(made)
-        return made
-
-    async def _post(self, body: dict[str, str]) -> httpx.Response:
-        request = httpx.Request("POST", self.url, json=body, extensions={"timeout": self._timeout})
-        transport = self._take()
-        try:
-            response = await transport.handle_async_request(request)
-            try:
-                await response.aread()
-            finally:
-                await response.aclose()
-        finally:
-            if transport is not self.transport:
-                self._idle.append(transport)
-        return response
+        await self.client.aclose()
 
     async def handle(self, ctx: HopContext) -> Emit:
         event = payload_of(ctx.envelope)
@@ -82,7 +42,7 @@ class Allocator:
             "course": event.course,
         }
         try:
-            resp = await self._post(body)
+            resp = await self.client.post("/allocations", json=body)
         except httpx.HTTPError as exc:
             raise RetryableError(f"admin-service unreachable: {type(exc).__name__}: {exc}") from exc
         if resp.status_code >= 500:

@@ -9,13 +9,27 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from hoptrace.contract import PipelineSpec
+from hoptrace.instrumentation._accel import Speedup, why_off
 from hoptrace.instrumentation.hop import Handler, HopOptions, HopRuntime
 
 from ..support import wait_for
+
+
+def accel_only(speedup: Speedup) -> pytest.MarkDecorator:
+    """For a test of what ``speedup`` installs: skipped when this process runs without it
+    (``HOPTRACE_ACCEL=0`` or an untested library version)."""
+    return pytest.mark.skipif(why_off(speedup) is not None, reason=f"{speedup} is off here")
+
+
+def plain_only(speedup: Speedup) -> pytest.MarkDecorator:
+    """For a test of the plain path that replaces ``speedup``: skipped while it is on."""
+    return pytest.mark.skipif(why_off(speedup) is None, reason=f"{speedup} is on here")
+
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS student_course_purchases (correlation_id text PRIMARY KEY, amount int);
@@ -59,9 +73,7 @@ async def fetchval(db_url: str, sql: str, *args: object) -> object:
 
 
 @contextlib.asynccontextmanager
-async def running(
-    runtime: HopOptions, HopRuntime, timeout: float = 30.0
-) -> AsyncIterator[asyncio.Task]:
+async def running(runtime: HopRuntime, timeout: float = 30.0) -> AsyncIterator[asyncio.Task]:
     """Run ``runtime`` in a task until the block ends; waits for its partition assignment."""
     task = asyncio.create_task(runtime.run())
     ready = asyncio.create_task(runtime.ready.wait())

@@ -33,6 +33,8 @@ class ReceivedSpan:
 class Received:
     spans: list[ReceivedSpan] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: every request as received (the differential test reads every field)
+    requests: list[trace_service_pb2.ExportTraceServiceRequest] = field(default_factory=list)
 
     def add(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         out = []
@@ -53,6 +55,7 @@ class Received:
                     )
         with self.lock:
             self.spans.extend(out)
+            self.requests.append(request)
 
     def named(self, name: str) -> list[ReceivedSpan]:
         with self.lock:

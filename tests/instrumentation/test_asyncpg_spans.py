@@ -11,7 +11,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from hoptrace.instrumentation.asyncpg_spans import CachingAsyncPGInstrumentor
+from hoptrace.instrumentation._accel import Speedup
+from hoptrace.instrumentation._accel.asyncpg_spans import CachingAsyncPGInstrumentor
+
+from .helpers import accel_only, plain_only
 
 STATEMENTS = [
     ("execute", "CREATE TEMP TABLE t (a text PRIMARY KEY)"),
@@ -89,6 +92,13 @@ async def test_same_spans_as_the_library(db_url: str) -> None:
     assert CachingAsyncPGInstrumentor._span_info
 
 
+@accel_only(Speedup.ASYNCPG_SPANS)
 def test_configure_tracing_installs_the_caching_instrumentor(spans) -> None:
     assert CachingAsyncPGInstrumentor().is_instrumented_by_opentelemetry
     assert not AsyncPGInstrumentor().is_instrumented_by_opentelemetry  # never both: one span
+
+
+@plain_only(Speedup.ASYNCPG_SPANS)
+def test_without_the_speedup_configure_tracing_installs_the_stock_instrumentor(spans) -> None:
+    assert AsyncPGInstrumentor().is_instrumented_by_opentelemetry
+    assert not CachingAsyncPGInstrumentor().is_instrumented_by_opentelemetry

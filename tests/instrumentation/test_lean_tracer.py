@@ -28,14 +28,17 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from hoptrace.instrumentation.lean_spans import (
+from hoptrace.instrumentation._accel import Speedup
+from hoptrace.instrumentation._accel.lean_spans import (
     LeanAttributes,
     LeanSpan,
     LeanTracer,
     LeanTracerProvider,
 )
-from hoptrace.instrumentation.otlp import sdk_encode_request
+from hoptrace.instrumentation._accel.otlp import sdk_encode_request
 from hoptrace.instrumentation.tracing import get_tracer
+
+from .helpers import accel_only, plain_only
 
 T0 = 1_700_000_000_000_000_000
 
@@ -289,7 +292,16 @@ def test_lean_attributes_match_bounded_attributes() -> None:
         frozen["b"] = 2
 
 
+@accel_only(Speedup.LEAN_SPANS)
 def test_configure_tracing_uses_the_lean_provider(spans: InMemorySpanExporter) -> None:
     """Every hoptrace process (workers, services, tests) gets its spans this way."""
     assert isinstance(trace.get_tracer_provider(), LeanTracerProvider)
     assert isinstance(get_tracer(), LeanTracer)
+
+
+@plain_only(Speedup.LEAN_SPANS)
+def test_without_the_speedup_configure_tracing_uses_the_sdk_provider(
+    spans: InMemorySpanExporter,
+) -> None:
+    assert type(trace.get_tracer_provider()) is TracerProvider
+    assert type(get_tracer()) is Tracer

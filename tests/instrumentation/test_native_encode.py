@@ -24,7 +24,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from hoptrace.instrumentation import otlp
+from hoptrace.instrumentation._accel import otlp
 
 
 def assert_same(spans: Sequence[ReadableSpan]) -> bytes:

@@ -128,7 +128,7 @@ async def test_two_hops_make_one_connected_trace(
     assert recv1.parent.span_id == send1.context.span_id
     assert f"{spec.step('purchase.created').emits} receive" not in by_name
 
-    # step span attributes (DESIGN.md span conventions)
+    # step span attributes (the span conventions of hoptrace.contract.conventions)
     for span, step_id in ((p1, "purchase.created"), (p2, "trainer.allocated")):
         step = spec.step(step_id)
         a = span.attributes

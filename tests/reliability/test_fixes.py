@@ -22,6 +22,7 @@ from hoptrace.collector import schema
 from hoptrace.collector.alerts import AlertDispatcher, Targets
 from hoptrace.contract import load_spec
 from hoptrace.instrumentation import hop
+from hoptrace.instrumentation.hop import commits
 from hoptrace.instrumentation.tracing import (
     configure_tracing,
     export_stats,
@@ -194,7 +195,7 @@ async def test_offsets_are_committed_only_after_the_spans_are_exported(monkeypat
         calls.append("flush")
         return True
 
-    monkeypatch.setattr(hop, "flush_tracing", flush)
+    monkeypatch.setattr(commits, "flush_tracing", flush)
     rt = hop.HopRuntime(
         load_spec(REFERENCE_SPEC),
         "purchase.created",
@@ -212,12 +213,14 @@ async def test_offsets_are_committed_only_after_the_spans_are_exported(monkeypat
         await rt._commit_pending()
         assert calls == ["flush", "commit [(1, 6)]"]
         # collector down: the flush cannot finish, so the offset waits (a kill redelivers)
-        monkeypatch.setattr(hop, "flush_tracing", lambda timeout_s=5.0: calls.append("x") and False)
+        monkeypatch.setattr(
+            commits, "flush_tracing", lambda timeout_s=5.0: calls.append("x") and False
+        )
         rec = ConsumerRecord("purchase-confirmed", 1, 6, 0, 0, None, b"", None, 0, 0, [])
         await rt._commit(rec)
         await rt._commit_pending()
         assert calls[-1] == "x" and rt._pending == {TopicPartition("purchase-confirmed", 1): 7}
-        monkeypatch.setattr(hop, "flush_tracing", flush)
+        monkeypatch.setattr(commits, "flush_tracing", flush)
         await rt._commit_pending()
         assert calls[-2:] == ["flush", "commit [(1, 7)]"] and rt._pending == {}
     finally:

@@ -145,3 +145,118 @@ async def test_worker_started_before_its_topic_waits_for_it(
     finally:
         services.stop_all()
         await delete_topics(kafka_bootstrap, spec.topics)
+
+
+# --------------------------------------------------------------------- the allocation handler
+
+
+class _AdminStub:
+    """admin-service as the Allocator sees it: answers each POST with ``status`` and ``body``."""
+
+    def __init__(self, status: int, body: dict) -> None:
+        self.status, self.body = status, body
+        self.posts: list[dict] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import json
+
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                self.posts.append(json.loads(await reader.readexactly(length)))
+                data = json.dumps(self.body).encode()
+                writer.write(
+                    f"HTTP/1.1 {self.status} X\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n".encode()
+                    + data
+                )
+                await writer.drain()
+        finally:
+            writer.close()
+
+
+def _allocation_ctx():  # noqa: ANN202 - a HopContext for the allocation step (no DB)
+    from opentelemetry.trace import INVALID_SPAN
+
+    from hoptrace.instrumentation.hop import HopContext, RecordInfo
+    from hoptrace.workers.events import PurchaseCreatedV1
+
+    from ..support import REFERENCE_SPEC
+
+    spec = load_spec(REFERENCE_SPEC)
+    payload = PurchaseCreatedV1(payment_id="p-1", purchase_id=1, student="s-1", course="c-1")
+    return HopContext(
+        new_event(PURCHASE_CREATED, "p-1", payload),
+        "p-1",
+        RecordInfo("t", 0, 0, "g"),
+        None,  # type: ignore[arg-type]
+        INVALID_SPAN,
+        spec.step("trainer.allocated"),
+        spec,
+    )
+
+
+async def _allocate(status: int, body: dict) -> tuple[object, list[dict]]:
+    """The Allocator's handler against a stub answering ``status``/``body``: (its return value
+    or the exception it raised, what the stub received)."""
+    from hoptrace.workers.allocation_worker import Allocator
+
+    stub = _AdminStub(status, body)
+    server = await asyncio.start_server(stub.handle, "127.0.0.1", 0)
+    allocator = Allocator(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout_s=2)
+    try:
+        try:
+            return await allocator.handle(_allocation_ctx()), stub.posts
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            return exc, stub.posts
+    finally:
+        await allocator.aclose()
+        server.close()
+
+
+async def test_allocator_posts_the_allocation_and_emits_trainer_allocated() -> None:
+    from hoptrace.workers.events import TRAINER_ALLOCATED
+
+    emitted, posts = await _allocate(200, {"trainer": "t-7"})
+    assert posts == [{"correlation_id": "p-1", "student": "s-1", "course": "c-1"}]
+    assert emitted.type == TRAINER_ALLOCATED and emitted.payload["trainer"] == "t-7"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind"),
+    [
+        (503, {"detail": "down"}, "retry"),
+        (422, {"detail": "no such course"}, "poison"),
+        (200, {}, "retry"),  # no trainer in the answer
+    ],
+    ids=["5xx", "4xx", "no trainer"],
+)
+async def test_allocator_failures(status: int, body: dict, kind: str) -> None:
+    from hoptrace.instrumentation.envelope import RetryableError
+
+    raised, _ = await _allocate(status, body)
+    assert isinstance(raised, RetryableError if kind == "retry" else PoisonRecord), raised
+
+
+async def test_allocator_unreachable_admin_service_is_a_retried_outage() -> None:
+    from hoptrace.instrumentation.envelope import RetryableError
+    from hoptrace.instrumentation.hop import is_outage
+    from hoptrace.workers.allocation_worker import Allocator
+
+    from ..support import free_port
+
+    allocator = Allocator(f"http://127.0.0.1:{free_port()}", timeout_s=2)
+    try:
+        with pytest.raises(RetryableError) as info:
+            await allocator.handle(_allocation_ctx())
+    finally:
+        await allocator.aclose()
+    assert is_outage(info.value)

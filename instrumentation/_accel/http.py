@@ -1,11 +1,19 @@
-"""The allocation-worker's httpx transport: httpcore's connection pool over plain asyncio streams.
+"""The accelerated HTTP path of ``hoptrace.instrumentation.http.HttpClient``: httpcore's
+connection pool over plain asyncio streams, and an idle list of single-connection transports.
 
 httpx's default transport reaches the socket through anyio (a cancel scope per read and write,
-typed-attribute lookups for every keep-alive check), which cost about a third of an allocation
-request's CPU. This backend implements httpcore's public network-backend interface on asyncio
-streams; everything above it (httpcore's HTTP/1.1, the pool, httpx's transport and so the httpx
-instrumentation's client spans) stays as it is. Plain ``http://`` only: an ``https://`` URL
-gets httpx's default transport.
+typed-attribute lookups for every keep-alive check), which cost about a third of a handler's
+request CPU. :class:`AsyncioBackend` implements httpcore's public network-backend interface on
+asyncio streams; everything above it (httpcore's HTTP/1.1, the pool, httpx's transport and so
+the httpx instrumentation's client spans) stays as it is. Plain ``http://`` only: an
+``https://`` URL gets httpx's default transport. The private part: the transport's pool is
+replaced through ``AsyncHTTPTransport._pool``.
+
+:class:`Transports` sends requests straight to a transport (the client layer above it: base URL,
+redirects, cookies, auth, event hooks, is not needed by a handler and cost about a third of the
+call's CPU); each request in flight takes a single-connection transport from an idle list (one
+per concurrent request, reused): one shared pool's request-to-connection assignment scans all
+its connections on every request.
 """
 
 from __future__ import annotations
@@ -128,3 +136,60 @@ def transport(url: str, connections: int | None = None) -> httpx.AsyncBaseTransp
             network_backend=AsyncioBackend(),
         )
     return out
+
+
+class Transports:
+    """Requests to ``base_url`` on an idle list of single-connection transports (see module
+    doc); ``transport`` given: every request goes to it."""
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.transport = transport
+        self._idle: list[httpx.AsyncBaseTransport] = []
+        self._made: list[httpx.AsyncBaseTransport] = []
+        self._timeout = httpx.Timeout(timeout_s).as_dict()
+        self._urls: dict[str, httpx.URL] = {}  # parsed once per path
+
+    async def aclose(self) -> None:
+        for made in [*self._made, *([self.transport] if self.transport else [])]:
+            await made.aclose()
+        self._idle.clear()
+        self._made.clear()
+
+    def _take(self) -> httpx.AsyncBaseTransport:
+        if self.transport is not None:
+            return self.transport
+        if self._idle:
+            return self._idle.pop()
+        made = transport(self.base_url, connections=1)
+        self._made.append(made)
+        return made
+
+    async def request(self, method: str, path: str, json: typing.Any = None) -> httpx.Response:
+        """Send, read the whole body, return the response (httpx's errors as httpx raises)."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.base_url + path)
+        request = httpx.Request(
+            method,
+            url,
+            json=json,
+            extensions={"timeout": self._timeout},
+        )
+        used = self._take()
+        try:
+            response = await used.handle_async_request(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+        finally:
+            if used is not self.transport:
+                self._idle.append(used)
+        response.request = request
+        return response

@@ -3,12 +3,22 @@ work on a statement's span done once per statement: for ``execute``/``fetch*`` t
 (leading comment stripped, first word) and the connection/statement attributes depend only on
 the statement and the connection's database, user and address, so they are computed once and
 reused. Same spans, same attributes, same error handling as the library's wrapper; cursors,
-prepared statements and ``capture_parameters`` go through the library unchanged."""
+prepared statements and ``capture_parameters`` go through the library unchanged.
+
+Also here: :func:`untraced`, the hop runtime's own statements (guard, processed mark) past the
+instrumentation's wrapper instead of through it under suppression.
+
+Relies on the library's ``_do_execute``, ``_hydrate_span_from_args``, ``_leading_comment_remover``
+and ``_semconv_opt_in_mode`` (tested versions: ``hoptrace.instrumentation._accel.TESTED``)."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
+import asyncpg.pool
 from opentelemetry import context, trace
 from opentelemetry.instrumentation import asyncpg as _otel_asyncpg
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
@@ -76,3 +86,15 @@ class CachingAsyncPGInstrumentor(_otel_asyncpg.AsyncPGInstrumentor):
         finally:
             context.detach(token)
             span.end()
+
+
+def untraced(conn: Any, name: str) -> Callable[..., Awaitable[Any]]:
+    """Connection method ``name`` of ``conn`` (a pool's proxy or a connection) without the
+    asyncpg instrumentation's wrapper (wrapt keeps the original function as ``__wrapped__``;
+    a pool's proxy keeps its connection as ``_con``): no span and none of the wrapper's
+    per-call work. The plain path runs the wrapped method under ``suppress_instrumentation()``."""
+    raw = conn._con if isinstance(conn, asyncpg.pool.PoolConnectionProxy) else conn
+    if not isinstance(raw, asyncpg.Connection):  # released proxy, or not asyncpg's
+        return getattr(conn, name)
+    method = getattr(type(raw), name)
+    return functools.partial(getattr(method, "__wrapped__", method), raw)

@@ -1,6 +1,10 @@
-"""The allocation-worker's transport (httpcore over asyncio streams): requests and keep-alive,
-a server that closes connections, errors mapped to httpx's (an unreachable admin-service is an
-outage), and its requests traced by the httpx instrumentation like httpx's own transport."""
+"""The handlers' HTTP client (``hoptrace.instrumentation.http.HttpClient``) and its accelerated
+transports (``_accel.http``: httpcore over asyncio streams, an idle list of single-connection
+transports): requests and keep-alive, a server that closes connections, errors mapped to httpx's
+(an unreachable downstream service is an outage), and its requests traced by the httpx
+instrumentation like httpx's own transport. The keep-alive tests use the accelerated transports
+directly (they exist whatever ``HOPTRACE_ACCEL`` says); the rest go through ``HttpClient``, on
+whichever path the switch chose."""
 
 from __future__ import annotations
 
@@ -13,13 +17,33 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from hoptrace.instrumentation._accel.http import AsyncioBackend, Transports, transport
 from hoptrace.instrumentation.hop import is_outage
+from hoptrace.instrumentation.http import HttpClient
 from hoptrace.instrumentation.tracing import configure_tracing, shutdown_tracing
-from hoptrace.workers.allocation_worker import Allocator
-from hoptrace.workers.http_client import AsyncioBackend, transport
 from tests.support import free_port
 
 BODY = {"correlation_id": "c-1", "student": "student-1", "course": "course-1"}
+
+
+class Allocator:
+    """Posts BODY the way a handler does, through the transports or the client."""
+
+    def __init__(self, url: str, timeout_s: float = 5.0, *, client: bool = False) -> None:
+        self.transports = None if client else Transports(url, timeout_s=timeout_s)
+        self.client = HttpClient(url, timeout=timeout_s) if client else None
+        self._made = self.transports._made if self.transports is not None else []
+
+    async def _post(self, body: dict) -> httpx.Response:
+        if self.transports is not None:
+            return await self.transports.request("POST", "/allocations", json=body)
+        assert self.client is not None
+        return await self.client.post("/allocations", json=body)
+
+    async def aclose(self) -> None:
+        for closing in (self.transports, self.client):
+            if closing is not None:
+                await closing.aclose()
 
 
 class Server:
@@ -120,7 +144,7 @@ async def test_a_server_closing_each_connection_gets_a_new_one_per_request() -> 
 
 
 async def test_unreachable_is_an_httpx_connect_error_and_an_outage() -> None:
-    allocator = Allocator(f"http://127.0.0.1:{free_port()}")
+    allocator = Allocator(f"http://127.0.0.1:{free_port()}", client=True)
     try:
         with pytest.raises(httpx.ConnectError) as info:
             await allocator._post(BODY)
@@ -132,7 +156,7 @@ async def test_unreachable_is_an_httpx_connect_error_and_an_outage() -> None:
 async def test_a_slow_answer_is_an_httpx_read_timeout() -> None:
     server = Server(delay_s=1.0)
     async for url in _serve(server):
-        allocator = Allocator(url, timeout_s=0.2)
+        allocator = Allocator(url, timeout_s=0.2, client=True)
         try:
             with pytest.raises(httpx.ReadTimeout):
                 await allocator._post(BODY)
@@ -152,7 +176,7 @@ async def test_requests_are_traced_as_http_client_spans(keep_alive) -> None:
     _, url = keep_alive
     spans = InMemorySpanExporter()
     configure_tracing("hoptrace-tests", exporter=spans, simple=True)
-    allocator = Allocator(url)
+    allocator = Allocator(url, client=True)
     try:
         await allocator._post(BODY)
     finally:

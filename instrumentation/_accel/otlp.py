@@ -3,7 +3,12 @@ unchanged (endpoint, headers, TLS, compression, timeouts, retries come from them
 standard ``OTEL_*`` variables), except that a batch is serialized by ``hoptrace_native``
 (about ten times cheaper than building protobuf objects in Python). Without hoptrace_native
 (other platforms, images built without Rust) the SDK's own encoder is used; both give the
-same bytes (tests/instrumentation/test_native_encode.py)."""
+same bytes (tests/instrumentation/test_native_encode.py).
+
+The private parts: the gRPC exporter's ``_stub`` / ``_initialize_channel_and_stub`` /
+``_translate_data``, the HTTP exporter's ``_client`` / ``_metrics`` / ``_max_request_size`` and
+``_common._is_request_too_large`` (tested versions: ``hoptrace.instrumentation._accel.TESTED``;
+otherwise ``tracing`` uses the SDK's exporters as they are)."""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from typing import Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from hoptrace.contract import conventions as c
 
 try:  # the Rust extension (native/); optional
     import hoptrace_native as _native
@@ -132,9 +139,7 @@ def http_exporter(**kwargs: Any) -> SpanExporter:
                 if not sent.success:
                     result.error = sent.error
                     code = sent.status_code
-                    result.error_attrs = (
-                        {"http.response.status_code": code} if code is not None else None
-                    )
+                    result.error_attrs = {c.HTTP_STATUS_KEYS[0]: code} if code is not None else None
                     return SpanExportResult.FAILURE
             return SpanExportResult.SUCCESS
 
