@@ -38,6 +38,9 @@ need() {
 
 ms_since() { echo $((($(date +%s%N) - $1) / 1000000)); }
 
+# Debian's Maven prints colour resets even with -B -q: drop escape sequences from its output.
+mvn_quiet() { mvn -B -q "$@" 2>&1 | sed 's/\x1b\[[0-9;]*m//g'; }
+
 build_node() {
   local dir="$ROOT/interop/node" stamp stamp_file t0
   need node npm
@@ -67,9 +70,9 @@ build_java() {
   echo "interop: building java (mvn package in interop/java) ..."
   t0=$(date +%s%N)
   offline_log="$(mktemp)"
-  if ! (cd "$dir" && mvn -B -q -o package) >"$offline_log" 2>&1; then
+  if ! (cd "$dir" && mvn_quiet -o package) >"$offline_log"; then
     echo "interop: java: not everything is in the local Maven repository, building online"
-    (cd "$dir" && mvn -B -q package)
+    (cd "$dir" && mvn_quiet package)
   fi
   rm -f "$offline_log"
   echo "$stamp" >"$stamp_file"
