@@ -19,7 +19,7 @@ from hoptrace.contract import conventions as conv
 from hoptrace.instrumentation.envelope import Envelope, next_event_id
 
 from ..support import wait_for
-from .harness import ServiceEnv, start
+from .harness import ServiceEnv, ServiceError, start
 from .probes import (
     Run,
     committed,
@@ -475,3 +475,17 @@ async def test_java_consumer_fail_db_write(
         assert "no_such_column" in event["attributes"][conv.EXCEPTION_MESSAGE]
     # without the copy-from-baggage option no span carries the upstream baggage
     assert [s.name for s in spans if conv.BAGGAGE_KEY in s.attributes] == []
+
+
+# --------------------------------------------------------------------------------- harness
+
+
+def test_harness_reports_a_service_that_exits_before_ready(
+    kafka_bootstrap: str, db_url: str, suffix: str, sink: SpanSink
+) -> None:
+    env = node_env(kafka_bootstrap, db_url, ("in", "out"), suffix, sink, carrier="bogus")
+    with pytest.raises(ServiceError) as failure:
+        start("node", env)
+    message = str(failure.value)
+    assert "exited with 1 before READY" in message
+    assert "CARRIER=bogus: expected one of baggage, attribute, key" in message  # its log
