@@ -408,7 +408,7 @@ async def test_java_consumer_processes_an_allocation(
         assert insert.attributes["db.query.summary"] == "INSERT tutoring_sessions"
         assert insert.attributes["db.query.text"].startswith("INSERT INTO tutoring_sessions (")
         assert insert.attributes["db.system.name"] == "postgresql"
-        # the stable namespace is "<database>|<user>" with this driver
+        # the stable namespace is "<database>|hoptrace" here (the role; the schema is public)
         assert insert.attributes["db.namespace"].split("|")[0] == database
         assert not set(conv.DB_TABLE_KEYS) & set(insert.attributes)
     # the statement is sanitized: no payment id, names or times in it
