@@ -1,4 +1,4 @@
-"""The command line lists every command group of DESIGN.md and reads its settings from the environment."""
+"""The command line lists every command group and reads its settings from the environment."""
 
 from __future__ import annotations
 
