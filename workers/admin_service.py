@@ -73,7 +73,7 @@ class AdminHooks:
 
 def build_app(
     pool: asyncpg.Pool, hooks: AdminHooks | None = None, fault: str | None = None
-) -> object:
+) -> ASGIApp:
     """The app; ``fault`` is only reported by ``/healthz``."""
     hooks = hooks or AdminHooks()
 
@@ -121,7 +121,7 @@ def build_app(
 @contextlib.asynccontextmanager
 async def serve(
     settings: WorkerSettings, _spec: PipelineSpec, hooks: AdminHooks
-) -> AsyncIterator[object]:
+) -> AsyncIterator[ASGIApp]:
     """The app, with its pool open until exit."""
     async with db.pool(settings.database_url, POOL_SIZE) as pool:
         yield build_app(pool, hooks, fault=settings.fault)

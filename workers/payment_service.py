@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from hoptrace.contract import PipelineSpec
 from hoptrace.contract.conventions import ATTR_CORRELATION_ID
@@ -36,7 +37,7 @@ from hoptrace.settings import WorkerSettings
 from . import db, faults
 from .events import PURCHASE_CONFIRMED, PurchaseConfirmedV1, new_event
 from .http import BadRequest, error, instrumented, parse_body
-from .service import ASGIApp, Fault, HttpService
+from .service import Fault, HttpService
 from .tuning import LINGER_MS
 
 log = logging.getLogger("hoptrace.workers.payment_service")
@@ -107,7 +108,7 @@ class PaymentService:
 
     # ---------------------------------------------------------------------------- HTTP
 
-    def app(self) -> object:
+    def app(self) -> ASGIApp:
         routes = [
             Route("/payments", self.create_payment, methods=["POST"]),
             Route("/healthz", self.healthz),

@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Generic, TypeVar
 
+from starlette.types import ASGIApp
+
 from hoptrace.contract import PipelineSpec, Step
 from hoptrace.instrumentation.hop import Handler, HopHooks, HopOptions
 from hoptrace.settings import Settings, WorkerSettings
 
 H = TypeVar("H")
-
-#: An ASGI application (what uvicorn serves).
-ASGIApp = Callable[..., Any]
 
 
 class Kind(StrEnum):
