@@ -1,19 +1,20 @@
 """The `hoptrace` command line. Each command is a thin shell over a component's library call;
-the components live in ``hoptrace.instrumentation|workers|collector|dashboard``.
+the components live in ``hoptrace.instrumentation|workers|collector|dashboard``. A command
+imports its component where it runs, so each command loads only what it uses.
 
-Exit codes: 0 success, 1 internal failure, 2 bad input or a part that is not available.
+Exit codes: 0 success, 1 internal failure, 2 bad input or an unknown part.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-from collections.abc import Callable
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperCommand
 
 app = typer.Typer(
     help="hoptrace: follow one payment through an event-driven Kafka pipeline, see where it stopped, and why.",
@@ -43,24 +44,7 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _component(module: str, attr: str, issue: str) -> Callable[..., Any]:
-    """Import a component's entry point; say clearly when it has not landed yet."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("hoptrace"):
-            fail(f"not available yet: {module} is built by the issue '{issue}'")
-        raise
-    return getattr(mod, attr)
-
-
 # ------------------------------------------------------------------------------------- dev
-
-
-def _stack() -> Any:
-    from hoptrace import devstack
-
-    return devstack, devstack.StackConfig.from_env()
 
 
 @dev_app.command("up")
@@ -70,7 +54,9 @@ def dev_up(
     ] = False,
 ) -> None:
     """Start PostgreSQL, Kafka and hoptrace's services (idempotent; waits for real readiness)."""
-    devstack, cfg = _stack()
+    from hoptrace import devstack
+
+    cfg = devstack.StackConfig.from_env()
     try:
         took = devstack.up(cfg, services=not infra_only, echo=typer.echo)
     except devstack.StackError as exc:
@@ -81,14 +67,18 @@ def dev_up(
 @dev_app.command("down")
 def dev_down() -> None:
     """Stop what `dev up` started (by pid), and nothing else."""
-    devstack, cfg = _stack()
+    from hoptrace import devstack
+
+    cfg = devstack.StackConfig.from_env()
     devstack.down(cfg, echo=typer.echo)
 
 
 @dev_app.command("status")
 def dev_status() -> None:
     """Each part: up, down (should run, does not: exit 3) or stopped (a service not started)."""
-    devstack, cfg = _stack()
+    from hoptrace import devstack
+
+    cfg = devstack.StackConfig.from_env()
     any_down = False
     for st in devstack.status(cfg):
         any_down |= st.label == "down"
@@ -99,7 +89,9 @@ def dev_status() -> None:
 @dev_app.command("stop")
 def dev_stop(name: str) -> None:
     """Stop one part of the local stack."""
-    devstack, cfg = _stack()
+    from hoptrace import devstack
+
+    cfg = devstack.StackConfig.from_env()
     try:
         p = devstack.part(cfg, name)
     except devstack.StackError as exc:
@@ -113,14 +105,15 @@ def dev_start(
     fault: Annotated[str | None, typer.Option("--fault", help="Fault switch (see README).")] = None,
 ) -> None:
     """Start one part of the local stack, optionally with a fault switch."""
-    devstack, cfg = _stack()
+    from hoptrace import devstack
+    from hoptrace.workers.registry import validate_fault
+
+    cfg = devstack.StackConfig.from_env()
     try:
         p = devstack.part(cfg, name)
         env = {"HOPTRACE_FAULT": fault} if fault else {"HOPTRACE_FAULT": ""}
         if fault:
-            _component("hoptrace.workers.faults", "validate_fault", "reference pipeline")(
-                name, fault
-            )
+            validate_fault(name, fault)
         if fault and p.pid() is not None:
             p.stop()
         started = p.start(env)
@@ -138,24 +131,36 @@ def dev_start(
 @app.command("collector")
 def collector(dev_name: DevName = None) -> None:
     """Run the collector: OTLP gRPC 4317 / HTTP 4318, span store, stall detection, alerts."""
-    _component("hoptrace.collector.service", "main", "collector")()
+    from hoptrace.collector.service import main
+
+    main()
 
 
-@app.command("worker")
+class _WorkerCommand(TyperCommand):
+    """`hoptrace worker`: the help of NAME lists the services of the registry, read only when
+    the help is shown (importing the services would slow every other command down)."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from hoptrace.workers.registry import SERVICES
+
+        for param in self.params:
+            if param.name == "name":
+                param.help = ", ".join(SERVICES)  # type: ignore[attr-defined]
+        super().format_help(ctx, formatter)
+
+
+@app.command("worker", cls=_WorkerCommand)
 def worker(
-    name: Annotated[
-        str,
-        typer.Argument(
-            help="payment-service, purchase-worker, allocation-worker, session-worker, admin-service"
-        ),
-    ],
+    name: Annotated[str, typer.Argument(help="A service of the reference pipeline.")],
     fault: Annotated[
-        str | None, typer.Option("--fault", envvar="HOPTRACE_FAULT", help="Fault switch.")
+        str | None, typer.Option("--fault", help="Fault switch (default: HOPTRACE_FAULT).")
     ] = None,
     dev_name: DevName = None,
 ) -> None:
     """Run one service of the reference pipeline."""
-    _component("hoptrace.workers.run", "main", "reference pipeline")(name, fault or None)
+    from hoptrace.workers.run import main
+
+    main(name, fault or None)
 
 
 @app.command("dashboard")
@@ -164,13 +169,17 @@ def dashboard(
     dev_name: DevName = None,
 ) -> None:
     """Run the Streamlit dashboard on 127.0.0.1:8501."""
-    _component("hoptrace.dashboard.serve", "main", "dashboard")(port)
+    from hoptrace.dashboard.serve import main
+
+    main(port)
 
 
 @topics_app.command("ensure")
 def topics_ensure() -> None:
     """Create the pipeline's topics and dead-letter topics from the spec (idempotent)."""
-    _component("hoptrace.workers.topics", "ensure_cli", "reference pipeline")()
+    from hoptrace.workers.topics import ensure_cli
+
+    ensure_cli()
 
 
 @app.command("migrate")
@@ -180,16 +189,17 @@ def migrate() -> None:
 
     import asyncpg
 
+    from hoptrace.collector.schema import migrate as migrate_store
+    from hoptrace.contract import parse_duration
     from hoptrace.settings import get_settings
+    from hoptrace.workers.schema import migrate_cli
 
     settings = get_settings()
-    schema = _component("hoptrace.collector.schema", "migrate", "collector")
-    parse = _component("hoptrace.contract", "parse_duration", "contract")
 
     async def store() -> None:
         conn = await asyncpg.connect(settings.database_url)
         try:
-            await schema(conn, parse(settings.retention))
+            await migrate_store(conn, parse_duration(settings.retention))
         finally:
             await conn.close()
 
@@ -198,7 +208,7 @@ def migrate() -> None:
     except (OSError, asyncpg.PostgresError) as exc:
         fail(f"cannot migrate the span store at {settings.database_url.split('@')[-1]}: {exc}", 1)
     typer.echo("span store: migrated")
-    _component("hoptrace.workers.schema", "migrate_cli", "reference pipeline")()
+    migrate_cli()
 
 
 @app.command("pay")
@@ -208,7 +218,9 @@ def pay(
     amount: Annotated[str, typer.Option(help="Amount.")] = "49.00",
 ) -> None:
     """Submit one payment; its id is the last line of stdout."""
-    _component("hoptrace.workers.client", "pay_cli", "reference pipeline")(student, course, amount)
+    from hoptrace.workers.client import pay_cli
+
+    pay_cli(student, course, amount)
 
 
 @demo_app.command("traffic")
@@ -217,7 +229,9 @@ def demo_traffic(
     count: Annotated[int, typer.Option(help="How many payments.")] = 20,
 ) -> None:
     """Drive load: COUNT payments at RATE per second."""
-    _component("hoptrace.workers.client", "traffic_cli", "reference pipeline")(rate, count)
+    from hoptrace.workers.client import traffic_cli
+
+    traffic_cli(rate, count)
 
 
 # ------------------------------------------------------------------------------------- read
@@ -237,13 +251,17 @@ def trace(
     ] = TraceFormat.text,
 ) -> None:
     """Where did this payment stop, and why (with evidence)."""
-    _component("hoptrace.collector.trace_cli", "trace_cli", "diagnosis")(correlation_id, fmt.value)
+    from hoptrace.collector.trace_cli import trace_cli
+
+    trace_cli(correlation_id, fmt.value)
 
 
 @app.command("stalls")
 def stalls(as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False) -> None:
     """Stalled correlations: step, overdue by, since when."""
-    _component("hoptrace.collector.stalls_cli", "stalls_cli", "collector")(as_json)
+    from hoptrace.collector.stalls_cli import stalls_cli
+
+    stalls_cli(as_json)
 
 
 @check_app.command("deploy")
@@ -251,7 +269,9 @@ def check_deploy(
     compose: Annotated[str, typer.Option("--compose", help="Compose file.")] = "docker-compose.yml",
 ) -> None:
     """Every step's service deployed and every topic created by the compose file."""
-    _component("hoptrace.collector.deploy_check", "check_deploy_cli", "diagnosis")(compose)
+    from hoptrace.collector.deploy_check import check_deploy_cli
+
+    check_deploy_cli(compose)
 
 
 def main() -> None:

@@ -1,20 +1,22 @@
 """Readiness signal for processes started by `hoptrace dev`: a service calls :func:`mark_ready`
-once it can do its job (listening, consumer joined); `dev up` waits for that file."""
+once it can do its job (listening, consumer joined); `dev up` waits for that file
+(``HOPTRACE_READY_FILE``, :class:`~hoptrace.settings.ProcessSettings`)."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+from hoptrace.settings import ProcessSettings
 
 
 def mark_ready() -> None:
-    path = os.environ.get("HOPTRACE_READY_FILE")
+    path = ProcessSettings().ready_file
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(str(os.getpid()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(os.getpid()))
 
 
 def clear_ready() -> None:
-    path = os.environ.get("HOPTRACE_READY_FILE")
+    path = ProcessSettings().ready_file
     if path:
-        Path(path).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)

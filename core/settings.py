@@ -1,11 +1,17 @@
-"""Configuration from the environment (``HOPTRACE_*``), with defaults that point at the local stack."""
+"""Configuration from the environment (``HOPTRACE_*``), with defaults that point at the local stack.
+
+:class:`Settings` holds what several components share (:func:`get_settings`); a component with
+knobs of its own reads them through its own class: :class:`WorkerSettings` (the reference
+services), :class:`DevSettings` (the local stack), :class:`ProcessSettings` (what `hoptrace dev`
+tells a process it starts).
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Repository root when running from a checkout (``core/`` lives directly under it).
@@ -85,3 +91,52 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+class WorkerSettings(Settings):
+    """The reference services (`hoptrace worker NAME`): the shared settings plus the fault switch."""
+
+    fault: str | None = Field(
+        default=None,
+        description="Fault switch of the service (see `hoptrace.workers.faults`); empty: none.",
+    )
+    slow_delay_s: float = Field(
+        default=3.0, ge=0, description="Seconds the `slow` fault waits before each record."
+    )
+
+    @field_validator("fault", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        return (value.strip() or None) if isinstance(value, str) else value
+
+
+@lru_cache(maxsize=1)
+def get_worker_settings() -> WorkerSettings:
+    return WorkerSettings()
+
+
+class DevSettings(BaseSettings):
+    """The local stack (`hoptrace dev`): ``HOPTRACE_HOME`` moves its whole folder;
+    ``HOPTRACE_DEV_*`` move its ports and the jar cache (tests run a second, private stack beside
+    the shared one)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HOPTRACE_DEV_", extra="ignore", env_ignore_empty=True
+    )
+
+    home: Path = Field(default=PROJECT_ROOT / ".hoptrace", validation_alias="HOPTRACE_HOME")
+    cache: Path | None = Field(default=None, description="Jar cache; default <home>/cache.")
+    pg_port: int = LOCAL_PG_PORT
+    kafka_port: int = LOCAL_KAFKA_PORT
+    controller_port: int = LOCAL_KAFKA_CONTROLLER_PORT
+    timeout: float = Field(default=90.0, gt=0, description="Seconds a part may take to be ready.")
+
+
+class ProcessSettings(BaseSettings):
+    """Set by `hoptrace dev` (or a compose file) for a process it starts."""
+
+    model_config = SettingsConfigDict(env_prefix="HOPTRACE_", extra="ignore", env_ignore_empty=True)
+
+    ready_file: Path | None = Field(
+        default=None, description="Touched once the process can do its job (readiness)."
+    )

@@ -13,6 +13,8 @@ import httpx
 
 from hoptrace.settings import get_settings
 
+from .http import ERROR_KEY
+
 
 def payment_service_url() -> str:
     s = get_settings()
@@ -36,7 +38,7 @@ async def submit(client: httpx.AsyncClient, student: str, course: str, amount: s
         ) from None
     if resp.status_code != 201:
         try:
-            detail = resp.json().get("error", resp.text)
+            detail = resp.json().get(ERROR_KEY, resp.text)
             field = resp.json().get("field")
         except ValueError:
             detail, field = resp.text, None

@@ -1,16 +1,19 @@
-"""Fault switches: each reproduces one failure from the incident so diagnosis can be tested
-against the real thing. Set with `hoptrace dev start NAME --fault FAULT` or ``HOPTRACE_FAULT``.
+"""Fault switches: each reproduces one failure from the incident so the diagnosis can be tested
+against the real thing. Set with `hoptrace dev start NAME --fault FAULT`, `hoptrace worker NAME
+--fault FAULT` or ``HOPTRACE_FAULT``; which service has which: :mod:`.registry` (each service
+declares its own, with one line saying what it does).
 
-- admin-service ``http-500``: every allocation request answers 500.
-- admin-service ``silent-no-write``: answers 200 with a trainer but writes no row.
-- allocation-worker ``no-verify``: the legacy mark-before-verify (marks processed without
-  checking the allocation row exists).
-- allocation-worker ``wrong-group``: consumes under the group ``<group>-v2`` instead of the spec's,
-  starting at the end of the log (a new group's default): earlier records are never handled.
-- allocation-worker ``slow``: waits :data:`SLOW_DELAY_S` before handling each record (lag).
-- any worker ``crash-after-write``: the process exits right after its DB commit, before the
-  emit and the offset commit (a restart must finish the chain without a second row).
-- payment-service ``skip-emit``: the payment row is written, the event is never emitted.
+A fault is a hook the runner applies (:mod:`.run`), never a branch in a service's business code.
+This module holds the hop workers' faults and what any fault needs at run time:
+
+- ``crash-after-write`` (any worker): the process exits (:func:`crash`, exit code
+  :data:`CRASH_EXIT_CODE`) right after its DB commit, before the emit and the offset commit;
+  a restart must finish the chain without a second row;
+- ``slow``: waits ``HOPTRACE_SLOW_DELAY_S`` (default 3 s) before handling each record (lag);
+- ``no-verify``: the legacy mark-before-verify (marks processed without checking the effect row);
+- ``wrong-group``: consumes under ``<group>-v2`` (:data:`WRONG_GROUP_SUFFIX`) instead of the
+  spec's group, from the end of the log (a new group's default): earlier records are never
+  handled.
 
 "Worker not started" and "topic missing" need no switch: `hoptrace dev stop NAME` and not running
 `hoptrace topics ensure` (or deleting the topic) reproduce them.
@@ -18,42 +21,72 @@ against the real thing. Set with `hoptrace dev start NAME --fault FAULT` or ``HO
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import NoReturn
 
-HTTP_500 = "http-500"
-SILENT_NO_WRITE = "silent-no-write"
-NO_VERIFY = "no-verify"
-WRONG_GROUP = "wrong-group"
-SLOW = "slow"
-CRASH_AFTER_WRITE = "crash-after-write"
-SKIP_EMIT = "skip-emit"
+from hoptrace.instrumentation.hop import HopContext
+from hoptrace.settings import get_worker_settings
 
-ENV_VAR = "HOPTRACE_FAULT"
-SLOW_DELAY_S = float(os.environ.get("HOPTRACE_SLOW_DELAY_S", "3.0"))
+from .service import Fault, HopSetup
+
+CRASH_EXIT_CODE = 17
 WRONG_GROUP_SUFFIX = "-v2"
 
-FAULTS: dict[str, tuple[str, ...]] = {
-    "payment-service": (SKIP_EMIT, CRASH_AFTER_WRITE),
-    "purchase-worker": (CRASH_AFTER_WRITE,),
-    "allocation-worker": (NO_VERIFY, WRONG_GROUP, SLOW, CRASH_AFTER_WRITE),
-    "session-worker": (CRASH_AFTER_WRITE,),
-    "admin-service": (HTTP_500, SILENT_NO_WRITE),
-}
+
+def crash() -> NoReturn:
+    """Die like a killed process: no cleanup, no flush, no offset commit."""
+    os._exit(CRASH_EXIT_CODE)
 
 
-def validate_fault(name: str, fault: str | None) -> str | None:
-    """``fault`` if ``name`` supports it (None/"" means no fault); ValueError listing the allowed."""
-    if not fault:
-        return None
-    allowed = FAULTS.get(name)
-    if not allowed:
-        with_faults = ", ".join(FAULTS)
-        raise ValueError(f"{name} has no fault switches (services that do: {with_faults})")
-    if fault not in allowed:
-        raise ValueError(f"unknown fault {fault!r} for {name}; allowed: {', '.join(allowed)}")
-    return fault
+def slow_delay_s() -> float:
+    """How long the ``slow`` fault waits before each record (``HOPTRACE_SLOW_DELAY_S``)."""
+    return get_worker_settings().slow_delay_s
 
 
-def current_fault(name: str) -> str | None:
-    """The fault switched on for ``name`` by the environment (validated)."""
-    return validate_fault(name, os.environ.get(ENV_VAR, "").strip() or None)
+async def _crash_after_commit(_ctx: HopContext) -> None:
+    crash()
+
+
+async def _wait_before_handling(_ctx: HopContext) -> None:
+    await asyncio.sleep(slow_delay_s())
+
+
+def _wrong_group(setup: HopSetup) -> HopSetup:
+    # A misconfigured deployment: a new group starts at the end of the log, as Kafka clients do
+    # by default, so records produced before it joined are never handled.
+    group = setup.options.group or setup.step.group or setup.step.id
+    return setup.with_options(group=group + WRONG_GROUP_SUFFIX, auto_offset_reset="latest")
+
+
+CRASH_AFTER_WRITE: Fault[HopSetup] = Fault(
+    "crash-after-write",
+    "exits after its DB commit, before the emit and the offset commit",
+    lambda setup: setup.with_hooks(after_db_commit=_crash_after_commit),
+)
+SLOW: Fault[HopSetup] = Fault(
+    "slow",
+    "waits HOPTRACE_SLOW_DELAY_S (default 3 s) before each record: its consumer lags",
+    lambda setup: setup.with_hooks(before_handle=_wait_before_handling),
+)
+NO_VERIFY: Fault[HopSetup] = Fault(
+    "no-verify",
+    "the legacy mark-before-verify: marks processed without checking the effect row",
+    lambda setup: setup.with_options(verify_effect=False),
+)
+WRONG_GROUP: Fault[HopSetup] = Fault(
+    "wrong-group",
+    f"consumes under <group>{WRONG_GROUP_SUFFIX} from the end of the log: earlier records are "
+    "never handled",
+    _wrong_group,
+)
+
+
+def __getattr__(name: str) -> object:
+    """``FAULTS``: service name -> its fault names, read from the registry on first use (the
+    registry imports the services, which import this module)."""
+    if name == "FAULTS":
+        from .registry import FAULTS
+
+        return FAULTS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,6 @@
 """Small HTTP helpers shared by payment-service and admin-service: body validation with a 422
-that names the field, JSON errors, and a uvicorn server that leaves signals to the caller."""
+that names the field, JSON errors (``{"error": ...}``, read back by :mod:`.client`), and a uvicorn
+server that leaves signals to the caller."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TypeVar
 
 import uvicorn
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.trace import TracerProvider
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -18,6 +20,8 @@ from starlette.responses import JSONResponse
 
 M = TypeVar("M", bound=BaseModel)
 KEEP_ALIVE_S = 30
+#: The key of an HTTP JSON error body's message.
+ERROR_KEY = "error"
 
 
 class BadRequest(Exception):
@@ -29,7 +33,7 @@ class BadRequest(Exception):
 
 
 def error(status: int, message: str, field: str | None = None) -> JSONResponse:
-    body: dict[str, object] = {"error": message}
+    body: dict[str, object] = {ERROR_KEY: message}
     if field:
         body["field"] = field
     return JSONResponse(body, status_code=status)
@@ -67,16 +71,23 @@ async def parse_body(request: Request, model: type[M]) -> M:
             for e in exc.errors()
         ]
         body = {
-            "error": "invalid request body",
+            ERROR_KEY: "invalid request body",
             "field": problems[0]["field"],
             "problems": problems,
         }
         raise BadRequest(JSONResponse(body, status_code=422)) from None
 
 
-def instrumented(app: Starlette) -> OpenTelemetryMiddleware:
-    """The app wrapped in OpenTelemetry's ASGI middleware (server spans, context extraction)."""
-    return OpenTelemetryMiddleware(app, exclude_spans=["receive", "send"])
+def instrumented(
+    app: Starlette, tracer_provider: TracerProvider | None = None
+) -> OpenTelemetryMiddleware:
+    """The app wrapped in OpenTelemetry's ASGI middleware (server spans, context extraction),
+    without its per-message spans (one for each ASGI receive and send of a request: two or three
+    spans per request that say nothing the server span does not)."""
+    middleware = OpenTelemetryMiddleware(app, tracer_provider=tracer_provider)
+    middleware.exclude_receive_span = True
+    middleware.exclude_send_span = True
+    return middleware
 
 
 class Server(uvicorn.Server):

@@ -1,16 +1,21 @@
 """payment-service: ``POST /payments`` writes a succeeded payment and an outbox row in one
 transaction; the outbox relay emits PURCHASE_CONFIRMED (step ``payment.confirmed``) and marks the
 row sent, so every committed payment is emitted at least once, even across a crash.
-Faults: ``skip-emit`` (payment written, event never emitted), ``crash-after-write``."""
+
+Its fault switches (:data:`SERVICE`) are :class:`PaymentHooks` of the write path: ``skip-emit``
+(the payment is written, the event never emitted) and ``crash-after-write`` (the process exits
+once the payment committed; the relay of the next start emits it)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
-import os
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from decimal import Decimal
 
 import asyncpg
@@ -20,21 +25,27 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from hoptrace.contract import PipelineSpec
+from hoptrace.contract.conventions import ATTR_CORRELATION_ID
 from hoptrace.instrumentation.envelope import Envelope
 from hoptrace.instrumentation.producer import HopProducer, step_span
 from hoptrace.instrumentation.tracing import correlation_context
+from hoptrace.settings import WorkerSettings
 
-from . import faults
+from . import db, faults
 from .events import PURCHASE_CONFIRMED, PurchaseConfirmedV1, new_event
 from .http import BadRequest, error, instrumented, parse_body
+from .service import Fault, HttpService
+from .tuning import LINGER_MS
 
 log = logging.getLogger("hoptrace.workers.payment_service")
 
-SERVICE = "payment-service"
+NAME = "payment-service"
 RELAY_BATCH = 500
 RELAY_POLL_S = 0.5
+POOL_SIZE = 20
 
 
 _INSERT_SQL = """
@@ -61,25 +72,43 @@ class PaymentRequest(BaseModel):
     amount: Decimal = Field(gt=0, max_digits=12, decimal_places=2)
 
 
+@dataclass(frozen=True)
+class PaymentHooks:
+    """The write path's hooks (the fault switches change them; the runner applies them)."""
+
+    #: The outbox row is written with the payment, so the relay emits the event. False: the
+    #: step ends with the write and nothing is ever produced.
+    emit: bool = True
+    #: Awaited with the payment id once the payment committed, before the relay is woken.
+    after_write: Callable[[str], Awaitable[None]] | None = None
+
+
 class PaymentService:
-    """The HTTP app plus its outbox relay (one process; replicas share the outbox safely)."""
+    """The HTTP app plus its outbox relay (one process; replicas share the outbox safely).
+    ``fault`` is only reported by ``/healthz``."""
 
     def __init__(
-        self, spec: PipelineSpec, pool: asyncpg.Pool, producer: HopProducer, fault: str | None
+        self,
+        spec: PipelineSpec,
+        pool: asyncpg.Pool,
+        producer: HopProducer,
+        hooks: PaymentHooks | None = None,
+        fault: str | None = None,
     ):
         self.spec = spec
-        self.step = spec.step_for_service(SERVICE)
+        self.step = spec.step_for_service(NAME)
         if not self.step.emits:
             raise ValueError(f"step {self.step.id!r} has no 'emits' topic in {spec.source}")
         self.pool = pool
         self.producer = producer
+        self.hooks = hooks or PaymentHooks()
         self.fault = fault
         self._wake = asyncio.Event()
         self._stopping = False
 
     # ---------------------------------------------------------------------------- HTTP
 
-    def app(self) -> object:
+    def app(self) -> ASGIApp:
         routes = [
             Route("/payments", self.create_payment, methods=["POST"]),
             Route("/healthz", self.healthz),
@@ -99,7 +128,7 @@ class PaymentService:
         except BadRequest as bad:
             return bad.response
         payment_id = str(uuid.uuid4())
-        trace.get_current_span().set_attribute("hoptrace.correlation_id", payment_id)
+        trace.get_current_span().set_attribute(ATTR_CORRELATION_ID, payment_id)
         with correlation_context(payment_id):
             event = new_event(
                 PURCHASE_CONFIRMED,
@@ -119,7 +148,7 @@ class PaymentService:
                     req.student,
                     req.course,
                     req.amount,
-                    self.fault != faults.SKIP_EMIT,
+                    self.hooks.emit,
                     self.step.emits,
                     event.to_bytes(),
                     json.dumps(carrier),
@@ -128,14 +157,13 @@ class PaymentService:
                 return error(404, f"unknown student {req.student!r}", "student")
             if not known["course"]:
                 return error(404, f"unknown course {req.course!r}", "course")
-            if self.fault == faults.CRASH_AFTER_WRITE:
-                os._exit(17)  # committed, not emitted: the relay of the next start must send it
-            if self.fault == faults.SKIP_EMIT:
-                # the incident: the step believes it is done, but nothing is ever produced
+            if self.hooks.after_write is not None:
+                await self.hooks.after_write(payment_id)
+            if self.hooks.emit:
+                self._wake.set()
+            else:  # the step is done as far as it knows, and nothing will be produced
                 with step_span(self.spec, self.step.id, payment_id):
                     pass
-            else:
-                self._wake.set()
         body = {"payment_id": payment_id, "correlation_id": payment_id, "status": "succeeded"}
         return JSONResponse(body, status_code=201)
 
@@ -198,3 +226,46 @@ class PaymentService:
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    settings: WorkerSettings, spec: PipelineSpec, hooks: PaymentHooks
+) -> AsyncIterator[ASGIApp]:
+    """The app, with its producer, pool and outbox relay running until exit."""
+    async with (
+        HopProducer(settings.kafka_bootstrap, linger_ms=LINGER_MS) as producer,
+        db.pool(settings.database_url, POOL_SIZE) as pool,
+    ):
+        service = PaymentService(spec, pool, producer, hooks, fault=settings.fault)
+        relay = asyncio.create_task(service.relay(), name="outbox-relay")
+        try:
+            yield service.app()
+        finally:
+            service.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(relay, 10)
+
+
+async def _crash(_payment_id: str) -> None:
+    faults.crash()  # committed, not emitted: the relay of the next start must send it
+
+
+SERVICE: HttpService[PaymentHooks] = HttpService(
+    name=NAME,
+    app=serve,
+    hooks=PaymentHooks(),
+    port_setting="payment_service_port",
+    faults=(
+        Fault(
+            "skip-emit",
+            "the payment row is written, the event never emitted",
+            lambda hooks: dataclasses.replace(hooks, emit=False),
+        ),
+        Fault(
+            faults.CRASH_AFTER_WRITE.name,
+            "exits after the payment's commit, before the relay emits it",
+            lambda hooks: dataclasses.replace(hooks, after_write=_crash),
+        ),
+    ),
+)

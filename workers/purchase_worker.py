@@ -7,6 +7,7 @@ import json
 
 from hoptrace.instrumentation.hop import Emit, HopContext
 
+from . import faults
 from .events import (
     PURCHASE_CONFIRMED,
     PURCHASE_CREATED,
@@ -14,9 +15,7 @@ from .events import (
     PurchaseCreatedV1,
     payload_of,
 )
-
-SERVICE = "purchase-worker"
-CONSUMES = PURCHASE_CONFIRMED
+from .service import HopWorker, plain
 
 
 async def handle(ctx: HopContext) -> Emit:
@@ -45,3 +44,11 @@ async def handle(ctx: HopContext) -> Emit:
         course=event.course,
     )
     return Emit(PURCHASE_CREATED, payload.model_dump(mode="json"))
+
+
+SERVICE = HopWorker(
+    name="purchase-worker",
+    consumes=PURCHASE_CONFIRMED,
+    handler=plain(handle),
+    faults=(faults.CRASH_AFTER_WRITE,),
+)

@@ -1,6 +1,6 @@
-"""`hoptrace worker NAME`: run one service of the reference pipeline with tracing, migrations,
-readiness (``mark_ready`` once it listens / its consumer is assigned) and a clean exit 0 on
-SIGTERM/SIGINT."""
+"""`hoptrace worker NAME`: run one service of the reference pipeline (:mod:`.registry`) with
+tracing, migrations, its fault switch applied as hooks, readiness (``mark_ready`` once it
+listens / its consumer is assigned) and a clean exit 0 on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import asyncpg
 
@@ -20,70 +20,36 @@ from hoptrace.instrumentation.hop import HopHooks, HopOptions, HopRuntime
 from hoptrace.instrumentation.producer import HopProducer
 from hoptrace.instrumentation.tracing import configure_tracing, shutdown_tracing
 from hoptrace.readiness import clear_ready, mark_ready
-from hoptrace.settings import Settings, get_settings
+from hoptrace.settings import WorkerSettings, get_worker_settings
 
-from . import faults
+from . import registry
+from .events import validator
+from .http import start_server, stop_server
 from .schema import migrate
+from .service import Fault, HopSetup, HopWorker, HttpService, Service
+from .tuning import (
+    COMMIT_INTERVAL_S,
+    DEFAULT_CONSUMERS,
+    GC_GEN0_THRESHOLD,
+    LINGER_MS,
+    MAX_LANES,
+    READY_CHECK_S,
+)
 
 log = logging.getLogger("hoptrace.workers")
 
-SERVICES = (
-    "payment-service",
-    "purchase-worker",
-    "allocation-worker",
-    "session-worker",
-    "admin-service",
-)
-CRASH_EXIT_CODE = 17
-READY_CHECK_S = 3.0
-DEFAULT_CONSUMERS = 1  # per worker process: one consumer handles its partitions concurrently
-#: Offsets are committed (after the spans of the records handled are exported) this often: each
-#: commit forces a span export, so a short interval costs CPU; a kill redelivers at most this
-#: much (a duplicate, never a second row).
-COMMIT_INTERVAL_S = 1.0
-#: Allocations (minus deallocations) of container objects between young-generation collections
-#: (Python's default is 700).
-GC_GEN0_THRESHOLD = 20_000
-#: Records handled at once per consumer (by key: one correlation's records stay in order).
-MAX_LANES = 16
-#: Emits of concurrent records wait this long to share one produce request.
-LINGER_MS = 2
-
-
-def _url(explicit: str | None, host: str, port: int) -> str:
-    return explicit.rstrip("/") if explicit else f"http://{host}:{port}"
-
-
-async def _crash(_ctx: object) -> None:
-    """Fault ``crash-after-write``: die like a killed process (no cleanup, no offset commit)."""
-    os._exit(CRASH_EXIT_CODE)
-
-
-async def _slow(_ctx: object) -> None:
-    """Fault ``slow``: a delay before each record is handled (the consumer lags)."""
-    await asyncio.sleep(faults.SLOW_DELAY_S)
-
-
-async def _keep_session(_conn: asyncpg.Connection) -> None:
-    """Pool ``reset``: our services keep no session state (no LISTEN, SET or advisory locks),
-    so skip asyncpg's default reset query: one round trip (and one span) less per request."""
-
-
-def _pool(database_url: str, size: int) -> asyncpg.Pool:
-    return asyncpg.create_pool(database_url, min_size=2, max_size=size, reset=_keep_session)
-
 
 @contextlib.asynccontextmanager
-async def _admin_service(
-    settings: Settings, spec: PipelineSpec, fault: str | None
+async def _http_service(
+    service: HttpService[Any],
+    fault: Fault[Any] | None,
+    settings: WorkerSettings,
+    spec: PipelineSpec,
 ) -> AsyncIterator[asyncio.Task]:
-    from .admin_service import build_app
-    from .http import start_server, stop_server
-
-    async with _pool(settings.database_url, 10) as pool:
-        server, task = await start_server(
-            build_app(pool, fault), settings.bind_host, settings.admin_service_port
-        )
+    port = service.port(settings)
+    assert port is not None
+    async with service.app(settings, spec, service.hooks_for(fault)) as app:
+        server, task = await start_server(app, settings.bind_host, port)
         try:
             yield task
         finally:
@@ -91,105 +57,55 @@ async def _admin_service(
 
 
 @contextlib.asynccontextmanager
-async def _payment_service(
-    settings: Settings, spec: PipelineSpec, fault: str | None
+async def _hop_worker(
+    service: HopWorker, fault: Fault[HopSetup] | None, settings: WorkerSettings, spec: PipelineSpec
 ) -> AsyncIterator[asyncio.Task]:
-    from .http import start_server, stop_server
-    from .payment_service import PaymentService
-
-    producer = HopProducer(settings.kafka_bootstrap, linger_ms=LINGER_MS)
-    await producer.start()
-    try:
-        async with _pool(settings.database_url, 20) as pool:
-            service = PaymentService(spec, pool, producer, fault)
-            relay = asyncio.create_task(service.relay(), name="outbox-relay")
-            server, task = await start_server(
-                service.app(), settings.bind_host, settings.payment_service_port
-            )
-            try:
-                yield task
-            finally:
-                await stop_server(server, task)
-                service.stop()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(relay, 10)
-    finally:
-        await producer.stop()
-
-
-def _hooks(fault: str | None) -> HopHooks | None:
-    if fault == faults.CRASH_AFTER_WRITE:
-        return HopHooks(after_db_commit=_crash)
-    if fault == faults.SLOW:
-        return HopHooks(before_handle=_slow)
-    return None
-
-
-@contextlib.asynccontextmanager
-async def _worker(
-    settings: Settings, spec: PipelineSpec, name: str, fault: str | None
-) -> AsyncIterator[asyncio.Task]:
-    from . import allocation_worker, purchase_worker, session_worker
-    from .events import validator
-
-    step = spec.step_for_service(name)
-    opts: dict[str, object] = {}
-    allocator: allocation_worker.Allocator | None = None
-    if name == "allocation-worker":
-        base = _url(settings.admin_service_url, settings.bind_host, settings.admin_service_port)
-        allocator = allocation_worker.Allocator(base, timeout_s=5.0)
-        handler, consumes = allocator.handle, allocation_worker.CONSUMES
-        opts["verify_effect"] = fault != faults.NO_VERIFY
-        if fault == faults.WRONG_GROUP:
-            # A misconfigured deployment: a new group starts at the end of the log, as Kafka
-            # clients do by default, so records produced before it joined are never handled.
-            opts["group"] = f"{step.group or name}{faults.WRONG_GROUP_SUFFIX}"
-            opts["auto_offset_reset"] = "latest"
-    elif name == "purchase-worker":
-        handler, consumes = purchase_worker.handle, purchase_worker.CONSUMES
-    else:
-        handler, consumes = session_worker.handle, session_worker.CONSUMES
+    setup = HopSetup(
+        step=spec.step_for_service(service.name),
+        options=HopOptions(
+            bootstrap=settings.kafka_bootstrap,
+            database_url=settings.database_url,
+            handle_signals=False,
+            commit_interval_s=COMMIT_INTERVAL_S,
+            max_lanes=MAX_LANES,
+        ),
+        hooks=HopHooks(),
+    )
+    if fault is not None:
+        setup = fault.apply(setup)
     consumers = settings.worker_consumers or min(DEFAULT_CONSUMERS, spec.partitions)
-    producer = HopProducer(settings.kafka_bootstrap, linger_ms=LINGER_MS)
-    await producer.start()
-    runtimes = [
-        HopRuntime(
-            spec,
-            step.id,
-            handler,
-            HopOptions(
-                bootstrap=settings.kafka_bootstrap,
-                database_url=settings.database_url,
-                handle_signals=False,
-                commit_interval_s=COMMIT_INTERVAL_S,
-                max_lanes=MAX_LANES,
-                **opts,  # type: ignore[arg-type]
-            ),
-            producer=producer,
-            hooks=_hooks(fault),
-            validate=validator(consumes),
-        )
-        for _ in range(consumers)
-    ]
-    tasks = [
-        asyncio.create_task(rt.run(), name=f"{name}-runtime-{i}") for i, rt in enumerate(runtimes)
-    ]
-    try:
-        if await _until_assigned(
-            runtimes[0], tasks[0], settings.kafka_bootstrap, step.consumes or ""
-        ):
-            others = [asyncio.create_task(rt.ready.wait()) for rt in runtimes[1:]]
-            if others:  # best effort: a topic with fewer partitions leaves some idle
-                await asyncio.wait(others, timeout=READY_CHECK_S * 3)
-        yield asyncio.create_task(_first_to_end(tasks), name=f"{name}-supervisor")
-    finally:
-        for rt in runtimes:
-            await rt.stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
-        if allocator is not None:
-            await allocator.aclose()
-        await producer.stop()
+    async with (
+        HopProducer(settings.kafka_bootstrap, linger_ms=LINGER_MS) as producer,
+        service.handler(settings) as handler,
+    ):
+        runtimes = [
+            HopRuntime(
+                spec,
+                setup.step.id,
+                handler,
+                setup.options,
+                producer=producer,
+                hooks=setup.hooks,
+                validate=validator(service.consumes),
+            )
+            for _ in range(consumers)
+        ]
+        tasks = [
+            asyncio.create_task(rt.run(), name=f"{service.name}-runtime-{i}")
+            for i, rt in enumerate(runtimes)
+        ]
+        try:
+            topic = setup.step.consumes or ""
+            if await _until_assigned(runtimes[0], tasks[0], settings.kafka_bootstrap, topic):
+                others = [asyncio.create_task(rt.ready.wait()) for rt in runtimes[1:]]
+                if others:  # best effort: a topic with fewer partitions leaves some idle
+                    await asyncio.wait(others, timeout=READY_CHECK_S * 3)
+            yield asyncio.create_task(_first_to_end(tasks), name=f"{service.name}-supervisor")
+        finally:
+            for rt in runtimes:
+                await rt.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 15)
 
 
 async def _first_to_end(tasks: list[asyncio.Task]) -> None:
@@ -245,38 +161,43 @@ async def _topic_missing(bootstrap: str, topic: str) -> bool:
             await admin.close()
 
 
-def _service(
-    name: str, settings: Settings, spec: PipelineSpec, fault: str | None
+def _running(
+    service: Service[Any], fault: Fault[Any] | None, settings: WorkerSettings, spec: PipelineSpec
 ) -> contextlib.AbstractAsyncContextManager[asyncio.Task]:
-    if name == "admin-service":
-        return _admin_service(settings, spec, fault)
-    if name == "payment-service":
-        return _payment_service(settings, spec, fault)
-    return _worker(settings, spec, name, fault)
+    """The service running (by its kind); the task ends when the service stops by itself."""
+    match service:
+        case HopWorker():
+            return _hop_worker(service, fault, settings, spec)
+        case HttpService():
+            return _http_service(service, fault, settings, spec)
+    raise TypeError(f"{service.name}: no runner for a {service.kind}")
 
 
 async def serve(
-    name: str, fault: str | None, settings: Settings, on_ready: Callable[[], None] = mark_ready
+    service: Service[Any],
+    fault: Fault[Any] | None,
+    settings: WorkerSettings,
+    on_ready: Callable[[], None] = mark_ready,
 ) -> int:
-    """Run ``name`` until SIGTERM/SIGINT (exit code 0) or until it fails (1)."""
+    """Run ``service`` until SIGTERM/SIGINT (exit code 0) or until it fails (1)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     spec = load_spec(settings.pipeline)
     await migrate(settings.database_url)
-    async with _service(name, settings, spec, fault) as task:
+    async with _running(service, fault, settings, spec) as task:
         _tune_gc()
         on_ready()
-        log.info("%s ready%s", name, f" (fault {fault})" if fault else "")
+        log.info("%s ready%s", service.name, f" (fault {fault.name})" if fault else "")
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({stopper, task}, return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():
             stopper.cancel()
             exc = task.exception() if not task.cancelled() else None
-            log.error("%s stopped unexpectedly: %r", name, exc)
+            log.error("%s stopped unexpectedly: %r", service.name, exc)
             return 1
-    log.info("%s stopped", name)
+    log.info("%s stopped", service.name)
     return 0
 
 
@@ -301,7 +222,8 @@ def _run(coro: Coroutine[object, object, int]) -> int:
 
 
 def main(name: str, fault: str | None = None) -> None:
-    """Entry point of `hoptrace worker NAME [--fault FAULT]`."""
+    """Entry point of `hoptrace worker NAME [--fault FAULT]` (no ``--fault``:
+    ``HOPTRACE_FAULT``)."""
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -309,19 +231,18 @@ def main(name: str, fault: str | None = None) -> None:
     )
     # httpx logs every request at INFO ("HTTP Request: POST ..."): one log line per record
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if name not in SERVICES:
-        print(f"hoptrace: unknown service {name!r}; one of: {', '.join(SERVICES)}", file=sys.stderr)
-        sys.exit(2)
+    settings = get_worker_settings()
     try:
-        fault = faults.validate_fault(name, fault)
+        service = registry.service(name)
+        chosen = service.fault(fault or settings.fault)
     except ValueError as exc:
         print(f"hoptrace: {exc}", file=sys.stderr)
         sys.exit(2)
-    settings = get_settings()
+    settings = settings.model_copy(update={"fault": chosen.name if chosen else None})
     configure_tracing(name)
     code = 1
     try:
-        code = _run(serve(name, fault, settings))
+        code = _run(serve(service, chosen, settings))
     except SpecError as exc:
         print(f"hoptrace: {exc}", file=sys.stderr)
         code = 2

@@ -6,10 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 from hoptrace.instrumentation.hop import HopContext
 
+from . import faults
 from .events import TRAINER_ALLOCATED, TrainerAllocatedV1, payload_of
-
-SERVICE = "session-worker"
-CONSUMES = TRAINER_ALLOCATED
+from .service import HopWorker, plain
 
 
 def first_session_time(now: datetime) -> datetime:
@@ -32,3 +31,11 @@ async def handle(ctx: HopContext) -> None:
         first_session_time(datetime.now(UTC)),
     )
     return None
+
+
+SERVICE = HopWorker(
+    name="session-worker",
+    consumes=TRAINER_ALLOCATED,
+    handler=plain(handle),
+    faults=(faults.CRASH_AFTER_WRITE,),
+)

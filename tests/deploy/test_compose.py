@@ -299,7 +299,7 @@ def test_every_hoptrace_command_parses(services: dict[str, Any]) -> None:
 
 
 def test_worker_names_are_services_of_hoptrace_worker(services: dict[str, Any]) -> None:
-    from hoptrace.workers.run import SERVICES
+    from hoptrace.workers.registry import SERVICES
 
     for name in PIPELINE_SERVICES:
         assert services[name]["command"][1] in SERVICES

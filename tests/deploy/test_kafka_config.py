@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from hoptrace import devstack
+from hoptrace import devstack, devstack_kafka
 from hoptrace.contract import load_spec
 from hoptrace.settings import PROJECT_ROOT
 
@@ -99,7 +99,7 @@ def broker(
     config.write_text("".join(f"{k}={v}\n" for k, v in sorted(props.items())))
     kafka = devstack.KafkaPart(stack)
     java = [
-        kafka._java(),
+        devstack_kafka.java(),
         "-Xms128m",
         "-Xmx512m",
         f"-Dhoptrace.kafka.log={tmp / 'kafka.log'}",

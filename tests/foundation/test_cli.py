@@ -1,4 +1,4 @@
-"""The command line lists every command group of DESIGN.md and reads its settings from the environment."""
+"""The command line lists every command group and reads its settings from the environment."""
 
 from __future__ import annotations
 
@@ -52,3 +52,20 @@ def test_unknown_dev_part_is_a_clear_error() -> None:
     res = CliRunner().invoke(app, ["dev", "stop", "no-such-part"])
     assert res.exit_code == 2
     assert "unknown part 'no-such-part'" in res.output
+
+
+def test_worker_help_names_the_registry_s_services() -> None:
+    from hoptrace.workers.registry import SERVICES
+
+    out = " ".join(CliRunner().invoke(app, ["worker", "--help"]).output.split())
+    for name in SERVICES:
+        assert name in out
+
+
+def test_dev_start_checks_the_fault_against_the_registry() -> None:
+    res = CliRunner().invoke(app, ["dev", "start", "allocation-worker", "--fault", "http-500"])
+    assert res.exit_code == 2
+    assert "allowed: no-verify, wrong-group, slow, crash-after-write" in res.output
+    res = CliRunner().invoke(app, ["dev", "start", "collector", "--fault", "slow"])
+    assert res.exit_code == 2
+    assert "collector has no fault switches" in res.output

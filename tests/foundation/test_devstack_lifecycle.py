@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hoptrace import devstack
+from hoptrace import devstack, devstack_kafka
 from hoptrace.settings import PROJECT_ROOT
 
 from ..support import free_port
@@ -159,6 +159,6 @@ def test_missing_java_is_one_clear_line(
 def test_kafka_cluster_ids_never_read_as_options() -> None:
     """A cluster id starting with "-" made kafka-storage read it as an option (1 format in 64
     failed): ids are drawn as Kafka draws them, and passed attached to their flag."""
-    ids = [devstack._kafka_cluster_id() for _ in range(5000)]
+    ids = [devstack_kafka.cluster_id() for _ in range(5000)]
     assert not [i for i in ids if i.startswith("-")]
     assert all(len(i) == 22 for i in ids) and len(set(ids)) == len(ids)

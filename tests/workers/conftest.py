@@ -15,7 +15,7 @@ import pytest
 from hoptrace.contract import PipelineSpec, load_spec
 from tests.support import create_database, delete_topics, drop_database, isolated_spec, unique
 
-from .harness import HOPTRACE, OtlpReceiver, Services, service_env
+from .harness import HOPTRACE, ORDER, OtlpReceiver, Services, service_env
 
 
 @dataclass
@@ -92,13 +92,7 @@ def running(pipeline: Pipeline) -> Iterator[Pipeline]:
     """The shared pipeline; after the test every service runs again, without faults."""
     yield pipeline
     svc = pipeline.services
-    for name in (
-        "admin-service",
-        "payment-service",
-        "purchase-worker",
-        "allocation-worker",
-        "session-worker",
-    ):
+    for name in ORDER:
         proc = svc.procs.get(name)
         if proc is not None and proc.poll() is None and svc.faults.get(name):
             svc.stop(name)

@@ -19,16 +19,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from hoptrace.workers.registry import SERVICES
+
 from ..support import free_port
 
 HOPTRACE = str(Path(sys.executable).parent / "hoptrace")
-ORDER = [
-    "admin-service",
-    "payment-service",
-    "purchase-worker",
-    "allocation-worker",
-    "session-worker",
-]
+#: The services in the registry's order (a service before the one calling it).
+ORDER = list(SERVICES)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from hoptrace.workers.faults import validate_fault
+from hoptrace.workers.registry import validate_fault
 from tests.support import wait_for
 
 from .conftest import Pipeline
@@ -94,8 +94,9 @@ async def test_wrong_group_leaves_the_real_group_without_members(running: Pipeli
 
 
 async def test_slow_allocation_worker_lags(running: Pipeline) -> None:
-    from hoptrace.workers.faults import SLOW_DELAY_S
+    from hoptrace.workers.faults import slow_delay_s
 
+    SLOW_DELAY_S = slow_delay_s()
     running.services.restart("allocation-worker", "slow")
     cid = running.pay()
     await wait_for(

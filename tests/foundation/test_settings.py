@@ -1,0 +1,61 @@
+"""Each component's settings come from its ``HOPTRACE_*`` variables: the local stack's
+(``HOPTRACE_HOME``, ``HOPTRACE_DEV_*``), the reference services' (fault switch, slow delay) and
+a started process's ready file; the shared ones stay in :class:`Settings`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hoptrace.devstack import StackConfig
+from hoptrace.readiness import clear_ready, mark_ready
+from hoptrace.settings import PROJECT_ROOT, Settings, WorkerSettings
+
+
+def test_stack_config_reads_home_and_dev_variables(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for key in ("HOPTRACE_HOME", "HOPTRACE_DEV_PG_PORT", "HOPTRACE_DEV_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOPTRACE_DEV_CACHE", "")
+    default = StackConfig.from_env()
+    assert default.home == PROJECT_ROOT / ".hoptrace"
+    assert default.cache is None and default.cache_dir == default.home / "cache"
+    assert default.pg_port == 55432 and default.timeout == 90.0
+
+    monkeypatch.setenv("HOPTRACE_HOME", str(tmp_path))
+    monkeypatch.setenv("HOPTRACE_DEV_CACHE", str(tmp_path / "jars"))
+    monkeypatch.setenv("HOPTRACE_DEV_PG_PORT", "61234")
+    monkeypatch.setenv("HOPTRACE_DEV_KAFKA_PORT", "61235")
+    monkeypatch.setenv("HOPTRACE_DEV_CONTROLLER_PORT", "61236")
+    monkeypatch.setenv("HOPTRACE_DEV_TIMEOUT", "12.5")
+    cfg = StackConfig.from_env()
+    assert (cfg.home, cfg.cache_dir, cfg.timeout) == (tmp_path, tmp_path / "jars", 12.5)
+    assert cfg.database_url.endswith("@127.0.0.1:61234/hoptrace")
+    assert cfg.kafka_bootstrap == "127.0.0.1:61235" and cfg.controller_port == 61236
+
+
+def test_worker_settings_add_the_fault_switch_to_the_shared_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HOPTRACE_FAULT", "")
+    monkeypatch.delenv("HOPTRACE_SLOW_DELAY_S", raising=False)
+    s = WorkerSettings()
+    assert s.fault is None and s.slow_delay_s == 3.0
+    assert s.database_url == Settings().database_url
+    monkeypatch.setenv("HOPTRACE_FAULT", "slow")
+    monkeypatch.setenv("HOPTRACE_SLOW_DELAY_S", "0.5")
+    s = WorkerSettings()
+    assert (s.fault, s.slow_delay_s) == ("slow", 0.5)
+
+
+def test_ready_file_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ready = tmp_path / "run" / "svc.ready"
+    monkeypatch.setenv("HOPTRACE_READY_FILE", str(ready))
+    mark_ready()
+    assert ready.read_text().isdigit()
+    clear_ready()
+    assert not ready.exists()
