@@ -80,13 +80,3 @@ WRONG_GROUP: Fault[HopSetup] = Fault(
     "never handled",
     _wrong_group,
 )
-
-
-def __getattr__(name: str) -> object:
-    """``FAULTS``: service name -> its fault names, read from the registry on first use (the
-    registry imports the services, which import this module)."""
-    if name == "FAULTS":
-        from .registry import FAULTS
-
-        return FAULTS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

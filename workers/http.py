@@ -84,10 +84,9 @@ def instrumented(
     """The app wrapped in OpenTelemetry's ASGI middleware (server spans, context extraction),
     without its per-message spans (one for each ASGI receive and send of a request: two or three
     spans per request that say nothing the server span does not)."""
-    middleware = OpenTelemetryMiddleware(app, tracer_provider=tracer_provider)
-    middleware.exclude_receive_span = True
-    middleware.exclude_send_span = True
-    return middleware
+    return OpenTelemetryMiddleware(
+        app, tracer_provider=tracer_provider, exclude_spans=["receive", "send"]
+    )
 
 
 class Server(uvicorn.Server):

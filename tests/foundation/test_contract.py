@@ -27,6 +27,8 @@ ELSEWHERE: dict[tuple[str, str], str] = {
     ("workers/payment_service.py", "ok"): "healthz body",
     ("workers/admin_service.py", "ok"): "healthz body",
     ("core/devstack.py", "kafka"): "the local stack's part name",
+    ("workers/http.py", "receive"): "ASGI message type (the middleware's per-message spans)",
+    ("workers/http.py", "send"): "ASGI message type (the middleware's per-message spans)",
 }
 
 
@@ -68,6 +70,8 @@ def _contract_literals() -> set[str]:
     for enum in (causes.Cause, causes.StepStatus, causes.State, causes.Outcome):
         assert issubclass(enum, Enum)
         out.update(m.value for m in enum)
+    # the product's own name is also the local stack's database, role and user name
+    out.discard(conventions.DISTRO_NAME)
     return out
 
 
@@ -98,9 +102,10 @@ def _reference_names() -> set[str]:
         names.update(v for v in (step.id, step.service, step.consumes, step.group, step.emits) if v)
         names.update(v for v in (step.event_type, step.calls) if v)
     from hoptrace.workers import faults
+    from hoptrace.workers.registry import FAULTS
 
-    names.update(f for allowed in faults.FAULTS.values() for f in allowed)
-    names.update(faults.FAULTS)
+    names.update(f for allowed in FAULTS.values() for f in allowed)
+    names.update(FAULTS)
     names.add(faults.WRONG_GROUP_SUFFIX)
     return names
 

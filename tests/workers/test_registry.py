@@ -49,7 +49,6 @@ def test_every_service_runs_a_step_of_the_reference_spec() -> None:
 
 
 def test_faults_are_the_registry_s_and_each_has_a_description() -> None:
-    assert faults.FAULTS is FAULTS
     assert FAULTS["allocation-worker"] == ("no-verify", "wrong-group", "slow", "crash-after-write")
     assert set(FAULTS["payment-service"]) == {"skip-emit", "crash-after-write"}
     assert set(FAULTS["admin-service"]) == {"http-500", "silent-no-write"}
