@@ -38,6 +38,7 @@ format: install
 
 test: bootstrap install lint
 	scripts/go-tools.sh
+	scripts/interop.sh
 	$(BIN)/hoptrace dev up --infra-only
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # Installs the system packages the local stack needs, only when they are missing:
-# PostgreSQL (Debian's package), a Java runtime and Maven (for the Kafka broker jars),
+# PostgreSQL (Debian's package), a JDK and Maven (the Kafka broker jars, the Java interop
+# consumer), Node.js and npm (the Node.js interop worker),
 # Chromium (the dashboard's browser test). Safe to run again; prints what it did.
 set -euo pipefail
 
 need=()
 ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || need+=(postgresql)
-command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
+# a JDK: the Kafka broker runs on it, the Java interop consumer is compiled with it
+command -v javac >/dev/null 2>&1 || need+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
+# Node.js and npm: the Node.js interop worker (tests/interop)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if [[ "${HOPTRACE_SKIP_BROWSER:-0}" != "1" ]]; then
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
   dpkg -s fonts-noto-color-emoji >/dev/null 2>&1 || need+=(fonts-noto-color-emoji)
 fi
 
 if [[ ${#need[@]} -eq 0 ]]; then
-  echo "bootstrap: system packages present (postgresql, java, maven, chromium, emoji font)"
+  echo "bootstrap: system packages present (postgresql, a JDK, maven, node, npm, chromium, emoji font)"
   exit 0
 fi
 
