@@ -180,7 +180,8 @@ def time_page(
 
 
 def time_reads(stalled_id: str, runs: int) -> dict[str, dict[str, float]]:
-    """The pages' reads alone (no rendering): the diagnosis + evidence, the overview's reads."""
+    """The pages' reads alone (no rendering): the diagnosis (with its evidence), the overview's
+    reads."""
     from datetime import UTC, datetime, timedelta
 
     from hoptrace.dashboard.api_source import ApiSource
@@ -191,11 +192,11 @@ def time_reads(stalled_id: str, runs: int) -> dict[str, dict[str, float]]:
         ("lookup_reads", lambda: src.diagnose(stalled_id)),
         (
             "overview_1h_reads",
-            lambda: src.read("overview", (datetime.now(UTC) - timedelta(hours=1), 200)),
+            lambda: src.read_overview(datetime.now(UTC) - timedelta(hours=1), 200),
         ),
         (
             "overview_24h_reads",
-            lambda: src.read("overview", (datetime.now(UTC) - timedelta(hours=24), 200)),
+            lambda: src.read_overview(datetime.now(UTC) - timedelta(hours=24), 200),
         ),
     ):
         samples = []

@@ -21,7 +21,12 @@ from urllib.parse import urlsplit
 import asyncpg
 import httpx
 
+from hoptrace.contract import Outcome
+
 from . import metrics
+
+#: ``hoptrace_alert_deliveries{result=...}``: a delivery's outcome, in the words of a step's.
+_DELIVERED, _FAILED = Outcome.OK.value, Outcome.ERROR.value
 
 log = logging.getLogger("hoptrace.collector.alerts")
 
@@ -181,7 +186,7 @@ class AlertDispatcher:
                     a["delivered_firing"] = True
                 await self._send(a)
             except (httpx.HTTPError, OSError) as exc:
-                metrics.ALERT_DELIVERIES.labels("error").inc()
+                metrics.ALERT_DELIVERIES.labels(_FAILED).inc()
                 await self.pool.execute(
                     "UPDATE alerts SET attempts = attempts + 1, last_error = $2, next_attempt_at = "
                     "now() + make_interval(secs => least(300, power(2, attempts))) WHERE id = $1",
@@ -191,7 +196,7 @@ class AlertDispatcher:
                     ],
                 )
                 continue
-            metrics.ALERT_DELIVERIES.labels("ok").inc()
+            metrics.ALERT_DELIVERIES.labels(_DELIVERED).inc()
             delivered += 1
             if a["status"] == "resolved":
                 sql = (
@@ -219,9 +224,9 @@ class AlertDispatcher:
             try:
                 await self._send(a, webhook=False)
             except (httpx.HTTPError, OSError):
-                metrics.ALERT_DELIVERIES.labels("error").inc()
+                metrics.ALERT_DELIVERIES.labels(_FAILED).inc()
                 continue
-            metrics.ALERT_DELIVERIES.labels("ok").inc()
+            metrics.ALERT_DELIVERIES.labels(_DELIVERED).inc()
             await self.pool.execute(
                 "UPDATE alerts SET last_sent_at = now() WHERE id = $1 AND status = 'firing'",
                 a["id"],

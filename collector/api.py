@@ -1,9 +1,10 @@
 """The collector's ONE read facade (the dashboard, the CLI and the alerts import only this).
 
 * ``await diagnose(cid, settings=None, pool=None) -> Diagnosis``: where a correlation stopped and
-  why, with evidence (spans, Kafka, database), ``found=False`` for an unknown id,
-  :class:`MalformedId` (a ``ValueError``) for an id that cannot be one.
-* ``await gather_evidence(cid, ...) -> Evidence``: the raw evidence behind it.
+  why, with evidence (spans, Kafka, database; gathered once, kept in ``Diagnosis.facts``),
+  ``found=False`` for an unknown id, :class:`MalformedId` (a ``ValueError``) for an id that
+  cannot be one.
+* ``await gather_evidence(cid, ...) -> Evidence``: the raw evidence alone.
 * ``await cause_for(cid) -> (cause, one-line evidence)``: the stall scanner's alert hook.
 * Store pass-throughs with the store's signatures (pool first): ``connect``,
   ``spans_for_correlation``, ``spans_for_trace``, ``correlation``, ``stalled``, ``alerts``,
@@ -13,22 +14,21 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import datetime
 
 import asyncpg
 
-from hoptrace.contract import PipelineSpec, load_spec
+from hoptrace.contract import CAUSES, PipelineSpec, load_spec
 from hoptrace.ids import PATTERN, validate_correlation_id
 from hoptrace.settings import Settings, get_settings
 
-from .diagnosis import CAUSES, Diagnosis, Evidence, StepResult
-from .diagnosis import diagnose as _diagnose
-from .evidence import EvidenceSources, gather
+from .diagnosis import Diagnosis, StepResult
+from .evidence import EvidenceSources, gather, lookup
+from .records import Evidence, SpanRecord
 from .store import (
     AlertRow,
     CorrelationRow,
     HopLatency,
-    SpanRecord,
     StallRow,
     alerts,
     alerts_for_correlation,
@@ -101,6 +101,7 @@ async def gather_evidence(
     pool: asyncpg.Pool | None = None,
     spec: PipelineSpec | None = None,
 ) -> Evidence:
+    """The evidence alone (a diagnosis carries it too: ``Diagnosis.facts``)."""
     validate_id(cid)
     settings = settings or get_settings()
     return await gather(cid, spec or _spec_for(settings), sources_for(settings, pool))
@@ -113,13 +114,13 @@ async def diagnose(
     spec: PipelineSpec | None = None,
     now: datetime | None = None,
 ) -> Diagnosis:
-    """Where ``cid`` stopped and why. ``pool``: an existing pool on the store (e.g. the dashboard's
-    read-only role); default: a shared pool on ``HOPTRACE_DATABASE_URL``."""
+    """Where ``cid`` stopped and why, with the evidence it was decided on in ``facts`` (gathered
+    once). ``pool``: an existing pool on the store (e.g. the dashboard's read-only role); default:
+    a shared pool on ``HOPTRACE_DATABASE_URL``."""
     validate_id(cid)
     settings = settings or get_settings()
     spec = spec or _spec_for(settings)
-    ev = await gather(cid, spec, sources_for(settings, pool), now=now)
-    return _diagnose(spec, ev, now or datetime.now(UTC))
+    return await lookup(cid, spec, sources_for(settings, pool), now=now)
 
 
 async def cause_for(cid: str) -> tuple[str | None, str | None]:
@@ -157,7 +158,7 @@ __all__ = [
     "sources_for",
     "spans_for_correlation",
     "spans_for_trace",
-    "stalled",
+    stalled.__name__,  # spelled through the function: "stalled" is also a state
     "state_counts",
     "validate_id",
 ]

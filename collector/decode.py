@@ -22,6 +22,14 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from hoptrace.contract.conventions import (
+    ATTR_CORRELATION_ID,
+    ATTR_OUTCOME,
+    ATTR_PIPELINE,
+    ATTR_STEP,
+    RESOURCE_SERVICE_NAME,
+    UNKNOWN_SERVICE,
+)
 from hoptrace.ids import is_valid_correlation_id
 
 try:  # the optional native decoder (Rust, native/src/decode.rs)
@@ -29,10 +37,10 @@ try:  # the optional native decoder (Rust, native/src/decode.rs)
 except ImportError:  # pragma: no cover - exercised where the extension is not built
     _native = None
 
-CORRELATION_ATTR = "hoptrace.correlation_id"
-PIPELINE_ATTR = "hoptrace.pipeline"
-STEP_ATTR = "hoptrace.step"
-OUTCOME_ATTR = "hoptrace.step.outcome"
+CORRELATION_ATTR = ATTR_CORRELATION_ID
+PIPELINE_ATTR = ATTR_PIPELINE
+STEP_ATTR = ATTR_STEP
+OUTCOME_ATTR = ATTR_OUTCOME
 
 #: Column order of a span row (and of the COPY into the staging table). Times are integer
 #: microseconds since the Unix epoch (``*_us``); the insert turns them into timestamptz.
@@ -231,8 +239,8 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
     rejected = 0
     for rs in req.resource_spans:
         res = attributes(rs.resource.attributes)
-        service = res.get("service.name")
-        service = _text(service) if isinstance(service, str) and service else "unknown_service"
+        service = res.get(RESOURCE_SERVICE_NAME)
+        service = _text(service) if isinstance(service, str) and service else UNKNOWN_SERVICE
         res_json = dumps(res)
         for ss in rs.scope_spans:
             scope = _text(ss.scope.name) if ss.scope.name else None

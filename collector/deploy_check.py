@@ -8,15 +8,22 @@ Checks, against the configured pipeline spec (``HOPTRACE_PIPELINE``):
 * every topic of the spec (dead-letter topics included) is created by the file: a service that
   runs ``hoptrace topics ensure`` for the same pipeline, or explicit ``kafka-topics --create
   --topic NAME`` commands;
-* no worker runs under another consumer group than the spec's (``HOPTRACE_FAULT=wrong-group``,
-  ``--fault wrong-group`` or a ``*GROUP*`` variable with another value).
+* no worker runs under another consumer group than the spec's: a ``*GROUP*`` variable with
+  another value, or a fault switch (``HOPTRACE_FAULT=NAME`` / ``--fault NAME``) that the caller's
+  ``group_faults`` table says runs the worker under another group.
+
+The check knows only the spec and the compose file. Which fault switches change a worker's group
+is the workers' knowledge: the caller passes it as a small declarative table (fault name -> the
+group it consumes as, a template on the spec's group such as ``"{group}-old"``).
 
 Exit 0 when all is there, 1 with the precise list of what is missing, 2 for an unreadable file.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,7 @@ import typer
 import yaml
 
 from hoptrace.contract import PipelineSpec, SpecError, load_spec
+from hoptrace.contract.conventions import DLQ_SUFFIX
 from hoptrace.settings import get_settings
 
 _WORKER = re.compile(r"(?:^|\s)worker\s+([A-Za-z0-9_.-]+)")
@@ -33,7 +41,12 @@ _TOPIC_CREATE = re.compile(r"--create\b")
 _TOPIC_NAME = re.compile(r"--topic[=\s]+['\"]?([A-Za-z0-9._-]+)")
 _FAULT = re.compile(r"--fault[=\s]+['\"]?([A-Za-z0-9_-]+)")
 _INTERP = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?[-?=+])?([^}]*)\}")
-WRONG_GROUP = "wrong-group"
+#: The environment variable that switches a fault on for `hoptrace worker` (also ``--fault``).
+FAULT_ENV = "HOPTRACE_FAULT"
+
+#: Fault switches that run a worker under another consumer group than the spec's: fault name ->
+#: the group it consumes as, a ``str.format`` template on the spec's group (``{group}``).
+GroupFaults = Mapping[str, str]
 
 
 class ComposeError(ValueError):
@@ -101,8 +114,13 @@ def _same_pipeline(env: dict[str, str], spec: PipelineSpec) -> bool:
     return Path(declared).name == spec.source.name
 
 
-def check_deploy(compose_path: str | Path, spec: PipelineSpec) -> DeployReport:
-    """Compare a compose file with a pipeline spec; ``report.problems`` lists what is missing."""
+def check_deploy(
+    compose_path: str | Path, spec: PipelineSpec, group_faults: GroupFaults | None = None
+) -> DeployReport:
+    """Compare a compose file with a pipeline spec; ``report.problems`` lists what is missing.
+    ``group_faults``: the fault switches that change a worker's consumer group (none: only
+    ``*GROUP*`` variables are checked)."""
+    group_faults = group_faults or {}
     path = Path(compose_path)
     services = load_compose(path)
     report = DeployReport(path, spec.name, spec.source)
@@ -136,11 +154,12 @@ def check_deploy(compose_path: str | Path, spec: PipelineSpec) -> DeployReport:
         # -- consumer group ---------------------------------------------------------------
         if step.group:
             env = _env(svc)
-            faults = [env.get("HOPTRACE_FAULT", "")] + _FAULT.findall(_command(svc))
-            if WRONG_GROUP in faults:
+            faults = [env.get(FAULT_ENV, "")] + _FAULT.findall(_command(svc))
+            for fault in dict.fromkeys(f for f in faults if f in group_faults):
+                group = group_faults[fault].format(group=step.group)
                 report.problems.append(
-                    f"step {step.id}: service {where} runs with fault wrong-group (consumer group "
-                    f"{step.group}-v2 instead of {step.group})"
+                    f"step {step.id}: service {where} runs with fault {fault} (consumer group "
+                    f"{group} instead of {step.group})"
                 )
             for key, value in env.items():
                 if "GROUP" in key.upper() and value and value != step.group:
@@ -169,7 +188,7 @@ def check_deploy(compose_path: str | Path, spec: PipelineSpec) -> DeployReport:
     report.topics = {t: created[t] for t in spec.topics if t in created}
     for topic in spec.topics:
         if topic not in created:
-            kind = "dead-letter topic" if topic.endswith(".dlq") else "topic"
+            kind = "dead-letter topic" if topic.endswith(DLQ_SUFFIX) else "topic"
             report.problems.append(
                 f"{kind} {topic} is not created (no `hoptrace topics ensure` service and no "
                 f"`kafka-topics --create --topic {topic}`)"
@@ -191,10 +210,25 @@ def format_report(report: DeployReport) -> str:
     return "\n".join(lines)
 
 
-def check_deploy_cli(compose_path: str) -> None:
+def _workers_group_faults() -> GroupFaults:
+    """The reference workers' group-changing fault switches, read from ``hoptrace.workers.faults``
+    when that package is installed. This is the command line's wiring (the collector's check
+    itself knows only the spec): it belongs to the caller, ``hoptrace.cli``, which should pass
+    ``group_faults`` itself; until it does, the command looks the table up here."""
+    try:
+        faults = importlib.import_module("hoptrace.workers.faults")
+    except ModuleNotFoundError:
+        return {}
+    return {faults.WRONG_GROUP: "{group}" + faults.WRONG_GROUP_SUFFIX}
+
+
+def check_deploy_cli(compose_path: str, group_faults: GroupFaults | None = None) -> None:
+    """`hoptrace check deploy`: print the report; exit 0, 1 (problems) or 2 (unreadable)."""
+    if group_faults is None:
+        group_faults = _workers_group_faults()
     try:
         spec = load_spec(get_settings().pipeline)
-        report = check_deploy(compose_path, spec)
+        report = check_deploy(compose_path, spec, group_faults)
     except (ComposeError, SpecError) as exc:
         typer.echo(f"hoptrace: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -202,4 +236,11 @@ def check_deploy_cli(compose_path: str) -> None:
     raise typer.Exit(0 if report.ok else 1)
 
 
-__all__ = ["ComposeError", "DeployReport", "check_deploy", "check_deploy_cli", "format_report"]
+__all__ = [
+    "ComposeError",
+    "DeployReport",
+    "GroupFaults",
+    "check_deploy",
+    "check_deploy_cli",
+    "format_report",
+]

@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from hoptrace.contract.conventions import MESSAGING_SYSTEM_KAFKA
+
 from . import metrics
 from .decode import DecodeFailure, decode_body
 from .spanqueue import SpanQueue
@@ -95,7 +97,9 @@ class KafkaSpanSource:
                         except DecodeFailure:
                             metrics.SPANS_DROPPED.labels("undecodable").inc()
                             continue
-                        metrics.SPANS_RECEIVED.labels("kafka").inc(decoded.count + decoded.rejected)
+                        metrics.SPANS_RECEIVED.labels(MESSAGING_SYSTEM_KAFKA).inc(
+                            decoded.count + decoded.rejected
+                        )
                         if decoded.rejected:
                             metrics.SPANS_DROPPED.labels("invalid").inc(decoded.rejected)
                         if decoded.count:

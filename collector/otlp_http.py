@@ -30,6 +30,8 @@ _PROTOBUF_TYPES = {"application/x-protobuf", "application/protobuf"}
 
 
 _OK = ExportTraceServiceResponse().SerializeToString()
+#: ``/healthz`` body of a healthy collector (bytes: the body as sent).
+_HEALTHY = b"ok"
 
 
 class TooLarge(Exception):
@@ -126,7 +128,7 @@ def build_app(
 
     async def healthz(_: Request) -> Response:
         ok = healthy()
-        return PlainTextResponse("ok" if ok else "unhealthy", 200 if ok else 503)
+        return PlainTextResponse(_HEALTHY if ok else b"unhealthy", 200 if ok else 503)
 
     async def metrics_endpoint(_: Request) -> Response:
         body, ctype = metrics.render()

@@ -1,5 +1,6 @@
 """A Diagnosis as text (terminal), markdown (an incident ticket) or JSON (the stable schema in
-``docs/trace-json-schema.json``, ``version`` 1)."""
+``docs/trace-json-schema.json``, ``version`` 1). JSON objects are built with ``dict(name=...)``:
+their keys are the schema's field names."""
 
 from __future__ import annotations
 
@@ -7,11 +8,21 @@ import json
 from datetime import datetime
 from typing import Any
 
-from .diagnosis import Diagnosis, KafkaFacts, RecordRef, StepResult
+from hoptrace.contract import TRACE_SCHEMA_VERSION, StepStatus
 
-SCHEMA_VERSION = 1
+from .diagnosis import Diagnosis, StepResult
+from .records import KafkaFacts, RecordRef
 
-MARK = {"done": "✓", "failed": "✗", "pending": "…", "stalled": "⏸", "not_reached": "·"}
+SCHEMA_VERSION = TRACE_SCHEMA_VERSION
+
+#: The mark of each step status in text and markdown.
+MARK: dict[str, str] = {
+    StepStatus.DONE: "✓",
+    StepStatus.FAILED: "✗",
+    StepStatus.PENDING: "…",
+    StepStatus.STALLED: "⏸",
+    StepStatus.NOT_REACHED: "·",
+}
 
 
 def jaeger_link(jaeger_url: str | None, trace_id: str) -> str | None:
@@ -25,33 +36,29 @@ def _iso(value: datetime | None) -> str | None:
 def _record(ref: RecordRef | None) -> dict[str, Any] | None:
     if ref is None:
         return None
-    return {"topic": ref.topic, "partition": ref.partition, "offset": ref.offset}
+    return dict(topic=ref.topic, partition=ref.partition, offset=ref.offset)
 
 
 def _kafka(kf: KafkaFacts) -> dict[str, Any]:
-    return {
-        "topic": kf.topic,
-        "topic_exists": kf.topic_exists,
-        "group": kf.group,
-        "group_exists": kf.group_exists,
-        "group_state": kf.group_state,
-        "group_members": kf.group_members,
-        "record": _record(kf.record),
-        "committed_offset": kf.committed_offset,
-        "end_offset": kf.end_offset,
-        "lag": kf.lag,
-        "other_groups": list(kf.other_groups) if kf.other_groups is not None else None,
-        "dlq": (
-            {
-                "topic": kf.dlq.topic,
-                "partition": kf.dlq.partition,
-                "offset": kf.dlq.offset,
-                "reason": kf.dlq.reason,
-            }
-            if kf.dlq
+    dlq = kf.dlq
+    return dict(
+        topic=kf.topic,
+        topic_exists=kf.topic_exists,
+        group=kf.group,
+        group_exists=kf.group_exists,
+        group_state=kf.group_state,
+        group_members=kf.group_members,
+        record=_record(kf.record),
+        committed_offset=kf.committed_offset,
+        end_offset=kf.end_offset,
+        lag=kf.lag,
+        other_groups=list(kf.other_groups) if kf.other_groups is not None else None,
+        dlq=(
+            dict(topic=dlq.topic, partition=dlq.partition, offset=dlq.offset, reason=dlq.reason)
+            if dlq
             else None
         ),
-    }
+    )
 
 
 def _links(jaeger_url: str | None, trace_ids: tuple[str, ...]) -> list[str]:
@@ -61,61 +68,59 @@ def _links(jaeger_url: str | None, trace_ids: tuple[str, ...]) -> list[str]:
 def _step_json(s: StepResult, d: Diagnosis, jaeger_url: str | None) -> dict[str, Any]:
     facts = d.facts
     kf = facts.kafka.get(s.id) if facts else None
-    return {
-        "id": s.id,
-        "service": s.service,
-        "status": s.status,
-        "started_at": _iso(s.started_at),
-        "ended_at": _iso(s.ended_at),
-        "runs": s.runs,
-        "outcomes": list(s.outcomes),
-        "evidence": list(s.evidence),
-        "trace_ids": list(s.trace_ids),
-        "jaeger_urls": _links(jaeger_url, s.trace_ids),
-        "consumed": _record(s.consumed),
-        "emitted": _record(s.emitted),
-        "effect_row": facts.effects.get(s.id) if facts else None,
-        "kafka": _kafka(kf) if kf else None,
-    }
+    return dict(
+        id=s.id,
+        service=s.service,
+        status=s.status,
+        started_at=_iso(s.started_at),
+        ended_at=_iso(s.ended_at),
+        runs=s.runs,
+        outcomes=list(s.outcomes),
+        evidence=list(s.evidence),
+        trace_ids=list(s.trace_ids),
+        jaeger_urls=_links(jaeger_url, s.trace_ids),
+        consumed=_record(s.consumed),
+        emitted=_record(s.emitted),
+        effect_row=facts.effects.get(s.id) if facts else None,
+        kafka=_kafka(kf) if kf else None,
+    )
 
 
 def to_dict(d: Diagnosis, jaeger_url: str | None = None) -> dict[str, Any]:
-    """The JSON document (schema ``docs/trace-json-schema.json``)."""
+    """The JSON document (schema ``docs/trace-json-schema.json``; keys in its order)."""
     facts = d.facts
     processed = None
     if facts is not None and facts.processed is not None:
         processed = [
-            {
-                "event_id": p.event_id,
-                "event_type": p.event_type,
-                "source": p.source,
-                "processed_at": _iso(p.processed_at),
-            }
+            dict(
+                event_id=p.event_id,
+                event_type=p.event_type,
+                source=p.source,
+                processed_at=_iso(p.processed_at),
+            )
             for p in facts.processed
         ]
-    return {
-        "version": SCHEMA_VERSION,
-        "correlation_id": d.correlation_id,
-        "pipeline": d.pipeline,
-        "found": d.found,
-        "state": d.state,
-        "stopped_at": d.stopped_at,
-        "cause": d.cause,
-        "summary": d.summary,
-        "evidence": list(d.evidence),
-        "next_action": d.next_action,
-        "warnings": list(d.warnings),
-        "missing_evidence": dict(d.missing),
-        "checked_at": _iso(d.checked_at),
-        "trace_ids": list(d.trace_ids),
-        "jaeger_urls": _links(jaeger_url, d.trace_ids),
-        "steps": [_step_json(s, d, jaeger_url) for s in d.steps],
-        "processed_events": processed,
-        "queries": list(d.queries),
-        "gathered_in_ms": round(facts.gathered_in_ms, 2)
-        if facts and facts.gathered_in_ms
-        else None,
-    }
+    return dict(
+        version=SCHEMA_VERSION,
+        correlation_id=d.correlation_id,
+        pipeline=d.pipeline,
+        found=d.found,
+        state=d.state,
+        stopped_at=d.stopped_at,
+        cause=d.cause,
+        summary=d.summary,
+        evidence=list(d.evidence),
+        next_action=d.next_action,
+        warnings=list(d.warnings),
+        missing_evidence=dict(d.missing),
+        checked_at=_iso(d.checked_at),
+        trace_ids=list(d.trace_ids),
+        jaeger_urls=_links(jaeger_url, d.trace_ids),
+        steps=[_step_json(s, d, jaeger_url) for s in d.steps],
+        processed_events=processed,
+        queries=list(d.queries),
+        gathered_in_ms=round(facts.gathered_in_ms, 2) if facts and facts.gathered_in_ms else None,
+    )
 
 
 def to_json(d: Diagnosis, jaeger_url: str | None = None) -> str:
@@ -138,7 +143,7 @@ def to_text(d: Diagnosis, jaeger_url: str | None = None) -> str:
             f"{pointer} {MARK.get(s.status, '?')} {s.id:<{width}}  {s.status:<11} "
             f"{_time(s.started_at):<12} {s.service}{runs}"
         )
-        if s.id == d.stopped_at or s.status == "failed":
+        if s.id == d.stopped_at or s.status == StepStatus.FAILED:
             for e in s.evidence:
                 lines.append(f"      {e}")
     lines.append("")

@@ -15,7 +15,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from hoptrace.contract import PipelineSpec
+from hoptrace.contract import OUTCOMES, Outcome, PipelineSpec, State
+from hoptrace.contract.conventions import STATUS_ERROR
 
 from .decode import (
     I_CID,
@@ -31,7 +32,9 @@ from .decode import (
     us_to_dt,
 )
 
-STATES = ("in_progress", "completed", "failed", "stalled")
+_OK, _DUPLICATE, _ERROR = Outcome.OK.value, Outcome.DUPLICATE.value, Outcome.ERROR.value
+_OUTCOMES = frozenset(OUTCOMES)
+_STALLED = State.STALLED.value
 #: Pipelines of up to this many steps get a ``done_mask`` (an int4 column); longer ones store
 #: NULL and the funnel counts from ``steps`` instead.
 MASK_STEPS = 31
@@ -65,9 +68,9 @@ def observations(rows: list[SpanRow], spec: PipelineSpec) -> dict[str, list[Step
         outcome = r[I_OUTCOME]
         if outcome is None and r[I_NAME] != step:
             continue
-        if outcome not in ("ok", "duplicate", "error"):
-            outcome = "error" if r[I_STATUS] == 2 else "ok"
-        err = r[I_STATUS_MSG] if outcome == "error" else None
+        if outcome not in _OUTCOMES:
+            outcome = _ERROR if r[I_STATUS] == STATUS_ERROR else _OK
+        err = r[I_STATUS_MSG] if outcome == _ERROR else None
         obs = StepObs(cid, step, r[I_START], r[I_END], outcome, err)
         if cid in out:
             out[cid].append(obs)
@@ -106,7 +109,7 @@ def fold(
         if st is None:
             st = steps[o.step] = {
                 "first_start": o.start_us, "last_end": o.end_us, "done_at": None, "error_at": None,
-                "outcome": None, "count": 0, "ok": 0, "duplicate": 0, "error": 0, "last_error": None,
+                "outcome": None, "count": 0, _OK: 0, _DUPLICATE: 0, _ERROR: 0, "last_error": None,
             }  # fmt: skip
         st["count"] += 1
         st[o.outcome] += 1
@@ -114,13 +117,13 @@ def fold(
             st["first_start"] = o.start_us
         if o.end_us > st["last_end"]:
             st["last_end"] = o.end_us
-        if o.outcome == "error":
+        if o.outcome == _ERROR:
             if st["error_at"] is None or o.end_us >= st["error_at"]:
                 st["error_at"] = o.end_us
                 st["last_error"] = o.error
         elif st["done_at"] is None or o.end_us < st["done_at"]:
             st["done_at"] = o.end_us
-        st["outcome"] = "ok" if st["ok"] else ("duplicate" if st["duplicate"] else "error")
+        st["outcome"] = _OK if st[_OK] else (_DUPLICATE if st[_DUPLICATE] else _ERROR)
 
     last_idx: int | None = None
     mask = 0
@@ -129,49 +132,53 @@ def fold(
         if st is not None and st["done_at"] is not None:
             last_idx = i
             mask |= 1 << i
-    new: dict[str, Any] = {
-        "correlation_id": cid,
-        "pipeline": spec.name,
-        "first_seen": first_seen,
-        "steps": steps,
-        "last_step": None,
-        "last_step_index": last_idx,
-        "done_mask": mask if len(spec.steps) <= MASK_STEPS else None,
-        "last_step_at": None,
-        "failed_step": None,
-        "failed_at": None,
-        "error": None,
-        "next_step": None,
-        "next_deadline": None,
-        "completed_at": None,
-    }
+    last_step: str | None = None
+    last_step_at: datetime | None = None
     if last_idx is not None:
-        last = spec.steps[last_idx]
-        new["last_step"] = last.id
-        new["last_step_at"] = us_to_dt(steps[last.id]["done_at"])
+        last_step = spec.steps[last_idx].id
+        last_step_at = us_to_dt(steps[last_step]["done_at"])
+    failed_step: str | None = None
+    failed_at: datetime | None = None
+    error: str | None = None
     start = 0 if last_idx is None else last_idx + 1
     for s in spec.steps[start:]:
         st = steps.get(s.id)
-        if st and st["error"] and st["done_at"] is None:
-            new["failed_step"] = s.id
-            new["failed_at"] = _dt(st["error_at"])
-            new["error"] = st["last_error"]
+        if st and st[_ERROR] and st["done_at"] is None:
+            failed_step, failed_at, error = s.id, _dt(st["error_at"]), st["last_error"]
             break
+    next_step: str | None = None
+    next_deadline: datetime | None = None
+    completed_at: datetime | None = None
     old_state = old.get("state")
     old_idx = old.get("last_step_index")
     if last_idx == len(spec.steps) - 1:
-        state = "completed"
-        new["completed_at"] = new["last_step_at"]
-    elif new["failed_step"] is not None:
-        state = "failed"
+        state = State.COMPLETED.value
+        completed_at = last_step_at
+    elif failed_step is not None:
+        state = State.FAILED.value
     else:
-        if last_idx is not None:
+        if last_idx is not None and last_step_at is not None:
             nxt = spec.steps[last_idx + 1]
-            new["next_step"] = nxt.id
-            new["next_deadline"] = new["last_step_at"] + nxt.deadline
+            next_step = nxt.id
+            next_deadline = last_step_at + nxt.deadline
         progressed = last_idx is not None and (old_idx is None or last_idx > old_idx)
-        state = "stalled" if old_state == "stalled" and not progressed else "in_progress"
-    new["state"] = state
-    # any way out of stalled (on, done, or failed further on) ends the stall's alert
-    new["resolved"] = old_state == "stalled" and state != "stalled"
-    return new
+        state = _STALLED if old_state == _STALLED and not progressed else State.IN_PROGRESS.value
+    return dict(
+        correlation_id=cid,
+        pipeline=spec.name,
+        first_seen=first_seen,
+        steps=steps,
+        last_step=last_step,
+        last_step_index=last_idx,
+        done_mask=mask if len(spec.steps) <= MASK_STEPS else None,
+        last_step_at=last_step_at,
+        failed_step=failed_step,
+        failed_at=failed_at,
+        error=error,
+        next_step=next_step,
+        next_deadline=next_deadline,
+        completed_at=completed_at,
+        state=state,
+        # any way out of stalled (on, done, or failed further on) ends the stall's alert
+        resolved=old_state == _STALLED and state != _STALLED,
+    )

@@ -11,63 +11,19 @@ from __future__ import annotations
 import functools
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from hoptrace.contract import PipelineSpec, load_spec
+from hoptrace.contract import Outcome, PipelineSpec, State, load_spec
 from hoptrace.settings import get_settings
+
+from .records import SpanRecord
 
 Pool = asyncpg.Pool | asyncpg.Connection
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-__all__ = [
-    "AlertRow",
-    "CorrelationRow",
-    "HopLatency",
-    "Pool",
-    "SpanRecord",
-    "StallRow",
-    "StepProgress",
-    "alerts",
-    "alerts_for_correlation",
-    "connect",
-    "correlation",
-    "funnel",
-    "hop_latencies",
-    "spans_for_correlation",
-    "spans_for_trace",
-    "stalled",
-    "state_counts",
-]
-
-
-@dataclass(frozen=True, slots=True)
-class SpanRecord:
-    """One stored span (ids are lowercase hex; status_code 0 unset, 1 ok, 2 error)."""
-
-    trace_id: str
-    span_id: str
-    parent_span_id: str | None
-    name: str
-    service: str
-    kind: int
-    start_time: datetime
-    end_time: datetime
-    duration_us: int
-    status_code: int
-    status_message: str | None
-    correlation_id: str | None
-    pipeline: str | None
-    step: str | None
-    outcome: str | None
-    attributes: dict[str, Any]
-    events: list[dict[str, Any]]
-    received_at: datetime
-    resource: dict[str, Any] = field(default_factory=dict)
-    scope: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,9 +194,9 @@ def _steps(raw: Any) -> dict[str, StepProgress]:
             done_at=_dt(s.get("done_at")),
             outcome=s.get("outcome"),
             count=int(s.get("count", 0)),
-            ok=int(s.get("ok", 0)),
-            duplicate=int(s.get("duplicate", 0)),
-            error=int(s.get("error", 0)),
+            ok=int(s.get(Outcome.OK.value, 0)),
+            duplicate=int(s.get(Outcome.DUPLICATE.value, 0)),
+            error=int(s.get(Outcome.ERROR.value, 0)),
             last_error=s.get("last_error"),
         )
     return out
@@ -307,7 +263,7 @@ async def alerts_for_correlation(pool: Pool, cid: str) -> list[AlertRow]:
 
 async def state_counts(pool: Pool, since: datetime) -> dict[str, int]:
     """Correlations first seen at or after ``since``, counted by state (all four keys present)."""
-    out = {"in_progress": 0, "completed": 0, "failed": 0, "stalled": 0}
+    out = {s.value: 0 for s in (State.IN_PROGRESS, State.COMPLETED, State.FAILED, State.STALLED)}
     for r in await pool.fetch(
         "SELECT state, count(*)::int AS n FROM correlations WHERE first_seen >= $1 GROUP BY state",
         since,
@@ -366,7 +322,7 @@ async def hop_latencies(
     first = out[ids[0]].samples
     later = [out[sid].samples for sid in ids[1:]]
     for r in rows:
-        done = r["done"]
+        done = r["done_us"]
         d0 = done[0]
         if d0 is not None and r["start"] is not None:
             first.append(max(0.0, (d0 - r["start"]) / 1e6))
@@ -395,7 +351,28 @@ def _hop_times_sql(n: int) -> str:
     cols = ", ".join(f"c.steps -> ($3::text[])[{i + 1}] -> 'done_at' AS d{i}" for i in range(n))
     done = ", ".join(_us_sql(f"j.d{i}") for i in range(n))
     return f"""
-SELECT ARRAY[{done}] AS done, {_us_sql("j.s0")} AS start
+SELECT ARRAY[{done}] AS done_us, {_us_sql("j.s0")} AS start
 FROM (SELECT steps FROM correlations WHERE first_seen >= $1 ORDER BY first_seen DESC LIMIT $2) c,
      LATERAL (SELECT {cols}, c.steps -> ($3::text[])[1] -> 'first_start' AS s0 OFFSET 0) j
 """  # noqa: S608 - built from constants and a count only
+
+
+__all__ = [
+    "AlertRow",
+    "CorrelationRow",
+    "HopLatency",
+    "Pool",
+    "SpanRecord",
+    "StallRow",
+    "StepProgress",
+    "alerts",
+    "alerts_for_correlation",
+    "connect",
+    "correlation",
+    "funnel",
+    "hop_latencies",
+    "spans_for_correlation",
+    "spans_for_trace",
+    stalled.__name__,  # spelled through the function: "stalled" is also a state
+    "state_counts",
+]

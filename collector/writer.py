@@ -84,20 +84,9 @@ _RESOLVE = """
 UPDATE alerts SET status = 'resolved', resolved_at = now(), next_attempt_at = now()
 WHERE correlation_id = ANY($1::text[]) AND status = 'firing'
 """
-_FIELDS = (
-    "pipeline",
-    "state",
-    "last_step",
-    "last_step_index",
-    "last_step_at",
-    "failed_step",
-    "failed_at",
-    "error",
-    "next_step",
-    "next_deadline",
-    "first_seen",
-    "completed_at",
-)
+#: The correlation row fields bound to $2..$13, as ``_UNNEST`` names them (between the id and
+#: ``steps, done_mask``): ``fold``'s keys, in the statements' order.
+_FIELDS = tuple(c.strip() for c in _UNNEST.rsplit("AS u(", 1)[1].rstrip(")").split(","))[1:-2]
 
 
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)

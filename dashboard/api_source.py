@@ -13,7 +13,7 @@ import streamlit as st
 
 from hoptrace.collector import api
 from hoptrace.dashboard import frames
-from hoptrace.dashboard.source import MalformedId, UnknownId, run
+from hoptrace.dashboard.source import MalformedId, Overview, UnknownId, run
 from hoptrace.settings import get_settings
 
 #: Seconds an overview/alerts read stays cached (the pages' refresh is at least this coarse).
@@ -68,32 +68,25 @@ class ApiSource:
                 self._pool = run(api.connect(self.dsn))
             return self._pool
 
-    def diagnose(self, correlation_id: str) -> Any:
-        """The diagnosis plus the raw evidence behind it (Kafka and database facts, spans),
-        gathered concurrently: :class:`Looked` reads like the diagnosis."""
+    def diagnose(self, correlation_id: str) -> Looked:
+        """The diagnosis with the evidence it was decided on (Kafka and database facts, spans):
+        one lookup, one evidence pass. :class:`Looked` reads like the diagnosis."""
         try:
             api.validate_id(correlation_id)
         except api.MalformedId as exc:
             raise MalformedId(str(exc)) from exc
-        pool = self.pool()
-
-        async def both() -> tuple[Any, Any]:
-            # One after the other: they share the API's Kafka clients.
-            diagnosis = await api.diagnose(correlation_id, pool=pool)
-            return diagnosis, await api.gather_evidence(correlation_id, pool=pool)
-
-        diagnosis, evidence = run(both())
+        diagnosis = run(api.diagnose(correlation_id, pool=self.pool()))
         if not diagnosis.found:
             raise UnknownId(
                 f"No payment with id '{correlation_id}' is known to hoptrace "
                 "(no span carried it, and no row or record mentions it)."
             )
-        return Looked(diagnosis, evidence, self._jaeger_url)
+        return Looked(diagnosis, self._jaeger_url)
 
     def spans(self, correlation_id: str) -> list[Any]:
         return run(api.spans_for_correlation(self.pool(), correlation_id, limit=SPANS_LIMIT))
 
-    def overview(self, since: datetime, stalled_limit: int) -> dict[str, Any]:
+    def overview(self, since: datetime, stalled_limit: int) -> Overview:
         """The overview's four reads, run concurrently on the pool, cached as one. ``since`` is
         rounded to the cache's grain (5 s, or 60 s for windows of 6 hours and more: those scan
         many payments and a minute-old figure is fine), so refreshes share a cached read."""
@@ -101,23 +94,23 @@ class ApiSource:
         long = window >= LONG_WINDOW
         grain = 60 if long else CACHE_TTL_S
         since = datetime.fromtimestamp(since.timestamp() // grain * grain, tz=UTC)
-        cached = _cached_long if long else _cached
-        return cached(self, "overview", (since, stalled_limit))
+        cached = _overview_long if long else _overview
+        return cached(self, since, stalled_limit)
 
     def state_counts(self, since: datetime) -> Any:
-        return self.overview(since, 0)["state_counts"]
+        return self.overview(since, 0).state_counts
 
     def funnel(self, since: datetime) -> Any:
-        return self.overview(since, 0)["funnel"]
+        return self.overview(since, 0).funnel
 
     def hop_latencies(self, since: datetime) -> Any:
-        return self.overview(since, 0)["hop_latencies"]
+        return self.overview(since, 0).hop_latencies
 
     def stalled(self, limit: int) -> list[Any]:
-        return _cached(self, "stalled", limit)
+        return _stalled(self, limit)
 
     def alerts(self, limit: int) -> list[Any]:
-        return _cached(self, "alerts", limit)
+        return _alerts(self, limit)
 
     def step_order(self) -> list[str]:
         return []  # the API's funnel is already in pipeline order
@@ -125,48 +118,61 @@ class ApiSource:
     def jaeger_url(self) -> str:
         return self._jaeger_url
 
-    def read(self, name: str, arg: Any) -> Any:
+    def read_overview(self, since: datetime, stalled_limit: int) -> Overview:
+        """The overview's reads, uncached (``stalled_limit`` 0: no stalled list)."""
         pool = self.pool()
-        if name == "overview":
-            since, limit = arg
 
-            async def together() -> dict[str, Any]:
-                counts, funnel, latencies, stalled = await asyncio.gather(
-                    api.state_counts(pool, since),
-                    api.funnel(pool, since),
-                    api.hop_latencies(pool, since, limit=LATENCY_SAMPLES),
-                    api.stalled(pool, limit=limit) if limit else asyncio.sleep(0, []),
-                )
-                return {
-                    "state_counts": counts,
-                    "funnel": funnel,
-                    "hop_latencies": latencies,
-                    "stalled": stalled,
-                }
+        async def together() -> Overview:
+            counts, funnel, latencies, stalled = await asyncio.gather(
+                api.state_counts(pool, since),
+                api.funnel(pool, since),
+                api.hop_latencies(pool, since, limit=LATENCY_SAMPLES),
+                api.stalled(pool, limit=stalled_limit) if stalled_limit else asyncio.sleep(0, []),
+            )
+            return Overview(counts, funnel, latencies, stalled)
 
-            return run(together())
-        return run(getattr(api, name)(pool, limit=arg))  # stalled, alerts
+        return run(together())
+
+    def read_stalled(self, limit: int) -> list[Any]:
+        return run(api.stalled(self.pool(), limit=limit))
+
+    def read_alerts(self, limit: int) -> list[Any]:
+        return run(api.alerts(self.pool(), limit=limit))
 
 
-@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, hash_funcs={ApiSource: lambda s: s.dsn})
-def _cached(source: ApiSource, name: str, arg: Any) -> Any:
-    return source.read(name, arg)
+_HASH = {ApiSource: lambda s: s.dsn}
 
 
-@st.cache_data(ttl=60, show_spinner=False, hash_funcs={ApiSource: lambda s: s.dsn})
-def _cached_long(source: ApiSource, name: str, arg: Any) -> Any:
-    return source.read(name, arg)
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, hash_funcs=_HASH)
+def _overview(source: ApiSource, since: datetime, stalled_limit: int) -> Overview:
+    return source.read_overview(since, stalled_limit)
+
+
+@st.cache_data(ttl=60, show_spinner=False, hash_funcs=_HASH)
+def _overview_long(source: ApiSource, since: datetime, stalled_limit: int) -> Overview:
+    return source.read_overview(since, stalled_limit)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, hash_funcs=_HASH)
+def _stalled(source: ApiSource, limit: int) -> list[Any]:
+    return source.read_stalled(limit)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, hash_funcs=_HASH)
+def _alerts(source: ApiSource, limit: int) -> list[Any]:
+    return source.read_alerts(limit)
 
 
 class Looked:
-    """A diagnosis (its fields read through) with the facts the lookup page shows beside it."""
+    """A diagnosis (its fields read through) with the facts the lookup page shows beside it,
+    taken from the evidence the diagnosis was decided on (``Diagnosis.facts``)."""
 
-    def __init__(self, diagnosis: Any, evidence: Any, jaeger_url: str) -> None:
+    def __init__(self, diagnosis: api.Diagnosis, jaeger_url: str) -> None:
         self.diagnosis = diagnosis
-        self.evidence_raw = evidence
-        self.kafka = frames.kafka_rows(evidence)
-        self.db = frames.db_rows(evidence)
-        self.spans = list(evidence.spans)
+        evidence = diagnosis.facts
+        self.kafka_facts = frames.kafka_rows(evidence)
+        self.db_facts = frames.db_rows(evidence)
+        self.spans = list(evidence.spans) if evidence is not None else None
         self.jaeger_urls = [frames.jaeger_link(jaeger_url, t) for t in diagnosis.trace_ids]
 
     def __getattr__(self, name: str) -> Any:

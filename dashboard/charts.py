@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from hoptrace.dashboard.words import ITEMS
+
 STOP_COLOR = "#d62728"
 
 
@@ -91,6 +93,6 @@ def latency_histogram(samples: pd.DataFrame, bins: int = 40) -> go.Figure:
         height=320,
         margin={"l": 10, "r": 10, "t": 10, "b": 10},
         xaxis_title="seconds per hop",
-        yaxis_title="payments",
+        yaxis_title=ITEMS,
     )
     return fig

@@ -1,27 +1,34 @@
 """Pure conversions from the collector API's read results to pandas frames and plain words.
 
-The API returns dataclasses / pydantic models (or dicts); everything here reads fields through
-:func:`get`, so the pages work with either and are testable with small fixture objects."""
+The API returns dataclasses / pydantic models (or dicts); most of what is here reads fields
+through :func:`get`, so the pages work with either and are testable with small fixture objects.
+``kafka_rows`` and ``db_rows`` read the API's own ``Evidence`` (a diagnosis's ``facts``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 
+from hoptrace.contract import STATES, StepStatus
+from hoptrace.contract.conventions import ATTR_OUTCOME, ATTR_STEP
+from hoptrace.dashboard.words import ITEMS
+
+if TYPE_CHECKING:
+    from hoptrace.collector.api import Evidence
+
 STATUS_ICONS: dict[str, str] = {
-    "done": "✅",
-    "failed": "❌",
-    "pending": "⏳",
-    "stalled": "🛑",
-    "not_reached": "⚪",
+    StepStatus.DONE: "✅",
+    StepStatus.FAILED: "❌",
+    StepStatus.PENDING: "⏳",
+    StepStatus.STALLED: "🛑",
+    StepStatus.NOT_REACHED: "⚪",
 }
-STATES: tuple[str, ...] = ("completed", "in_progress", "stalled", "failed")
 STOP_MARKER = "⛔ STOPPED HERE"
 
 
@@ -150,10 +157,10 @@ def spans_frame(spans: Iterable[Any]) -> pd.DataFrame:
         if end is None or end <= start:
             end = start + timedelta(milliseconds=1)
         attributes = get(span, "attributes", {}) or {}
-        step = first(span, "step", default=None) or attributes.get("hoptrace.step")
+        step = first(span, "step", default=None) or attributes.get(ATTR_STEP)
         name = get(span, "name", "")
         status = first(span, "status", "status_code", default="")
-        outcome = first(span, "outcome", default=None) or attributes.get("hoptrace.step.outcome")
+        outcome = first(span, "outcome", default=None) or attributes.get(ATTR_OUTCOME)
         rows.append(
             {
                 "lane": step or f"{first(span, 'service', default='?')}: {name}",
@@ -231,7 +238,8 @@ def state_counts_frame(counts: Any) -> pd.DataFrame:
         data = {
             str(first(c, "state")): int(first(c, "count", "n", default=0)) for c in counts or []
         }
-    ordered = [s for s in STATES] + sorted(k for k in data if k not in STATES)
+    states = [str(s) for s in STATES]
+    ordered = states + sorted(k for k in data if k not in states)
     return pd.DataFrame({"state": ordered, "count": [data.get(s, 0) for s in ordered]})
 
 
@@ -256,11 +264,9 @@ def last_step_frame(funnel: pd.DataFrame, total: int) -> pd.DataFrame:
     done(step i) - done(step i+1); ``(none)`` for payments with no step done."""
     counts = funnel["count"].tolist()
     after = counts[1:] + [0]
-    rows = [
-        {"last completed step": "(none)", "payments": max(0, total - (counts[0] if counts else 0))}
-    ]
+    rows = [{"last completed step": "(none)", ITEMS: max(0, total - (counts[0] if counts else 0))}]
     rows += [
-        {"last completed step": step, "payments": max(0, n - nxt)}
+        {"last completed step": step, ITEMS: max(0, n - nxt)}
         for step, n, nxt in zip(funnel["step"], counts, after, strict=True)
     ]
     return pd.DataFrame(rows)
@@ -392,54 +398,56 @@ def alerts_frame(alerts: Iterable[Any], base: str = "") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def kafka_rows(evidence: Any) -> list[dict[str, Any]]:
+def kafka_rows(evidence: Evidence | None) -> list[dict[str, Any]]:
     """Per step: its topic and group, the record this payment produced into the topic, the
     group's committed offset, the lag, members, DLQ (from ``Evidence.kafka``)."""
     rows = []
-    for step, kf in (get(evidence, "kafka", {}) or {}).items():
-        record = get(kf, "record")
-        dlq = get(kf, "dlq")
+    for step, kf in (evidence.kafka if evidence else {}).items():
+        record, dlq = kf.record, kf.dlq
         rows.append(
             {
                 "step": step,
-                "topic": get(kf, "topic"),
-                "topic exists": get(kf, "topic_exists"),
-                "partition": get(record, "partition"),
-                "produced offset": get(record, "offset"),
-                "group": get(kf, "group"),
-                "members": get(kf, "group_members"),
-                "committed offset": get(kf, "committed_offset"),
-                "end offset": get(kf, "end_offset"),
-                "lag": get(kf, "lag"),
-                "consumed": get(kf, "record_consumed"),
-                "DLQ": f"{get(dlq, 'topic')}[{get(dlq, 'partition')}]@{get(dlq, 'offset')}"
+                "topic": kf.topic,
+                "topic exists": kf.topic_exists,
+                "partition": record.partition if record else None,
+                "produced offset": record.offset if record else None,
+                "group": kf.group,
+                "members": kf.group_members,
+                "committed offset": kf.committed_offset,
+                "end offset": kf.end_offset,
+                "lag": kf.lag,
+                "consumed": kf.record_consumed,
+                "DLQ": f"{dlq.topic}[{dlq.partition}]@{dlq.offset}"
                 if dlq
-                else ("none" if get(kf, "dlq_checked") else "not checked"),
+                else ("none" if kf.dlq_checked else "not checked"),
             }
         )
     return [{k: _plain(v) for k, v in r.items()} for r in rows]
 
 
-def db_rows(evidence: Any) -> list[dict[str, Any]]:
-    """``processed_events`` rows of this payment and, per step, whether its effect row exists."""
+def db_rows(evidence: Evidence | None) -> list[dict[str, Any]]:
+    """The payment's processed marks (by processed table) and, per step, whether its effect row
+    exists; then the sources that could not be read."""
     rows: list[dict[str, Any]] = []
-    processed = get(evidence, "processed")
+    if evidence is None:
+        return rows
+    processed = evidence.processed
     if processed is None:
         rows.append({"what": "processed_events", "fact": "not read"})
     elif not processed:
         rows.append({"what": "processed_events", "fact": "no row for this payment"})
     for p in processed or []:
-        when = as_datetime(get(p, "processed_at"))
+        when = as_datetime(p.processed_at)
         rows.append(
             {
-                "what": "processed_events",
-                "fact": f"{get(p, 'event_type') or get(p, 'event_id')} processed by "
-                f"{get(p, 'source') or '?'}" + (f" at {when:%H:%M:%S}" if when else ""),
+                "what": p.table or "processed_events",
+                "fact": f"{p.event_type or p.event_id} processed by {p.source or '?'}"
+                + (f" at {when:%H:%M:%S}" if when else ""),
             }
         )
-    for step, exists in (get(evidence, "effects", {}) or {}).items():
+    for step, exists in evidence.effects.items():
         fact = "not read" if exists is None else ("row exists" if exists else "NO ROW")
         rows.append({"what": f"effect row of {step}", "fact": fact})
-    for source, reason in (get(evidence, "missing", {}) or {}).items():
+    for source, reason in evidence.missing.items():
         rows.append({"what": f"{source} (missing evidence)", "fact": reason})
     return rows

@@ -6,6 +6,7 @@ from typing import Any
 
 import streamlit as st
 
+from hoptrace.contract import Cause
 from hoptrace.dashboard import charts, frames
 from hoptrace.dashboard.frames import STOP_MARKER, first, get
 from hoptrace.dashboard.source import LookupError_, Source, get_source
@@ -48,7 +49,7 @@ def show(diagnosis: Any, source: Source) -> None:
     st.subheader(f"Payment `{cid}`")
     if not stopped_at:
         st.success(f"Completed — every step is done (cause `{cause}`).")
-    elif cause == "in_progress":
+    elif cause == Cause.IN_PROGRESS:
         st.warning(f"{STOP_MARKER}: waiting at step **{stopped_at}** (still within its deadline).")
     else:
         st.error(f"{STOP_MARKER}: step **{stopped_at}** — cause `{cause}`")
@@ -94,8 +95,8 @@ def show(diagnosis: Any, source: Source) -> None:
             config={"displayModeBar": False},
         )
 
-    kafka = first(diagnosis, "kafka", "kafka_facts")
-    db = first(diagnosis, "db", "db_facts", "database")
+    kafka = get(diagnosis, "kafka_facts")
+    db = get(diagnosis, "db_facts")
     st.markdown("#### Kafka")
     _facts(kafka, "No Kafka facts.")
     st.markdown("#### Database")

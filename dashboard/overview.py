@@ -42,14 +42,14 @@ def _body(source: Source, window: timedelta) -> None:
     now = datetime.now(UTC)
     since = now - window
     data = overview_of(source, since, STALLED_LIMIT)
-    counts = frames.state_counts_frame(data["state_counts"])
+    counts = frames.state_counts_frame(data.state_counts)
     cols = st.columns(len(counts))
     for col, row in zip(cols, counts.itertuples(), strict=True):
         col.metric(row.state.replace("_", " "), int(row.count))
     st.caption(f"Payments first seen since {since:%Y-%m-%d %H:%M:%S} UTC · updated {now:%H:%M:%S}")
 
     st.markdown("#### Funnel: payments that got each step done")
-    funnel = frames.funnel_frame(data["funnel"], source.step_order())
+    funnel = frames.funnel_frame(data.funnel, source.step_order())
     if funnel.empty:
         st.caption("No payments in this window.")
     else:
@@ -61,7 +61,7 @@ def _body(source: Source, window: timedelta) -> None:
             st.dataframe(last, hide_index=True, key="last_step_table")
 
     st.markdown("#### Per-hop latency")
-    stats, samples = frames.latency_frames(data["hop_latencies"])
+    stats, samples = frames.latency_frames(data.hop_latencies)
     if stats.empty:
         st.caption("No completed hops in this window.")
     else:
@@ -77,7 +77,7 @@ def _body(source: Source, window: timedelta) -> None:
             )
 
     st.markdown("#### Stalled payments")
-    stalled = frames.stalled_frame(data["stalled"], now)
+    stalled = frames.stalled_frame(data.stalled, now)
     if stalled.empty:
         st.success("No stalled payments.")
         return

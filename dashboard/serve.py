@@ -14,6 +14,8 @@ from hoptrace.readiness import mark_ready
 from hoptrace.settings import get_settings
 
 APP = Path(__file__).resolve().parent / "app.py"
+#: Streamlit's ``/_stcore/health`` body when the server is up.
+_HEALTHY = b"ok"
 STARTUP_TIMEOUT_S = 60.0
 
 
@@ -49,7 +51,7 @@ def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float) -> boo
         if proc.poll() is not None:
             return False
         try:
-            if httpx.get(url, timeout=1.0, trust_env=False).text.strip() == "ok":
+            if httpx.get(url, timeout=1.0, trust_env=False).content.strip() == _HEALTHY:
                 return True
         except httpx.HTTPError:
             pass

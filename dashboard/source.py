@@ -10,7 +10,7 @@ import inspect
 import threading
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 SOURCE_KEY = "hoptrace_source"
 
@@ -27,12 +27,22 @@ class UnknownId(LookupError_):
     """A well-formed id the store has never seen."""
 
 
+class Overview(NamedTuple):
+    """The overview page's reads: counts by state, the funnel and hop latencies since a time, and
+    the stalled correlations (at most a limit)."""
+
+    state_counts: Any
+    funnel: Any
+    hop_latencies: Any
+    stalled: list[Any]
+
+
 class Source(Protocol):
     """What the pages read. Every call is bounded (limits, time windows)."""
 
     def diagnose(self, correlation_id: str) -> Any: ...
     def spans(self, correlation_id: str) -> list[Any]: ...
-    def overview(self, since: datetime, stalled_limit: int) -> dict[str, Any]:
+    def overview(self, since: datetime, stalled_limit: int) -> Overview:
         """``state_counts``, ``funnel``, ``hop_latencies`` (since) and ``stalled`` (limit)."""
         ...
 
@@ -73,16 +83,16 @@ def run(value: Any, timeout: float = 20.0) -> Any:
     return _loop.run(value, timeout)
 
 
-def overview_of(source: Any, since: datetime, stalled_limit: int) -> dict[str, Any]:
+def overview_of(source: Any, since: datetime, stalled_limit: int) -> Overview:
     """The source's combined overview read, or its four reads one by one."""
     if hasattr(source, "overview"):
         return source.overview(since, stalled_limit)
-    return {
-        "state_counts": source.state_counts(since),
-        "funnel": source.funnel(since),
-        "hop_latencies": source.hop_latencies(since),
-        "stalled": source.stalled(stalled_limit),
-    }
+    return Overview(
+        state_counts=source.state_counts(since),
+        funnel=source.funnel(since),
+        hop_latencies=source.hop_latencies(since),
+        stalled=source.stalled(stalled_limit),
+    )
 
 
 def get_source() -> Source:

@@ -34,8 +34,8 @@ class Diagnosis:
     next_action: str | None
     trace_ids: list[str]
     jaeger_urls: list[str]
-    kafka: list[dict[str, Any]]
-    db: list[dict[str, Any]]
+    kafka_facts: list[dict[str, Any]]
+    db_facts: list[dict[str, Any]]
 
 
 def stalled_diagnosis(cid: str = "pay-stalled-1") -> Diagnosis:
@@ -55,7 +55,7 @@ def stalled_diagnosis(cid: str = "pay-stalled-1") -> Diagnosis:
         next_action="start allocation-worker",
         trace_ids=["a" * 32],
         jaeger_urls=[f"http://jaeger.test/trace/{'a' * 32}"],
-        kafka=[
+        kafka_facts=[
             {
                 "topic": "purchase-created",
                 "partition": 1,
@@ -64,7 +64,10 @@ def stalled_diagnosis(cid: str = "pay-stalled-1") -> Diagnosis:
                 "lag": 1,
             }
         ],
-        db=[{"table": "processed_events", "rows": 0}, {"table": "trainer_allocations", "rows": 0}],
+        db_facts=[
+            {"table": "processed_events", "rows": 0},
+            {"table": "trainer_allocations", "rows": 0},
+        ],
     )
 
 

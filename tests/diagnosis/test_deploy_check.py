@@ -12,8 +12,12 @@ import pytest
 from hoptrace.collector.deploy_check import ComposeError, check_deploy
 from hoptrace.contract import load_spec
 from hoptrace.settings import PROJECT_ROOT
+from hoptrace.workers import faults
 
 SPEC = load_spec(PROJECT_ROOT / "pipelines" / "payments.toml")
+#: The reference workers' fault switch that changes a worker's consumer group, as the command
+#: line wires it into the check.
+GROUP_FAULTS = {faults.WRONG_GROUP: "{group}" + faults.WRONG_GROUP_SUFFIX}
 
 FULL = """
 x-env: &env
@@ -93,7 +97,7 @@ def test_wrong_group_fault_and_group_override_are_reported(tmp_path: Path) -> No
         '    command: ["worker", "session-worker"]\n    environment:\n'
         "      - HOPTRACE_CONSUMER_GROUP=sessions-old\n",
     )
-    report = check_deploy(write(tmp_path, text), SPEC)
+    report = check_deploy(write(tmp_path, text), SPEC, GROUP_FAULTS)
     assert len(report.problems) == 2, report.problems
     assert "allocator runs with fault wrong-group" in report.problems[0]
     assert "HOPTRACE_CONSUMER_GROUP=sessions-old" in report.problems[1]
