@@ -158,7 +158,7 @@ __all__ = [
     "sources_for",
     "spans_for_correlation",
     "spans_for_trace",
-    stalled.__name__,  # spelled through the function: "stalled" is also a state
+    "stalled",
     "state_counts",
     "validate_id",
 ]

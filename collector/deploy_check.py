@@ -21,7 +21,6 @@ Exit 0 when all is there, 1 with the precise list of what is missing, 2 for an u
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -210,22 +209,8 @@ def format_report(report: DeployReport) -> str:
     return "\n".join(lines)
 
 
-def _workers_group_faults() -> GroupFaults:
-    """The reference workers' group-changing fault switches, read from ``hoptrace.workers.faults``
-    when that package is installed. This is the command line's wiring (the collector's check
-    itself knows only the spec): it belongs to the caller, ``hoptrace.cli``, which should pass
-    ``group_faults`` itself; until it does, the command looks the table up here."""
-    try:
-        faults = importlib.import_module("hoptrace.workers.faults")
-    except ModuleNotFoundError:
-        return {}
-    return {faults.WRONG_GROUP: "{group}" + faults.WRONG_GROUP_SUFFIX}
-
-
 def check_deploy_cli(compose_path: str, group_faults: GroupFaults | None = None) -> None:
     """`hoptrace check deploy`: print the report; exit 0, 1 (problems) or 2 (unreadable)."""
-    if group_faults is None:
-        group_faults = _workers_group_faults()
     try:
         spec = load_spec(get_settings().pipeline)
         report = check_deploy(compose_path, spec, group_faults)

@@ -373,6 +373,6 @@ __all__ = [
     "hop_latencies",
     "spans_for_correlation",
     "spans_for_trace",
-    stalled.__name__,  # spelled through the function: "stalled" is also a state
+    "stalled",
     "state_counts",
 ]

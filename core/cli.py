@@ -270,8 +270,9 @@ def check_deploy(
 ) -> None:
     """Every step's service deployed and every topic created by the compose file."""
     from hoptrace.collector.deploy_check import check_deploy_cli
+    from hoptrace.workers.faults import GROUP_FAULTS
 
-    check_deploy_cli(compose)
+    check_deploy_cli(compose, GROUP_FAULTS)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ CAUSES: dict[str, str] = {c.value: c.meaning for c in Cause}
 
 #: What one correlation is called in the pages, and many of them (table columns, axis titles).
 ITEM = "payment"
-ITEMS = f"{ITEM}s"
+ITEMS = "payments"
 
 
 def cause_words(code: str | None) -> str:

@@ -80,3 +80,7 @@ WRONG_GROUP: Fault[HopSetup] = Fault(
     "never handled",
     _wrong_group,
 )
+
+#: Fault switches that run a worker under another consumer group than its spec's: fault name ->
+#: the group it uses (``{group}``: the spec's), for `hoptrace check deploy`.
+GROUP_FAULTS: dict[str, str] = {WRONG_GROUP.name: "{group}" + WRONG_GROUP_SUFFIX}

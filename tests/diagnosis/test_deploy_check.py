@@ -17,7 +17,7 @@ from hoptrace.workers import faults
 SPEC = load_spec(PROJECT_ROOT / "pipelines" / "payments.toml")
 #: The reference workers' fault switch that changes a worker's consumer group, as the command
 #: line wires it into the check.
-GROUP_FAULTS = {faults.WRONG_GROUP: "{group}" + faults.WRONG_GROUP_SUFFIX}
+GROUP_FAULTS = faults.GROUP_FAULTS
 
 FULL = """
 x-env: &env
