@@ -181,7 +181,15 @@ class PipelineSpec:
 
     def children(self, step_id: str) -> tuple[Step, ...]:
         """The steps that run after ``step_id``."""
-        return tuple(s for s in self.steps if step_id in s.after)
+        return self._children.get(step_id, ())
+
+    @cached_property
+    def _children(self) -> dict[str, tuple[Step, ...]]:
+        out: dict[str, tuple[Step, ...]] = {}
+        for step in self.steps:
+            for parent in step.after:
+                out[parent] = (*out.get(parent, ()), step)
+        return out
 
     @cached_property
     def roots(self) -> tuple[Step, ...]:
