@@ -94,3 +94,18 @@ def progress(
         else:
             not_reached.append(step.id)
     return Progress(leaves_done, tuple(frontier), tuple(failed), tuple(not_reached))
+
+
+def branch_heads(spec: PipelineSpec, done: Set[str]) -> tuple[str, ...]:
+    """Where each unfinished branch stopped, for a diagnosis: the steps not done whose ``after``
+    steps are all done, leaving out a step below another such step (it waits behind it). The
+    first of them, in spec order, is the first step that is not done whenever a root is done."""
+    heads: list[str] = []
+    blocked: set[str] = set()
+    for step in spec.steps:
+        if step.id in done:
+            continue
+        if step.id not in blocked and all(p in done for p in step.after):
+            heads.append(step.id)
+        blocked |= {step.id} | descendants(spec, step.id)
+    return tuple(heads)
