@@ -22,14 +22,23 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from hoptrace.contract import PipelineSpec
 from hoptrace.contract.conventions import (
     ATTR_CORRELATION_ID,
     ATTR_OUTCOME,
     ATTR_PIPELINE,
     ATTR_STEP,
+    DESTINATION_KEYS,
+    DISTRO_NAME,
+    GROUP_KEYS,
+    OPERATION_KEYS,
+    RESOURCE_DISTRO_NAME,
     RESOURCE_SERVICE_NAME,
+    STATUS_ERROR,
     UNKNOWN_SERVICE,
+    SpanKind,
 )
+from hoptrace.contract.matching import StepMatcher
 from hoptrace.ids import is_valid_correlation_id
 
 try:  # the optional native decoder (Rust, native/src/decode.rs)
@@ -71,11 +80,17 @@ I_TRACE, I_SPAN, I_START, I_END, I_STATUS, I_STATUS_MSG = 0, 1, 6, 7, 9, 10
 I_CID, I_PIPELINE, I_STEP, I_OUTCOME, I_NAME = 11, 12, 13, 14, 3
 #: Step rows of :class:`Encoded` carry this many leading columns (what the fold reads).
 STEP_ROW_COLUMNS = 15
+#: A candidate row (a span without a step attribute that may be a step run of a service
+#: hoptrace did not write, or fail one): trace, span, parent, name, service, kind, start_us,
+#: end_us, status_code, status_message, cid, destination, group, operation.
+C_TRACE, C_SPAN, C_PARENT, C_NAME, C_SERVICE, C_KIND, C_START, C_END = 0, 1, 2, 3, 4, 5, 6, 7
+C_STATUS, C_STATUS_MSG, C_CID, C_DESTINATION, C_GROUP, C_OPERATION = 8, 9, 10, 11, 12, 13
 DAY_US = 86_400_000_000
 
 SpanRow = tuple[Any, ...]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MESSAGING_KINDS = (SpanKind.PRODUCER.value, SpanKind.CONSUMER.value)
 _ZERO_TRACE = b"\x00" * 16
 _ZERO_SPAN = b"\x00" * 8
 
@@ -126,6 +141,36 @@ class DecodeFailure(ValueError):
     """The body is not a decodable OTLP ExportTraceServiceRequest."""
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeKeys:
+    """The attribute names decoding reads, from the pipeline spec: where the correlation id is
+    (the spec's carriers, in order) and, when ``candidates``, the messaging attributes of the
+    spans step matching looks at (see :data:`C_TRACE`...)."""
+
+    cid: tuple[str, ...] = (ATTR_CORRELATION_ID,)
+    candidates: bool = False
+
+    @classmethod
+    def for_spec(cls, spec: PipelineSpec) -> DecodeKeys:
+        return cls(cid=StepMatcher(spec).cid_keys, candidates=True)
+
+    def native(self) -> Any:
+        """The native decoder's ``Keys`` for these names."""
+        assert _native is not None
+        if not self.candidates:
+            return _native.Keys(list(self.cid))
+        return _native.Keys(
+            list(self.cid),
+            list(DESTINATION_KEYS),
+            list(GROUP_KEYS),
+            list(OPERATION_KEYS),
+            (RESOURCE_DISTRO_NAME, DISTRO_NAME),
+        )
+
+
+DEFAULT_KEYS = DecodeKeys()
+
+
 @dataclass(slots=True)
 class Encoded:
     """Spans already encoded as PostgreSQL binary COPY tuples for ``spans`` (SPAN columns in
@@ -135,14 +180,30 @@ class Encoded:
     n: int
     steps: list[SpanRow]  # rows of the spans with a step attribute, first STEP_ROW_COLUMNS
     days: list[int]  # distinct start days (start_us // DAY_US)
+    candidates: list[SpanRow] = field(default_factory=list)  # see C_TRACE...
+
+
+class Rows(list[SpanRow]):
+    """Span rows of the Python path, with the candidate spans among them (:data:`C_TRACE`...)
+    riding along to the writer."""
+
+    __slots__ = ("candidates",)
+
+    def __init__(self, rows: Any = ()) -> None:
+        super().__init__(rows)
+        self.candidates: list[SpanRow] = []
 
 
 @dataclass(slots=True)
 class Decoded:
-    rows: list[SpanRow] = field(default_factory=list)
+    rows: Rows = field(default_factory=Rows)
     rejected: int = 0
     error: str = ""
     encoded: Encoded | None = None  # the native path's output (then ``rows`` is empty)
+
+    @property
+    def candidates(self) -> list[SpanRow]:
+        return self.encoded.candidates if self.encoded is not None else self.rows.candidates
 
     @property
     def count(self) -> int:
@@ -228,11 +289,26 @@ def _ts(ns: int) -> datetime:
     return _EPOCH + timedelta(microseconds=ns // 1000)
 
 
-def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Decoded:
-    """Flatten a request into span rows (COLUMNS order); count the spans that cannot be stored."""
+def _first_text(attrs: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    for key in keys:
+        value = attrs.get(key)
+        if type(value) is str and value:
+            return _text(value)
+    return None
+
+
+def decode_request(
+    req: ExportTraceServiceRequest, received_at: datetime, keys: DecodeKeys = DEFAULT_KEYS
+) -> Decoded:
+    """Flatten a request into span rows (COLUMNS order); count the spans that cannot be stored.
+    The correlation id column is the first of ``keys.cid`` holding a valid id; with
+    ``keys.candidates``, the spans step matching looks at are listed in ``candidates``."""
     out = Decoded()
     rows = out.rows
     append = rows.append
+    cid_keys = keys.cid
+    single = cid_keys == DEFAULT_KEYS.cid
+    candidates = rows.candidates if keys.candidates else None
     received_us = (received_at - _EPOCH) // timedelta(microseconds=1)
     dumps = _dumps
     cids: dict[str, str | None] = {}  # correlation id -> indexed value (validated once)
@@ -242,6 +318,7 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
         service = res.get(RESOURCE_SERVICE_NAME)
         service = _text(service) if isinstance(service, str) and service else UNKNOWN_SERVICE
         res_json = dumps(res)
+        own = res.get(RESOURCE_DISTRO_NAME) == DISTRO_NAME
         for ss in rs.scope_spans:
             scope = _text(ss.scope.name) if ss.scope.name else None
             for sp in ss.spans:
@@ -281,16 +358,25 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
                     )
                 else:
                     events = "[]"
-                cid = attrs.get(CORRELATION_ATTR)
                 # an id that is not in the correlation id format is kept in the attributes but
                 # not indexed: no lookup can ask for it
-                if type(cid) is str:
-                    if cid in cids:
-                        cid = cids[cid]
-                    else:
-                        cid = cids[cid] = _cid(cid)
-                elif cid is not None:
-                    cid = _cid(cid)
+                if single:
+                    cid = attrs.get(CORRELATION_ATTR)
+                    if type(cid) is str:
+                        if cid in cids:
+                            cid = cids[cid]
+                        else:
+                            cid = cids[cid] = _cid(cid)
+                    elif cid is not None:
+                        cid = _cid(cid)
+                else:  # the spec's carriers, in order: the first valid id wins
+                    cid = None
+                    for key in cid_keys:
+                        value = attrs.get(key)
+                        if value is not None:
+                            cid = _cid(value)
+                            if cid is not None:
+                                break
                 step = attrs.get(STEP_ATTR)
                 pipeline = attrs.get(PIPELINE_ATTR)
                 if pipeline is not None:
@@ -306,19 +392,50 @@ def decode_request(req: ExportTraceServiceRequest, received_at: datetime) -> Dec
                 status = sp.status
                 name = sp.name
                 message = status.message
+                trace_hex = tid.hex()
+                span_hex = sid.hex()
+                parent_hex = parent.hex() if len(parent) == 8 and parent != _ZERO_SPAN else None
+                name = name.replace("\x00", "\ufffd") if "\x00" in name else name
+                kind = _small(sp.kind)
+                message = _text(message) if message else None
+                if candidates is not None and step is None and not own:
+                    destination = _first_text(attrs, DESTINATION_KEYS)
+                    if (
+                        kind in _MESSAGING_KINDS
+                        or status.code == STATUS_ERROR
+                        or destination is not None
+                    ):
+                        candidates.append(
+                            (
+                                trace_hex,
+                                span_hex,
+                                parent_hex,
+                                name,
+                                service,
+                                kind,
+                                start_us,
+                                end_us,
+                                _small(status.code),
+                                message,
+                                cid,
+                                destination,
+                                _first_text(attrs, GROUP_KEYS),
+                                _first_text(attrs, OPERATION_KEYS),
+                            )
+                        )
                 append(
                     (
-                        tid.hex(),
-                        sid.hex(),
-                        parent.hex() if len(parent) == 8 and parent != _ZERO_SPAN else None,
-                        name.replace("\x00", "\ufffd") if "\x00" in name else name,
+                        trace_hex,
+                        span_hex,
+                        parent_hex,
+                        name,
                         service,
-                        _small(sp.kind),
+                        kind,
                         start_us,
                         end_us,
                         end_us - start_us,
                         _small(status.code),
-                        _text(message) if message else None,
+                        message,
                         cid,
                         pipeline,
                         step,
@@ -359,22 +476,38 @@ def _received_us(received_at: datetime) -> int:
     return (received_at - _EPOCH) // timedelta(microseconds=1)
 
 
-def decode_body(body: bytes, received_at: datetime, *, native: bool = True) -> Decoded:
+def decode_body(
+    body: bytes,
+    received_at: datetime,
+    *,
+    native: bool = True,
+    keys: DecodeKeys = DEFAULT_KEYS,
+) -> Decoded:
     """A protobuf ExportTraceServiceRequest body -> spans to store; DecodeFailure when it is not
     one. Native when available (and ``native``), else the Python path."""
     if native and _native is not None:
         try:
-            out = _native.decode_traces(body, _received_us(received_at))
+            out = _native.decode_with(body, _received_us(received_at), _native_keys(keys))
         except ValueError:
             out = None  # the reference parser decides: its error message, or a quirk it accepts
         if out is not None:
-            copy, n, rejected, steps, days = out
+            copy, n, rejected, steps, days, candidates = out
             return Decoded(
                 rejected=rejected,
                 error=_rejected_error(rejected) if rejected else "",
-                encoded=Encoded(copy, n, steps, days),
+                encoded=Encoded(copy, n, steps, days, candidates),
             )
-    return decode_request(parse_protobuf(body), received_at)
+    return decode_request(parse_protobuf(body), received_at, keys)
+
+
+_NATIVE_KEYS: dict[DecodeKeys, Any] = {}
+
+
+def _native_keys(keys: DecodeKeys) -> Any:
+    native = _NATIVE_KEYS.get(keys)
+    if native is None:
+        native = _NATIVE_KEYS[keys] = keys.native()
+    return native
 
 
 def span_count(req: ExportTraceServiceRequest) -> int:

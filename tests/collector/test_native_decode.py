@@ -32,12 +32,14 @@ from hoptrace.collector import ingest, schema
 from hoptrace.collector.decode import (
     COLUMNS,
     CORRELATION_ATTR,
+    DEFAULT_KEYS,
     OUTCOME_ATTR,
     PIPELINE_ATTR,
     STEP_ATTR,
     STEP_ROW_COLUMNS,
     Decoded,
     DecodeFailure,
+    DecodeKeys,
     Encoded,
     decode_body,
     decode_request,
@@ -46,6 +48,14 @@ from hoptrace.collector.decode import (
 from hoptrace.collector.spanqueue import SpanQueue
 from hoptrace.collector.writer import Writer, init_connection
 from hoptrace.contract import load_spec
+from hoptrace.contract.conventions import (
+    DESTINATION_KEYS,
+    DISTRO_NAME,
+    GROUP_KEYS,
+    MESSAGE_KEY_KEYS,
+    OPERATION_KEYS,
+    RESOURCE_DISTRO_NAME,
+)
 from hoptrace.ids import is_valid_correlation_id
 
 from .helpers import STEPS, kv, request, step_span
@@ -106,20 +116,31 @@ def comparable(row: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
-def native(body: bytes) -> Decoded | None:
-    out = hoptrace_native.decode_traces(body, NOW_US)
+def native(body: bytes, keys: DecodeKeys | None = None) -> Decoded | None:
+    if keys is None:
+        out = hoptrace_native.decode_traces(body, NOW_US)
+        if out is None:
+            return None
+        copy, n, rejected, steps, days = out
+        return Decoded(rejected=rejected, encoded=Encoded(copy, n, steps, days))
+    out = hoptrace_native.decode_with(body, NOW_US, keys.native())
     if out is None:
         return None
-    copy, n, rejected, steps, days = out
-    return Decoded(rejected=rejected, encoded=Encoded(copy, n, steps, days))
+    copy, n, rejected, steps, days, candidates = out
+    return Decoded(rejected=rejected, encoded=Encoded(copy, n, steps, days, candidates))
 
 
-def assert_same(req: ExportTraceServiceRequest) -> Decoded | None:
+#: A spec whose carriers are a named attribute and the message key after the baggage attribute,
+#: and whose decoding lists the spans step matching looks at.
+SPEC_KEYS = DecodeKeys(cid=(CORRELATION_ATTR, "app.payment_id", *MESSAGE_KEY_KEYS), candidates=True)
+
+
+def assert_same(req: ExportTraceServiceRequest, keys: DecodeKeys | None = None) -> Decoded | None:
     """Both decoders on ``req``'s bytes agree; returns the native result (None: left to
     Python)."""
     body = req.SerializeToString()
-    ref = decode_request(parse_protobuf(body), NOW)
-    nat = native(body)
+    ref = decode_request(parse_protobuf(body), NOW, keys or DEFAULT_KEYS)
+    nat = native(body, keys)
     if nat is None:
         return None
     enc = nat.encoded
@@ -131,6 +152,7 @@ def assert_same(req: ExportTraceServiceRequest) -> Decoded | None:
     steps = [r[:STEP_ROW_COLUMNS] for r in ref.rows if r[13] is not None]
     assert enc.steps == steps
     assert sorted(enc.days) == sorted({r[6] // 86_400_000_000 for r in ref.rows})
+    assert enc.candidates == ref.candidates
     return nat
 
 
@@ -382,7 +404,9 @@ def test_python_path_when_native_is_off() -> None:
 
 texts = st.one_of(
     st.text(st.characters(codec="utf-8"), max_size=8),
-    st.sampled_from(["", "\x00", "a\x00", "pay-1", "x y", "payments", *STEPS, "ok", "error"]),
+    st.sampled_from(
+        ["", "\x00", "a\x00", "pay-1", "x y", "payments", *STEPS, "ok", "error", DISTRO_NAME]
+    ),
 )
 keys = st.one_of(
     st.sampled_from(
@@ -392,6 +416,12 @@ keys = st.one_of(
             PIPELINE_ATTR,
             OUTCOME_ATTR,
             "service.name",
+            "app.payment_id",
+            RESOURCE_DISTRO_NAME,
+            *DESTINATION_KEYS,
+            *GROUP_KEYS,
+            *OPERATION_KEYS,
+            *MESSAGE_KEY_KEYS,
             "k",
             "k\x00",
             "k\ufffd",
@@ -496,6 +526,42 @@ def test_generated_requests_decode_identically(req: ExportTraceServiceRequest) -
     if nat is None:  # left to Python: only for a double/array/kvlist step/pipeline/outcome
         out = decode_body(req.SerializeToString(), NOW)
         assert out.rows == decode_request(req, NOW).rows
+
+
+@settings(max_examples=400, deadline=None)
+@given(requests)
+def test_generated_requests_decode_identically_with_a_spec_s_keys(
+    req: ExportTraceServiceRequest,
+) -> None:
+    """With a spec's carriers (first valid id wins) and the candidate spans listed."""
+    nat = assert_same(req, SPEC_KEYS)
+    if nat is None:
+        out = decode_body(req.SerializeToString(), NOW, keys=SPEC_KEYS)
+        ref = decode_request(req, NOW, SPEC_KEYS)
+        assert out.rows == ref.rows and out.candidates == ref.candidates
+
+
+def test_candidates_and_carriers() -> None:
+    """Consumer/producer spans, spans naming a destination and failed spans are listed (not
+    those of a service that reports its own steps); the first carrier holding a valid id wins."""
+    consumer = span(
+        [kv("messaging.destination", "t1"), kv("messaging.kafka.consumer.group", "g")], kind=5
+    )
+    keyed = span([kv("app.payment_id", "bad id"), kv(MESSAGE_KEY_KEYS[1], "pay-9")], kind=4)
+    failed = span([kv("db.statement", "INSERT")], kind=3, status=Status(code=2, message="x"))
+    plain = span([kv("http.method", "GET")], kind=2)
+    req = one(consumer)
+    req.resource_spans[0].scope_spans[0].spans.extend([keyed, failed, plain])
+    nat = assert_same(req, SPEC_KEYS)
+    assert nat is not None and nat.encoded is not None
+    cands = nat.encoded.candidates
+    assert [(c[5], c[10], c[11], c[12]) for c in cands] == [
+        (5, None, "t1", "g"),
+        (4, "pay-9", None, None),
+        (3, None, None, None),
+    ]
+    own = one(consumer, resource=[kv(RESOURCE_DISTRO_NAME, DISTRO_NAME)])
+    assert assert_same(own, SPEC_KEYS).encoded.candidates == []  # type: ignore[union-attr]
 
 
 @settings(max_examples=300, deadline=None)

@@ -1,0 +1,1 @@
+"""The dashboard's pages (``st.navigation`` in ``app.py`` lists them)."""
