@@ -10,7 +10,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from . import metrics
 from .decode import (
+    DEFAULT_KEYS,
     Decoded,
+    DecodeKeys,
     body_span_count,
     decode_body,
     decode_request,
@@ -29,9 +31,12 @@ class Outcome:
 
 
 class Ingestor:
-    def __init__(self, queue: SpanQueue, token: str | None) -> None:
+    def __init__(
+        self, queue: SpanQueue, token: str | None, keys: DecodeKeys = DEFAULT_KEYS
+    ) -> None:
         self.queue = queue
         self.token = token or None
+        self.keys = keys  # the pipeline's correlation carriers, candidates for step matching
 
     def authorized(self, authorization: str | None) -> bool:
         """``Authorization: Bearer <token>`` check (always true when no token is configured)."""
@@ -51,15 +56,17 @@ class Ingestor:
             return refused
         now = datetime.now(UTC)
         if native_available():
-            return self._enqueue(decode_body(req.SerializeToString(), now), transport)
-        return self._enqueue(decode_request(req, now), transport)
+            return self._enqueue(
+                decode_body(req.SerializeToString(), now, keys=self.keys), transport
+            )
+        return self._enqueue(decode_request(req, now, self.keys), transport)
 
     def submit_body(self, body: bytes, transport: str) -> Outcome:
         """A protobuf request body (raises DecodeFailure when it is not one)."""
         refused = self._refuse_if_full(body_span_count(body), transport)
         if refused is not None:
             return refused
-        return self._enqueue(decode_body(body, datetime.now(UTC)), transport)
+        return self._enqueue(decode_body(body, datetime.now(UTC), keys=self.keys), transport)
 
     def _refuse_if_full(self, n: int, transport: str) -> Outcome | None:
         """Refuse ``n`` spans before decoding them when the queue cannot take them (the sender

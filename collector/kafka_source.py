@@ -17,7 +17,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from hoptrace.contract.conventions import MESSAGING_SYSTEM_KAFKA
 
 from . import metrics
-from .decode import DecodeFailure, decode_body
+from .decode import DEFAULT_KEYS, DecodeFailure, DecodeKeys, decode_body
 from .spanqueue import SpanQueue
 
 log = logging.getLogger("hoptrace.collector.kafka_source")
@@ -34,7 +34,9 @@ class KafkaSpanSource:
         *,
         retry_s: float = 1.0,
         max_retry_s: float = 30.0,
+        keys: DecodeKeys = DEFAULT_KEYS,
     ) -> None:
+        self.keys = keys  # the pipeline's correlation carriers, candidates for step matching
         self.bootstrap = bootstrap
         self.topic = topic
         self.group = group
@@ -93,7 +95,7 @@ class KafkaSpanSource:
                 for records in batch.values():
                     for rec in records:
                         try:
-                            decoded = decode_body(rec.value or b"", now)
+                            decoded = decode_body(rec.value or b"", now, keys=self.keys)
                         except DecodeFailure:
                             metrics.SPANS_DROPPED.labels("undecodable").inc()
                             continue

@@ -31,6 +31,14 @@ SCAN_SECONDS = Histogram(
     "Duration of one stall scan.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
 )
+RUNS_PARKED = Counter(
+    "hoptrace_runs_parked",
+    "Step runs of services hoptrace did not write, parked until their trace names a correlation.",
+)
+RUNS_DROPPED = Counter(
+    "hoptrace_runs_dropped",
+    "Parked step runs dropped: their trace never named a correlation in time.",
+)
 
 
 def render() -> tuple[bytes, str]:

@@ -11,6 +11,8 @@ Tables:
   counts (by state, the funnel) index-only scans.
 - ``alerts``: stall alerts and their delivery (outbox) state.
 - ``stall_scan``: the scan leader's heartbeat (one row).
+- ``pending_steps``: step runs of services hoptrace did not write, waiting for their trace to name
+  a correlation (see ``runs``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncpg
 from hoptrace.contract import PipelineSpec, load_spec
 from hoptrace.settings import get_settings
 
+from .runs import PENDING_DDL
 from .state import MASK_STEPS
 
 #: Advisory lock key serialising migrations and partition creation across replicas.
@@ -173,6 +176,7 @@ async def migrate(
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
         await conn.execute(DDL)
+        await conn.execute(PENDING_DDL)
         if spec is not None and len(spec.steps) <= MASK_STEPS:
             status = await conn.execute(
                 f"UPDATE correlations SET done_mask = {done_mask_sql(spec)} "  # noqa: S608

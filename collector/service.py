@@ -19,6 +19,7 @@ from hoptrace.settings import Settings, get_settings
 
 from . import metrics, otlp_grpc, otlp_http, schema
 from .alerts import AlertDispatcher, Targets
+from .decode import DecodeKeys
 from .ingest import Ingestor
 from .kafka_source import KafkaSpanSource
 from .spanqueue import SpanQueue
@@ -45,7 +46,8 @@ class Collector:
         self.cause_for = cause_for or no_cause
         self.receivers = receivers
         self.queue = SpanQueue(s.queue_max_spans)
-        self.ingestor = Ingestor(self.queue, s.ingest_token)
+        self.keys = DecodeKeys.for_spec(self.spec)
+        self.ingestor = Ingestor(self.queue, s.ingest_token, self.keys)
         self.grpc_port = s.otlp_grpc_port
         self.http_port = s.otlp_http_port
         self.pool: asyncpg.Pool | None = None
@@ -93,7 +95,9 @@ class Collector:
             asyncio.create_task(self._maintenance()),
         ]
         if s.span_topic:
-            self.kafka = KafkaSpanSource(s.kafka_bootstrap, s.span_topic, s.span_group, self.queue)
+            self.kafka = KafkaSpanSource(
+                s.kafka_bootstrap, s.span_topic, s.span_group, self.queue, keys=self.keys
+            )
             self._bg.append(asyncio.create_task(self.kafka.run()))
         if self.receivers:
             await self._start_receivers()

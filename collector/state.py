@@ -1,24 +1,50 @@
-"""Correlation progress: fold step-span observations into a correlation's state. Pure functions.
+"""Correlation progress: step runs found in a batch of spans, folded into a correlation's state.
+Pure functions (the writer does the reading and writing).
 
-Rules (order-independent and idempotent per span, so out-of-order and duplicate spans are fine):
-- a step is *done* once any execution of it ended with outcome ``ok`` or ``duplicate`` (or had no
-  outcome and no error status); its ``done_at`` is the earliest such end;
-- ``last_step`` is the done step with the highest spec index (it only moves forward);
-- ``failed``: some step after ``last_step`` errored and is not done (the first such step);
-- ``completed``: the last spec step is done;
-- otherwise ``in_progress`` with ``next_step`` and ``next_deadline = done_at(last) + deadline``;
-  a correlation the stall scanner marked ``stalled`` stays stalled until it progresses.
+Step runs come from two kinds of spans (the contract's matching rules, ``hoptrace.contract
+.matching``): hoptrace's own step spans (step rows), and consumer/producer spans of services
+hoptrace did not write (candidate rows, matched by service and topic). A foreign run fails when
+its span or a span below it has status ERROR; it may carry no correlation id, then the writer
+finds it through its trace (see ``Run``).
+
+The fold (order-independent and idempotent per span, so out-of-order and duplicate spans are
+fine):
+- a step is *done* once any run of it ended ``ok`` or ``duplicate``; ``done_at`` is the earliest
+  such end;
+- where the correlation is follows the pipeline's DAG (``hoptrace.contract.progress``):
+  ``completed`` when every leaf step is done; ``failed`` when a step due next has failed runs;
+  otherwise ``in_progress`` with ``next_step``/``next_deadline``, the frontier step due first
+  (none until some step is done);
+- ``last_step`` is the done step with the highest spec index;
+- a correlation the stall scanner marked ``stalled`` stays stalled until a step gets done.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, NamedTuple
 
 from hoptrace.contract import OUTCOMES, Outcome, PipelineSpec, State
 from hoptrace.contract.conventions import STATUS_ERROR
+from hoptrace.contract.matching import StepMatcher
+from hoptrace.contract.progress import progress
 
 from .decode import (
+    C_CID,
+    C_DESTINATION,
+    C_END,
+    C_GROUP,
+    C_KIND,
+    C_NAME,
+    C_OPERATION,
+    C_PARENT,
+    C_SERVICE,
+    C_SPAN,
+    C_START,
+    C_STATUS,
+    C_STATUS_MSG,
+    C_TRACE,
     I_CID,
     I_END,
     I_NAME,
@@ -51,23 +77,44 @@ class StepObs(NamedTuple):
     error: str | None = None
 
 
-def observations(rows: list[SpanRow], spec: PipelineSpec) -> dict[str, list[StepObs]]:
-    """Step executions in a batch of span rows, grouped by correlation id. A span counts when it
-    carries a correlation id and a step of ``spec`` (and is the step span: named after the step,
-    or carrying an outcome)."""
-    steps = {s.id for s in spec.steps}
-    name = spec.name
+class Run(NamedTuple):
+    """A step run of a service hoptrace did not write: its span, and what is known so far.
+    ``correlation_id`` None: to be found through the trace; ``failed`` also becomes True when a
+    stored span below it failed."""
+
+    trace_id: str
+    span_id: str
+    step: str
+    start_us: int
+    end_us: int
+    failed: bool
+    error: str | None
+    correlation_id: str | None
+
+    def obs(self, correlation_id: str) -> StepObs:
+        return StepObs(
+            correlation_id,
+            self.step,
+            self.start_us,
+            self.end_us,
+            _ERROR if self.failed else _OK,
+            self.error if self.failed else None,
+        )
+
+
+def observations(rows: Iterable[SpanRow], matcher: StepMatcher) -> dict[str, list[StepObs]]:
+    """hoptrace's own step runs in a batch of step rows, grouped by correlation id. A span counts
+    when it carries a correlation id and is the step span of a step of the spec."""
+    own_step = matcher.own_step
     out: dict[str, list[StepObs]] = {}
     for r in rows:
         cid = r[I_CID]
-        step = r[I_STEP]
-        if cid is None or step not in steps:
+        if cid is None:
             continue
-        if r[I_PIPELINE] is not None and r[I_PIPELINE] != name:
+        step = own_step(r[I_STEP], r[I_NAME], r[I_OUTCOME], r[I_PIPELINE])
+        if step is None:
             continue
         outcome = r[I_OUTCOME]
-        if outcome is None and r[I_NAME] != step:
-            continue
         if outcome not in _OUTCOMES:
             outcome = _ERROR if r[I_STATUS] == STATUS_ERROR else _OK
         err = r[I_STATUS_MSG] if outcome == _ERROR else None
@@ -79,8 +126,46 @@ def observations(rows: list[SpanRow], spec: PipelineSpec) -> dict[str, list[Step
     return out
 
 
+def foreign_runs(candidates: list[SpanRow], matcher: StepMatcher) -> list[Run]:
+    """Step runs among a batch's candidate spans; a run fails when it has status ERROR or a
+    failed span of the batch sits below it (through failed spans: a failure's chain of failed
+    parents)."""
+    runs: list[Run] = []
+    failed_spans: dict[tuple[str, str], tuple[str | None, str]] = {}  # -> (parent, what failed)
+    for c in candidates:
+        if c[C_STATUS] == STATUS_ERROR:
+            what = f"{c[C_NAME]}: {c[C_STATUS_MSG]}" if c[C_STATUS_MSG] else c[C_NAME]
+            failed_spans[(c[C_TRACE], c[C_SPAN])] = (c[C_PARENT], what)
+    below: dict[tuple[str, str], str] = {}  # (trace, span) with a failure below -> what failed
+    for (trace, _span), (parent, what) in failed_spans.items():
+        for _ in range(64):  # a cycle in bad input cannot loop
+            if parent is None:
+                break
+            key = (trace, parent)
+            below.setdefault(key, what)
+            parent = failed_spans[key][0] if key in failed_spans else None
+    for c in candidates:
+        step = matcher.messaging_step(
+            c[C_SERVICE], c[C_KIND], c[C_DESTINATION], c[C_GROUP], c[C_OPERATION]
+        )
+        if step is None:
+            continue
+        key = (c[C_TRACE], c[C_SPAN])
+        own = c[C_STATUS] == STATUS_ERROR
+        error = (c[C_STATUS_MSG] or "status ERROR") if own else below.get(key)
+        runs.append(
+            Run(c[C_TRACE], c[C_SPAN], step, c[C_START], c[C_END], own or key in below, error,
+                c[C_CID])
+        )  # fmt: skip
+    return runs
+
+
 def _dt(us: int | None) -> datetime | None:
     return us_to_dt(us) if us is not None else None
+
+
+def _done_steps(steps: dict[str, dict[str, Any]]) -> set[str]:
+    return {sid for sid, st in steps.items() if st.get("done_at") is not None}
 
 
 def fold(
@@ -99,6 +184,7 @@ def fold(
     cid = obs[0].correlation_id
     old = row or {}
     steps: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (old.get("steps") or {}).items()}
+    done_before = _done_steps(steps)
     first_us = min(o.start_us for o in obs)
     first_seen = old.get("first_seen")
     first_dt = us_to_dt(first_us)
@@ -125,44 +211,48 @@ def fold(
             st["done_at"] = o.end_us
         st["outcome"] = _OK if st[_OK] else (_DUPLICATE if st[_DUPLICATE] else _ERROR)
 
+    done_at: dict[str, datetime] = {}
+    errored: dict[str, datetime] = {}
     last_idx: int | None = None
     mask = 0
     for i, s in enumerate(spec.steps):
         st = steps.get(s.id)
-        if st is not None and st["done_at"] is not None:
+        if st is None:
+            continue
+        if st["done_at"] is not None:
+            done_at[s.id] = us_to_dt(st["done_at"])
             last_idx = i
             mask |= 1 << i
+        elif st[_ERROR]:
+            errored[s.id] = us_to_dt(st["first_start"])
     last_step: str | None = None
     last_step_at: datetime | None = None
     if last_idx is not None:
         last_step = spec.steps[last_idx].id
-        last_step_at = us_to_dt(steps[last_step]["done_at"])
+        last_step_at = done_at[last_step]
+    where = progress(spec, done_at, errored, first_seen)
     failed_step: str | None = None
     failed_at: datetime | None = None
     error: str | None = None
-    start = 0 if last_idx is None else last_idx + 1
-    for s in spec.steps[start:]:
-        st = steps.get(s.id)
-        if st and st[_ERROR] and st["done_at"] is None:
-            failed_step, failed_at, error = s.id, _dt(st["error_at"]), st["last_error"]
-            break
     next_step: str | None = None
     next_deadline: datetime | None = None
     completed_at: datetime | None = None
-    old_state = old.get("state")
-    old_idx = old.get("last_step_index")
-    if last_idx == len(spec.steps) - 1:
+    if where.completed:
         state = State.COMPLETED.value
-        completed_at = last_step_at
-    elif failed_step is not None:
+        completed_at = max(done_at[s.id] for s in spec.leaves)
+    elif where.failed:
         state = State.FAILED.value
+        failed_step = where.failed[0]
+        st = steps[failed_step]
+        failed_at, error = _dt(st["error_at"]), st["last_error"]
     else:
-        if last_idx is not None and last_step_at is not None:
-            nxt = spec.steps[last_idx + 1]
-            next_step = nxt.id
-            next_deadline = last_step_at + nxt.deadline
-        progressed = last_idx is not None and (old_idx is None or last_idx > old_idx)
+        due = where.next_due if done_at else None
+        if due is not None:
+            next_step, next_deadline = due.step.id, due.deadline
+        progressed = bool(set(done_at) - done_before)
+        old_state = old.get("state")
         state = _STALLED if old_state == _STALLED and not progressed else State.IN_PROGRESS.value
+    old_state = old.get("state")
     return dict(
         correlation_id=cid,
         pipeline=spec.name,

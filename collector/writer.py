@@ -1,7 +1,8 @@
 """Batch writer: queue -> COPY into a per-connection staging table -> INSERT .. ON CONFLICT DO
-NOTHING into ``spans`` -> fold the new step spans into ``correlations`` -> resolve alerts of
-correlations that moved on. One transaction per batch; a failed batch is retried until it lands
-(nothing accepted is dropped; meanwhile the queue fills and receivers answer 503)."""
+NOTHING into ``spans`` -> fold the new step runs into ``correlations`` (hoptrace's step spans,
+and the runs of services hoptrace did not write, completed from the store by ``runs``) -> resolve
+alerts of correlations that moved on. One transaction per batch; a failed batch is retried until
+it lands (nothing accepted is dropped; meanwhile the queue fills and receivers answer 503)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,26 @@ import asyncpg
 import orjson
 
 from hoptrace.contract import PipelineSpec
+from hoptrace.contract.conventions import DESTINATION_KEYS, STATUS_ERROR, SpanKind
+from hoptrace.contract.matching import StepMatcher
 
-from . import metrics
-from .decode import COLUMNS, DAY_US, I_SPAN, I_START, I_STEP, I_TRACE, Encoded, SpanRow, us_to_dt
+from . import metrics, runs
+from .decode import (
+    C_SPAN,
+    C_TRACE,
+    COLUMNS,
+    DAY_US,
+    I_SPAN,
+    I_START,
+    I_STEP,
+    I_TRACE,
+    Encoded,
+    SpanRow,
+    us_to_dt,
+)
 from .schema import ensure_partitions, existing_partitions, partition_name
 from .spanqueue import SpanQueue, Spans
-from .state import StepObs, fold, observations
+from .state import StepObs, fold, foreign_runs, observations
 
 log = logging.getLogger("hoptrace.collector.writer")
 
@@ -34,13 +49,21 @@ _TARGET = ", ".join(
 ).replace("received_us", "received_at")
 #: ``spans`` columns in span-row order (for the COPYs).
 SPAN_COLUMNS = tuple(_TARGET.split(", "))
+#: The new rows of a batch that step matching may read: step spans and candidates (consumer and
+#: producer spans, failed spans, spans naming a messaging destination).
+_MATCHABLE = (
+    f"step IS NOT NULL OR kind IN ({SpanKind.PRODUCER.value}, {SpanKind.CONSUMER.value}) "
+    f"OR status_code = {STATUS_ERROR} OR attributes ?| ARRAY["
+    + ", ".join(f"'{k}'" for k in DESTINATION_KEYS)
+    + "]"
+)
 _INSERT = f"""
 WITH ins AS (
     INSERT INTO spans ({_TARGET}) SELECT {_TARGET} FROM spans_stage_v2
-    ON CONFLICT DO NOTHING RETURNING trace_id, span_id, step
+    ON CONFLICT DO NOTHING RETURNING trace_id, span_id, step, kind, status_code, attributes
 )
 SELECT count(*)::int AS n,
-       coalesce(array_agg(trace_id || span_id) FILTER (WHERE step IS NOT NULL), '{{}}') AS keys
+       coalesce(array_agg(trace_id || span_id) FILTER (WHERE {_MATCHABLE}), '{{}}') AS keys
 FROM ins
 """  # noqa: S608 - constant column list
 #: PostgreSQL binary COPY framing around native tuples.
@@ -131,6 +154,7 @@ class Writer:
     def __init__(self, pool: asyncpg.Pool, spec: PipelineSpec, retention: timedelta) -> None:
         self.pool = pool
         self.spec = spec
+        self.matcher = StepMatcher(spec)
         self.retention = retention
         self._days: set[date] = set()
         self.inflight = 0  # batches taken from the queue and not yet written
@@ -163,14 +187,17 @@ class Writer:
         rows: list[SpanRow] = []
         blobs: list[bytes] = []
         steps: list[SpanRow] = []
+        candidates: list[SpanRow] = []
         days: set[int] = set()
         for b in batches:
             if type(b) is Encoded:
                 blobs.append(b.copy)
                 steps += b.steps
+                candidates += b.candidates
                 days.update(b.days)
             else:
                 rows += b  # type: ignore[arg-type]
+                candidates += getattr(b, "candidates", ())
         if rows:
             steps += [r for r in rows if r[I_STEP] is not None]
             days.update({r[I_START] // DAY_US for r in rows})
@@ -189,15 +216,10 @@ class Writer:
                     res = await conn.fetchrow(_INSERT)
                     n = res["n"]
                     keys = set(res["keys"])
-                    new_steps = []
-                    for r in steps:  # each new key once (a batch may repeat a span)
-                        k = r[I_TRACE] + r[I_SPAN]
-                        if k in keys:
-                            keys.discard(k)
-                            new_steps.append(r)
-                    steps = new_steps
-                if steps:  # all new (direct COPY): every step span counts
-                    await self._fold(conn, steps)
+                    steps = _new(steps, keys, I_TRACE, I_SPAN)
+                    candidates = _new(candidates, keys, C_TRACE, C_SPAN)
+                # all new on the direct COPY: every step span and candidate counts
+                await self._fold(conn, steps, candidates)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
         metrics.SPANS_STORED.inc(n)
         if total > n:
@@ -227,8 +249,17 @@ class Writer:
             return False
         return True
 
-    async def _fold(self, conn: asyncpg.Connection, rows: list[SpanRow]) -> None:
-        obs = observations(rows, self.spec)
+    async def _fold(
+        self, conn: asyncpg.Connection, steps: list[SpanRow], candidates: list[SpanRow]
+    ) -> None:
+        obs = observations(steps, self.matcher) if steps else {}
+        found = foreign_runs(candidates, self.matcher) if candidates else []
+        for extra in (
+            await runs.settle(conn, found) if found else {},
+            await runs.unpark(conn),
+        ):
+            for cid, more in extra.items():
+                obs.setdefault(cid, []).extend(more)
         if obs:
             await self._apply(conn, obs, sorted(obs))
 
@@ -267,6 +298,17 @@ class Writer:
             raced = [c for c in ins[0] if c not in done]
             if raced:
                 await self._apply(conn, obs, raced)
+
+
+def _new(rows: list[SpanRow], keys: set[str], trace: int, span: int) -> list[SpanRow]:
+    """The rows whose span the INSERT stored (each once: a batch may repeat a span)."""
+    out = []
+    for r in rows:
+        k = r[trace] + r[span]
+        if k in keys:
+            keys.discard(k)
+            out.append(r)
+    return out
 
 
 async def run_writer(writer: Writer, queue: SpanQueue, batch_spans: int) -> None:

@@ -335,7 +335,11 @@ def configure_tracing(
                     _state.service_name,
                 )
         else:
-            attrs: dict[str, Any] = {c.RESOURCE_SERVICE_NAME: service_name}
+            # the distro name tells the collector this service's steps report themselves
+            attrs: dict[str, Any] = {
+                c.RESOURCE_SERVICE_NAME: service_name,
+                c.RESOURCE_DISTRO_NAME: c.DISTRO_NAME,
+            }
             attrs.update(opts.pop("resource_attributes", None) or {})
             provider = _provider(Resource.create(attrs))
             switch = _SwitchableProcessor(BaggageSpanProcessor(lambda k: k == BAGGAGE_KEY))

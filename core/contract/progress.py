@@ -2,8 +2,9 @@
 (ingest: stalls, alerts, funnel) and the diagnosis (lookups) share.
 
 Given which steps are done (some run ended ``ok`` or ``duplicate``) and which have failed runs.
-A step with a done step below it counts as passed even without a run of its own (its span may be
-lost, or it ran uninstrumented): it was done at the latest when the first step below it was.
+A step with a step below it that ran (done, or with a failed run) counts as passed even without a
+run of its own (its span may be lost, or it ran uninstrumented): it was done at the latest when
+the first step below it was done or started failing.
 
 * **completed**: every leaf step (a step nothing runs after) is done;
 * **frontier**: the steps not passed whose ``after`` steps are all passed (a root: always
@@ -68,16 +69,23 @@ def descendants(spec: PipelineSpec, step_id: str) -> set[str]:
 def progress(
     spec: PipelineSpec,
     done_at: Mapping[str, datetime],
-    errored: Set[str],
+    errored: Set[str] | Mapping[str, datetime],
     started: datetime | None,
 ) -> Progress:
     """The correlation's progress. ``done_at``: done steps and when they were done (earliest
-    successful end); ``errored``: steps with a failed run; ``started``: the correlation's first
-    sign of life (what a root step's deadline counts from)."""
+    successful end); ``errored``: steps with a failed run that are not done (a mapping gives when
+    each first ran: a step below that failed still proves its parents passed); ``started``: the
+    correlation's first sign of life (what a root step's deadline counts from)."""
     leaves_done = all(s.id in done_at for s in spec.leaves)
+    ran = dict(errored) if isinstance(errored, Mapping) else {}
     passed = dict(done_at)  # step -> when it was done at the latest
     for step in reversed(spec.steps):  # children before parents
-        below = [passed[c.id] for c in spec.children(step.id) if c.id in passed]
+        below = [
+            t
+            for c in spec.children(step.id)
+            for t in (passed.get(c.id), None if c.id in done_at else ran.get(c.id))
+            if t is not None
+        ]
         if step.id not in passed and below:
             passed[step.id] = min(below)
     frontier: list[Due] = []

@@ -616,12 +616,16 @@ struct Output {
     candidates: Vec<Candidate>,
 }
 
-/// The first key of `keys` holding a non-empty string value.
+/// The first key of `keys` holding a non-empty string value (bytes as lowercase hex, as the
+/// stored attributes render them).
 fn first_text(kvs: &[KeyValue], keys: &[String]) -> Option<String> {
     keys.iter().find_map(|k| match last(kvs, k).and_then(|kv| kv.value.as_ref()) {
         Some(AnyValue {
             value: Some(Value::StringValue(s)),
         }) if !s.is_empty() => Some(scrub(text(s)).into_owned()),
+        Some(AnyValue {
+            value: Some(Value::BytesValue(b)),
+        }) if !b.is_empty() => Some(hex(b)),
         _ => None,
     })
 }
