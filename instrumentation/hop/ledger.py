@@ -26,20 +26,30 @@ from .context import EffectCheck
 #: The ledger table.
 TABLE = "processed_events"
 
+#: Marks are keyed by event AND step (``source``): two steps consuming one event (a fan-out) each
+#: mark it. A table made when marks were keyed by the event alone is re-keyed.
 PROCESSED_EVENTS_DDL = """
 CREATE TABLE IF NOT EXISTS processed_events (
-    event_id       text PRIMARY KEY,
+    event_id       text NOT NULL,
     event_type     text NOT NULL,
     correlation_id text NOT NULL,
     source         text NOT NULL,
     processed_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
-    emitted        jsonb
+    emitted        jsonb,
+    PRIMARY KEY (event_id, source)
 );
 CREATE INDEX IF NOT EXISTS processed_events_correlation_id_idx
     ON processed_events (correlation_id);
+DO $$ BEGIN
+    IF (SELECT i.indnatts FROM pg_index i
+        WHERE i.indrelid = 'processed_events'::regclass AND i.indisprimary) = 1 THEN
+        ALTER TABLE processed_events DROP CONSTRAINT processed_events_pkey,
+            ADD PRIMARY KEY (event_id, source);
+    END IF;
+END $$;
 """
 
-GUARD_SQL = "SELECT emitted FROM processed_events WHERE event_id = $1"
+GUARD_SQL = "SELECT emitted FROM processed_events WHERE event_id = $1 AND source = $2"
 MARK_SQL = (
     "INSERT INTO processed_events (event_id, event_type, correlation_id, source, emitted)"
     " VALUES ($1, $2, $3, $4, $5::jsonb)"
@@ -51,8 +61,9 @@ class EffectMissing(RetryableError):
 
 
 async def ensure_processed_events(conn: asyncpg.Connection) -> None:
-    """Create the idempotency table ``processed_events`` (and its correlation index) if missing.
-    ``source`` is the step id that processed the event; ``emitted`` the next event it emitted."""
+    """Create the idempotency table ``processed_events`` (and its correlation index) if missing,
+    keyed by (event, step). ``source`` is the step id that processed the event; ``emitted`` the
+    next event it emitted."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('hoptrace.processed_events'))")
         await conn.execute(PROCESSED_EVENTS_DDL)
@@ -130,8 +141,8 @@ class Ledger:
         return contextlib.nullcontext() if self.traced else suppress_instrumentation()
 
     async def guard(self, conn: asyncpg.Connection, event_id: str) -> tuple[bool, Envelope | None]:
-        """(already processed?, the next event it emitted then)."""
-        row = await self._own(conn, "fetchrow")(GUARD_SQL, event_id)
+        """(already processed by this step?, the next event it emitted then)."""
+        row = await self._own(conn, "fetchrow")(GUARD_SQL, event_id, self.step.id)
         if row is None:
             return False, None
         emitted = row["emitted"]
