@@ -11,15 +11,11 @@ reference semantics; ``tests/collector/test_native_decode.py`` proves both store
 
 from __future__ import annotations
 
-import base64
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from google.protobuf import json_format
-from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from hoptrace.contract import PipelineSpec
@@ -40,6 +36,27 @@ from hoptrace.contract.conventions import (
 )
 from hoptrace.contract.matching import StepMatcher
 from hoptrace.ids import is_valid_correlation_id
+
+from .otlp_parse import DecodeFailure, parse_json, parse_protobuf
+
+__all__ = [
+    "COLUMNS",
+    "DEFAULT_KEYS",
+    "DecodeFailure",
+    "DecodeKeys",
+    "Decoded",
+    "Encoded",
+    "Rows",
+    "SpanRow",
+    "body_span_count",
+    "decode_body",
+    "decode_request",
+    "native_available",
+    "parse_json",
+    "parse_protobuf",
+    "span_count",
+    "us_to_dt",
+]
 
 try:  # the optional native decoder (Rust, native/src/decode.rs)
     import hoptrace_native as _native
@@ -137,10 +154,6 @@ def us_to_dt(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
-class DecodeFailure(ValueError):
-    """The body is not a decodable OTLP ExportTraceServiceRequest."""
-
-
 @dataclass(frozen=True, slots=True)
 class DecodeKeys:
     """The attribute names decoding reads, from the pipeline spec: where the correlation id is
@@ -209,56 +222,6 @@ class Decoded:
     def count(self) -> int:
         """Spans to store."""
         return self.encoded.n if self.encoded is not None else len(self.rows)
-
-
-def parse_protobuf(body: bytes) -> ExportTraceServiceRequest:
-    req = ExportTraceServiceRequest()
-    try:
-        req.ParseFromString(body)
-    except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise DecodeFailure(f"invalid protobuf: {exc}") from None
-    return req
-
-
-_ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
-
-
-def _hex_ids_to_b64(obj: dict[str, Any]) -> None:
-    for key in _ID_KEYS:
-        value = obj.get(key)
-        if isinstance(value, str) and value:
-            try:
-                obj[key] = base64.b64encode(bytes.fromhex(value)).decode()
-            except ValueError:
-                raise DecodeFailure(f"{key} {value[:40]!r} is not hex") from None
-
-
-def parse_json(body: bytes) -> ExportTraceServiceRequest:
-    """OTLP/JSON (hex ids, lowerCamelCase, int64 as strings, enums as integers)."""
-    try:
-        doc = json.loads(body)
-    except RecursionError:
-        raise DecodeFailure("invalid JSON: nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DecodeFailure(f"invalid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise DecodeFailure("invalid OTLP/JSON: top level must be an object")
-    try:
-        for rs in doc.get("resourceSpans") or doc.get("resource_spans") or []:
-            for ss in rs.get("scopeSpans") or rs.get("scope_spans") or []:
-                for span in ss.get("spans") or []:
-                    _hex_ids_to_b64(span)
-                    for link in span.get("links") or []:
-                        _hex_ids_to_b64(link)
-        req = ExportTraceServiceRequest()
-        json_format.ParseDict(doc, req, ignore_unknown_fields=True)
-    except DecodeFailure:
-        raise
-    except (json_format.ParseError, AttributeError, TypeError, ValueError) as exc:
-        raise DecodeFailure(f"invalid OTLP/JSON: {exc}") from None
-    except RecursionError:
-        raise DecodeFailure("invalid OTLP/JSON: nested too deeply") from None
-    return req
 
 
 def any_value(v: Any) -> Any:

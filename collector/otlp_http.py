@@ -21,8 +21,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import metrics
-from .decode import DecodeFailure, parse_json
 from .ingest import Ingestor
+from .otlp_parse import DecodeFailure, parse_json
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"

@@ -37,8 +37,8 @@ CREATE TABLE IF NOT EXISTS pending_steps (
     step       text NOT NULL,
     start_us   bigint NOT NULL,
     end_us     bigint NOT NULL,
-    failed     boolean NOT NULL,
-    error      text,
+    run_failed boolean NOT NULL,
+    run_error  text,
     parked_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (trace_id, span_id)
 );
@@ -54,7 +54,7 @@ WHERE trace_id = ANY($1::text[]) AND correlation_id IS NOT NULL
 ORDER BY trace_id, start_time
 """
 _PARK = """
-INSERT INTO pending_steps (trace_id, span_id, step, start_us, end_us, failed, error)
+INSERT INTO pending_steps (trace_id, span_id, step, start_us, end_us, run_failed, run_error)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
                      $6::boolean[], $7::text[])
 ON CONFLICT (trace_id, span_id) DO NOTHING
@@ -75,7 +75,7 @@ WITH found AS (
 )
 DELETE FROM pending_steps p USING found f
 WHERE p.trace_id = f.trace_id AND p.span_id = f.span_id
-RETURNING p.trace_id, p.span_id, p.step, p.start_us, p.end_us, p.failed, p.error,
+RETURNING p.trace_id, p.span_id, p.step, p.start_us, p.end_us, p.run_failed, p.run_error,
           f.correlation_id
 """
 _EXPIRE = "DELETE FROM pending_steps WHERE parked_at < now() - $1::interval"
@@ -158,8 +158,8 @@ async def unpark(conn: asyncpg.Connection) -> dict[str, list[StepObs]]:
                 r["step"],
                 r["start_us"],
                 r["end_us"],
-                r["failed"],
-                r["error"],
+                r["run_failed"],
+                r["run_error"],
                 r["correlation_id"],
             ).obs(r["correlation_id"]),
         )

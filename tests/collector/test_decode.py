@@ -10,13 +10,8 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hoptrace.collector.decode import (
-    COLUMNS,
-    DecodeFailure,
-    decode_request,
-    parse_json,
-    parse_protobuf,
-)
+from hoptrace.collector.decode import COLUMNS, decode_request
+from hoptrace.collector.otlp_parse import DecodeFailure, parse_json, parse_protobuf
 
 from .helpers import request, step_span
 
