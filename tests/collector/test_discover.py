@@ -1,0 +1,596 @@
+"""`hoptrace spec discover`: a spec proposed from stored spans.
+
+The pure core on real spans (fixtures): hoptrace's own services (the reference pipeline, stored
+by the collector), the Node kafkajs worker (no group attribute, statements only), the Java agent
+(default and stable semconv), chained and fanned out; every proposal is valid TOML that
+``load_spec`` accepts (once a missing group is filled in). Then the command on the real stack:
+the reference services run a few payments through a real collector, and `spec discover`, run
+with the read-only role, proposes the shipped spec's steps, topics and groups."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import time
+import tomllib
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from typer.testing import CliRunner
+
+from hoptrace.cli import app
+from hoptrace.collector.discover import MARGIN, Proposal, discover, span_of
+from hoptrace.collector.discover_runs import written_tables
+from hoptrace.collector.discover_toml import render
+from hoptrace.collector.records import SpanRecord
+from hoptrace.contract import PipelineSpec, SpecError, load_spec, parse_spec
+from hoptrace.settings import Settings
+from tests.support import (
+    REFERENCE_SPEC,
+    create_database,
+    delete_topics,
+    drop_database,
+    free_port,
+    isolated_spec,
+    unique,
+)
+from tests.workers.harness import HOPTRACE, Services, service_env
+
+FIXTURES = Path(__file__).parent / "fixtures"
+T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+KINDS = {"INTERNAL": 1, "SERVER": 2, "CLIENT": 3, "PRODUCER": 4, "CONSUMER": 5}
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+def stored(name: str) -> list[SpanRecord]:
+    """Spans as the collector stored them (rows of ``spans``, times as ISO text)."""
+    rows = json.loads((FIXTURES / name).read_text())
+    for row in rows:
+        row["start_time"] = datetime.fromisoformat(row["start_time"])
+        row["end_time"] = datetime.fromisoformat(row["end_time"])
+    return [span_of(r) for r in rows]
+
+
+def _hex(n: int) -> str:
+    return os.urandom(n).hex()
+
+
+def producer(service: str, topic: str, cid: str, at: datetime, *, baggage: bool) -> SpanRecord:
+    """The upstream service's send span (a service hoptrace did not write)."""
+    attrs: dict[str, Any] = {
+        "messaging.system": "kafka",
+        "messaging.destination.name": topic,
+        "messaging.operation.type": "send",
+        "messaging.kafka.message.key": cid,
+    }
+    if baggage:
+        attrs["hoptrace.correlation_id"] = cid
+    return SpanRecord(
+        trace_id=_hex(16),
+        span_id=_hex(8),
+        name=f"send {topic}",
+        service=service,
+        kind=4,
+        start_time=at,
+        end_time=at + timedelta(milliseconds=2),
+        attributes=attrs,
+        resource={"service.name": service},
+    )
+
+
+def interop(
+    name: str,
+    upstream: SpanRecord,
+    cid: str,
+    *,
+    topic_in: str,
+    topic_out: str | None = None,
+    group: str | None = None,
+    service: str | None = None,
+    lag_ms: float = 5.0,
+) -> list[SpanRecord]:
+    """The real spans one interop service exported for one record (``interop-NAME-spans.json``),
+    as stored: its topics, group, service and payment id renamed, its consumer span a child of
+    ``upstream`` (trace and parent), fresh span ids, times from ``upstream``'s end + ``lag_ms``."""
+    doc = json.loads((FIXTURES / f"interop-{name}-spans.json").read_text())
+    up = doc["upstream"]
+    raw_in = up["record"].split("[")[0]
+    renames = {
+        raw_in: topic_in,
+        raw_in.replace("interop-in-", "interop-out-"): topic_out or "unused-out",
+        doc["group"]: group or doc["group"],
+        up["payment_id"]: cid,
+    }
+    text = json.dumps([s for s in doc["spans"] if s["trace_id"] == up["producer_span"]["trace_id"]])
+    for old, new in renames.items():
+        text = text.replace(old, json.dumps(new)[1:-1])
+    raw = json.loads(text)
+    ids = {s["span_id"]: _hex(8) for s in raw}
+    ids[up["producer_span"]["span_id"]] = upstream.span_id
+    start = (upstream.end_time or upstream.start_time) + timedelta(milliseconds=lag_ms)
+    consumer = next(s for s in raw if s["kind"] == "CONSUMER")
+    raw.remove(consumer)
+    out = []
+    for i, s in enumerate([consumer, *raw]):
+        at = start + timedelta(milliseconds=0.5 * i)
+        resource = dict(s["resource"])
+        if service:
+            resource["service.name"] = service
+        out.append(
+            SpanRecord(
+                trace_id=upstream.trace_id,
+                span_id=ids[s["span_id"]],
+                parent_span_id=ids.get(s["parent_span_id"]) if s["parent_span_id"] else None,
+                name=s["name"],
+                service=resource["service.name"],
+                kind=KINDS[s["kind"]],
+                start_time=at,
+                end_time=at + timedelta(milliseconds=s["duration_ms"]),
+                status_code={"UNSET": 0, "OK": 1, "ERROR": 2}[s["status"]["code"]],
+                attributes=s["attributes"],
+                resource=resource,
+            )
+        )
+    return out
+
+
+def send_span(spans: list[SpanRecord]) -> SpanRecord:
+    return next(s for s in spans if s.kind == 4)
+
+
+def proposal(spans: list[SpanRecord]) -> tuple[Proposal, str]:
+    p = discover(spans)
+    assert p is not None
+    return p, render(p, ["test"])
+
+
+def loads(text: str, tmp_path: Path) -> PipelineSpec:
+    path = tmp_path / f"{unique('proposed-')}.toml"
+    path.write_text(text)
+    tomllib.loads(text)
+    return load_spec(path)
+
+
+def shape(spec: PipelineSpec) -> list[tuple[Any, ...]]:
+    return [(s.id, s.service, s.consumes, s.group, s.emits, s.after) for s in spec.steps]
+
+
+# ------------------------------------------------------------------------------------ hoptrace
+
+
+def test_hoptrace_s_own_spans_propose_the_shipped_spec(tmp_path: Path) -> None:
+    p, text = proposal(stored("discover-hoptrace-spans.json"))
+    spec = loads(text, tmp_path)
+    shipped = load_spec(REFERENCE_SPEC)
+    assert shape(spec) == shape(shipped)
+    for got, want in zip(spec.steps, shipped.steps, strict=True):
+        assert (got.table, got.event_type, got.calls) == (want.table, want.event_type, want.calls)
+    assert spec.name == shipped.name
+    assert spec.correlation.baggage and not spec.correlation.message_key
+    # deadlines: observed p99 x3 rounded up, at least 1s (the runs took tens of ms)
+    assert {s.deadline for s in spec.steps} == {timedelta(seconds=1)}
+    assert "after = " not in text  # a linear pipeline: every default is right
+    assert 'id = "payment.confirmed"' in text and "its spans' hoptrace.step" in text
+    assert "also written: payment_outbox (3)" in text  # the runner-up, for the user to judge
+    assert "x3, rounded up, at least 1s" in text and p.remarks == []
+
+
+# ------------------------------------------------------------------------------------ Node
+
+
+def node_pipeline(payments: int = 3, *, variant: str = "key") -> list[SpanRecord]:
+    spans: list[SpanRecord] = []
+    for i in range(payments):
+        cid = str(uuid.uuid4())
+        up = producer("checkout-api", "paid", cid, T0 + timedelta(seconds=i), baggage=False)
+        spans += [up, *interop(f"node-{variant}", up, cid, topic_in="paid", topic_out="purchased")]
+    return spans
+
+
+def test_node_kafkajs_worker_without_group_attribute(tmp_path: Path) -> None:
+    p, text = proposal(node_pipeline())
+    assert [(s.id, s.service, s.consumes, s.emits) for s in p.steps] == [
+        ("checkout-api", "checkout-api", None, "paid"),
+        ("node-purchase-worker", "node-purchase-worker", "paid", "purchased"),
+    ]
+    node = p.steps[1]
+    # the effect row, parsed from db.query.text; its processed marks are the runner-up
+    assert node.table == "student_course_purchases"
+    assert "also written: node_processed (3)" in node.notes["table"]
+    # kafkajs names no group: a placeholder the user must fill, and a note
+    assert node.group is None
+    assert re.search(r'^# group = "\?"\s+# not in its spans', text, re.M)
+    assert any("do not name the consumer group" in r for r in p.remarks)
+    # no baggage on these spans: the message key carries the payment id
+    assert (p.baggage, p.message_key) == (False, True)
+    tomllib.loads(text)  # valid TOML ...
+    with pytest.raises(SpecError, match="'group'"):  # ... that refuses to load until filled
+        loads(text, tmp_path)
+    spec = loads(text.replace('# group = "?"', 'group = "purchases"  #'), tmp_path)
+    assert shape(spec) == [
+        ("checkout-api", "checkout-api", None, None, "paid", ()),
+        (
+            "node-purchase-worker",
+            "node-purchase-worker",
+            "paid",
+            "purchases",
+            "purchased",
+            ("checkout-api",),
+        ),
+    ]
+    assert spec.correlation.message_key and not spec.correlation.baggage
+
+
+def test_node_with_baggage_proposes_the_baggage_carrier() -> None:
+    p, _ = proposal(node_pipeline(variant="baggage"))
+    assert (p.baggage, p.message_key) == (True, False)
+    assert p.baggage_note == "hoptrace.correlation_id on 3/6 runs"
+
+
+# ------------------------------------------------------------------------------------ Java
+
+
+@pytest.mark.parametrize("semconv", ["default", "stable"])
+def test_java_agent_consumer(semconv: str, tmp_path: Path) -> None:
+    spans: list[SpanRecord] = []
+    for i in range(4):
+        cid = str(uuid.uuid4())
+        up = producer("allocator", "allocated", cid, T0 + timedelta(seconds=i), baggage=True)
+        spans += [up, *interop(f"java-{semconv}", up, cid, topic_in="allocated", group="sessions")]
+    p, text = proposal(spans)
+    spec = loads(text, tmp_path)
+    assert shape(spec) == [
+        ("allocator", "allocator", None, None, "allocated", ()),
+        (
+            "java-session-worker",
+            "java-session-worker",
+            "allocated",
+            "sessions",
+            None,
+            ("allocator",),
+        ),
+    ]
+    # db.sql.table (default) or the statement / query summary (stable)
+    assert spec.steps[1].table == "tutoring_sessions"
+    assert "also written: java_handled (4)" in p.steps[1].notes["table"]
+    assert spec.correlation.baggage and not spec.correlation.message_key
+    assert p.steps[1].notes["group"] == "on 4/4 runs"
+
+
+def test_node_then_java_in_one_trace_are_ordered_by_their_topics(tmp_path: Path) -> None:
+    spans: list[SpanRecord] = []
+    for i in range(3):
+        cid = str(uuid.uuid4())
+        up = producer("checkout-api", "paid", cid, T0 + timedelta(seconds=i), baggage=False)
+        node = interop("node-key", up, cid, topic_in="paid", topic_out="purchased")
+        java = interop("java-default", send_span(node), cid, topic_in="purchased", group="sessions")
+        spans += [*reversed(java), up, *node]  # storage order says nothing
+    p, text = proposal(spans)
+    assert [s.id for s in p.steps] == [
+        "checkout-api",
+        "node-purchase-worker",
+        "java-session-worker",
+    ]
+    assert [s.after for s in p.steps] == [(), (), ()]  # each after the one listed before it
+    spec = loads(text.replace('# group = "?"', 'group = "purchases"  #'), tmp_path)
+    assert spec.is_linear and [s.consumes for s in spec.steps] == [None, "paid", "purchased"]
+    # the Java run is paired with the Node run above it in the trace: a measured deadline
+    assert "after node-purchase-worker" in p.steps[2].notes["deadline"]
+
+
+# ------------------------------------------------------------------------------------ fan-out
+
+
+def test_fan_out_one_topic_two_groups(tmp_path: Path) -> None:
+    """checkout-api -> paid -> {node: purchases -> purchased -> sessions (Java), mailer (Java)}."""
+    spans: list[SpanRecord] = []
+    for i in range(3):
+        cid = str(uuid.uuid4())
+        up = producer("checkout-api", "paid", cid, T0 + timedelta(seconds=i), baggage=True)
+        mailer = interop(
+            "java-stable", up, cid, topic_in="paid", group="mailer", service="mailer", lag_ms=1
+        )
+        node = interop("node-baggage", up, cid, topic_in="paid", topic_out="purchased", lag_ms=3)
+        sessions = interop("java-default", send_span(node), cid, topic_in="purchased", group="s")
+        spans += [up, *mailer, *node, *sessions]
+    p, text = proposal(spans)
+    text = text.replace('# group = "?"', 'group = "purchases"  #')
+    spec = loads(text, tmp_path)
+    # depth first from the first step; `after` only where the previous step is not the parent
+    assert [(s.id, s.after) for s in spec.steps] == [
+        ("checkout-api", ()),
+        ("mailer", ("checkout-api",)),
+        ("node-purchase-worker", ("checkout-api",)),
+        ("java-session-worker", ("node-purchase-worker",)),
+    ]
+    assert [s.id for s in spec.consumers_of("paid")] == ["mailer", "node-purchase-worker"]
+    assert [s.id for s in spec.leaves] == ["mailer", "java-session-worker"]
+    assert text.count("after = ") == 1  # the mailer's is the default (the step before it)
+    assert 'after = ["checkout-api"]' in text
+
+
+# ------------------------------------------------------------------------------------ deadlines
+
+
+def test_deadline_is_p99_times_the_margin_rounded_up(tmp_path: Path) -> None:
+    """100 pairs, 10..1000 ms apart: p99 990 ms x3 = 2.97 s -> 3s."""
+    spans: list[SpanRecord] = []
+    for i in range(100):
+        cid = str(uuid.uuid4())
+        up = producer("orders", "placed", cid, T0 + timedelta(seconds=i), baggage=True)
+        run, *below = interop("java-default", up, cid, topic_in="placed", group="g")
+        done = up.end_time + timedelta(milliseconds=10 * (i + 1))
+        spans += [up, dataclasses.replace(run, end_time=done), *below]
+    p, text = proposal(spans)
+    assert MARGIN == 3
+    assert p.steps[1].deadline == "3s"
+    assert (
+        "p99 990 ms of 100 runs (done after orders) x3, rounded up" in p.steps[1].notes["deadline"]
+    )
+    assert loads(text, tmp_path).steps[1].deadline == timedelta(seconds=3)
+
+
+# ------------------------------------------------------------------------------------ edges
+
+
+def test_a_topic_nobody_was_seen_producing_gets_a_placeholder_first_step(tmp_path: Path) -> None:
+    spans: list[SpanRecord] = []
+    for i in range(2):
+        cid = str(uuid.uuid4())
+        unseen = producer("legacy", "orders v1", cid, T0 + timedelta(seconds=i), baggage=True)
+        spans += interop("java-default", unseen, cid, topic_in="orders", group="g")
+    p, text = proposal(spans)
+    spec = loads(text, tmp_path)
+    assert [(s.id, s.service, s.emits, s.consumes) for s in spec.steps] == [
+        ("orders.producer", "?", "orders", None),
+        ("java-session-worker", "java-session-worker", None, "orders"),
+    ]
+    assert "nobody was seen producing orders" in text
+
+
+def test_a_second_pipeline_is_proposed_commented_out(tmp_path: Path) -> None:
+    spans = node_pipeline(2)
+    for i in range(1):
+        cid = str(uuid.uuid4())
+        up = producer("billing", "invoices", cid, T0 + timedelta(seconds=i), baggage=True)
+        spans += [up, *interop("java-default", up, cid, topic_in="invoices", group="g")]
+    p, text = proposal(spans)
+    assert [(s.id, s.enabled) for s in p.steps] == [
+        ("checkout-api", True),
+        ("node-purchase-worker", True),
+        ("billing", False),
+        ("java-session-worker", False),
+    ]
+    spec = loads(text.replace('# group = "?"', 'group = "purchases"  #'), tmp_path)
+    assert [s.id for s in spec.steps] == ["checkout-api", "node-purchase-worker"]
+    assert '# id = "billing"' in text and any("commented out" in r for r in p.remarks)
+
+
+def test_step_ids_are_readable_unique_and_valid(tmp_path: Path) -> None:
+    """One service consuming two topics is two steps; odd service names become valid ids."""
+    spans: list[SpanRecord] = []
+    for i in range(2):
+        cid = str(uuid.uuid4())
+        up = producer("Checkout API (eu)", "a", cid, T0 + timedelta(seconds=i), baggage=True)
+        first = interop("node-baggage", up, cid, topic_in="a", topic_out="b", service="Hub")
+        second = interop(
+            "java-default", send_span(first), cid, topic_in="b", group="g2", service="Hub"
+        )
+        spans += [up, *first, *second]
+    p, text = proposal(spans)
+    assert [s.id for s in p.steps] == ["checkout-api-eu", "hub.a", "hub.b"]
+    spec = loads(text.replace('# group = "?"', 'group = "g1"  #'), tmp_path)
+    assert [s.service for s in spec.steps] == ["Checkout API (eu)", "Hub", "Hub"]
+
+
+def test_nothing_to_propose_without_a_messaging_or_step_span() -> None:
+    http = SpanRecord(
+        trace_id=_hex(16), span_id=_hex(8), name="GET /", service="web", kind=2, start_time=T0
+    )
+    assert discover([http]) is None
+    assert discover([]) is None
+
+
+@pytest.mark.parametrize(
+    ("attributes", "tables"),
+    [
+        ({"db.sql.table": "t", "db.operation": "INSERT"}, ["t"]),
+        ({"db.sql.table": "t", "db.operation": "SELECT"}, []),
+        ({"db.collection.name": "orders", "db.operation.name": "insertMany"}, ["orders"]),
+        ({"db.collection.name": "orders", "db.operation.name": "find"}, []),
+        ({"db.query.summary": "UPDATE tutoring_sessions"}, ["tutoring_sessions"]),
+        (
+            {
+                "db.query.text": "insert into s.t (a) values ($1) on conflict (a) do update set a = 1"
+            },
+            ["s.t"],
+        ),
+        ({"db.statement": "SELECT * FROM t WHERE id = $1 FOR UPDATE SKIP LOCKED"}, []),
+        ({"db.statement": "SELECT 1 FROM t FOR NO KEY UPDATE"}, []),
+        ({"db.statement": 'UPDATE ONLY "Orders" SET x = 1'}, ["Orders"]),
+        (
+            {"db.statement": "MERGE INTO stock USING x ON true WHEN MATCHED THEN UPDATE SET n = 1"},
+            ["stock"],
+        ),
+        ({"db.statement": "SELECT 'INSERT INTO nope' FROM t"}, []),
+        ({"db.statement": "BEGIN"}, []),
+    ],
+)
+def test_written_tables(attributes: dict[str, Any], tables: list[str]) -> None:
+    span = SpanRecord(
+        trace_id="t",
+        span_id="s",
+        name="q",
+        service="svc",
+        kind=3,
+        start_time=T0,
+        attributes={"db.system": "postgresql", **attributes},
+    )
+    assert written_tables(span) == tables
+
+
+def test_the_proposal_parses_back_to_what_it_says(tmp_path: Path) -> None:
+    """Strings with quotes, backslashes and control characters stay valid TOML."""
+    spans: list[SpanRecord] = []
+    cid = str(uuid.uuid4())
+    up = producer('we"ird\\svc\x7f', "t1", cid, T0, baggage=True)
+    spans += [up, *interop("java-default", up, cid, topic_in="t1", group='g"1\n')]
+    _, text = proposal(spans)
+    spec = parse_spec(tomllib.loads(text))
+    assert spec.steps[0].service == 'we"ird\\svc\x7f'
+    assert spec.steps[1].group == 'g"1\n'
+
+
+# ------------------------------------------------------------------------------------ command
+
+
+def test_bad_since_or_limit_is_exit_2() -> None:
+    res = CliRunner().invoke(app, ["spec", "discover", "--since", "an hour"])
+    assert res.exit_code == 2 and "--since: bad duration" in res.output
+    res = CliRunner().invoke(app, ["spec", "discover", "--limit", "0"])
+    assert res.exit_code == 2 and "--limit must be at least 1" in res.output
+
+
+@pytest.mark.stack
+def test_nothing_stored_is_exit_1(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hoptrace.settings import get_settings
+
+    monkeypatch.setenv("HOPTRACE_DATABASE_URL", db_url)
+    get_settings.cache_clear()
+    try:
+        res = CliRunner().invoke(app, ["spec", "discover"])
+        assert res.exit_code == 1 and "no span store" in res.output
+        subprocess.run([HOPTRACE, "migrate"], env={**os.environ}, check=True, capture_output=True)
+        res = CliRunner().invoke(app, ["spec", "discover", "--since", "5m"])
+        assert res.exit_code == 1, res.output
+        assert "no pipeline step found" in res.output and "looked at 0 spans" in res.output
+    finally:
+        get_settings.cache_clear()
+
+
+# ------------------------------------------------------------------------------------ real stack
+
+
+def _start_collector(env: dict[str, str], workdir: Path) -> subprocess.Popen:
+    ready = workdir / "collector.ready"
+    log = open(workdir / "collector.log", "ab")  # noqa: SIM115 - kept open for the process
+    proc = subprocess.Popen(
+        [HOPTRACE, "collector"],
+        env={**env, "HOPTRACE_READY_FILE": str(ready)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 45
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError((workdir / "collector.log").read_text()[-2000:])
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.fixture
+def reference_run(
+    admin_db_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> Iterator[tuple[dict[str, str], PipelineSpec, list[str]]]:
+    """The reference services and a collector on this test's database and topics; three
+    payments made and every step span of them stored."""
+    name = unique("hoptrace_s_")
+    db_url = asyncio.run(create_database(admin_db_url, name))
+    spec_path = isolated_spec(tmp_path, unique(""))
+    spec = load_spec(spec_path)
+    http = free_port()
+    env = service_env(db_url, kafka_bootstrap, spec_path, None)
+    env.pop("OTEL_TRACES_EXPORTER", None)
+    env.update(
+        {
+            "HOPTRACE_OTLP_GRPC_PORT": str(free_port()),
+            "HOPTRACE_OTLP_HTTP_PORT": str(http),
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{http}",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+    )
+    res = subprocess.run([HOPTRACE, "topics", "ensure"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    collector = _start_collector(env, tmp_path)
+    services = Services(env, tmp_path)
+    try:
+        services.start_all()
+        cids = []
+        for _ in range(3):
+            out = subprocess.run(
+                [HOPTRACE, "pay"], env=env, capture_output=True, text=True, timeout=60
+            )
+            assert out.returncode == 0, out.stderr
+            cids.append(out.stdout.strip().splitlines()[-1])
+        asyncio.run(_wait_step_spans(db_url, cids, [s.id for s in spec.steps]))
+        yield env, spec, cids
+    finally:
+        services.stop_all()
+        collector.terminate()
+        try:
+            collector.wait(20)
+        except subprocess.TimeoutExpired:
+            collector.kill()
+        asyncio.run(delete_topics(kafka_bootstrap, spec.topics))
+        asyncio.run(drop_database(admin_db_url, name))
+
+
+async def _wait_step_spans(db_url: str, cids: list[str], steps: list[str]) -> None:
+    deadline = time.monotonic() + 60
+    want = {(c, s) for c in cids for s in steps}
+    got: set[tuple[str, str]] = set()
+    while time.monotonic() < deadline:
+        conn = await asyncpg.connect(db_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT DISTINCT correlation_id, step FROM spans WHERE correlation_id = ANY($1)",
+                cids,
+            )
+        finally:
+            await conn.close()
+        got = {(r["correlation_id"], r["step"]) for r in rows}
+        if want <= got:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"step spans not stored in 60s: missing {sorted(want - got)}")
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_spec_discover_on_the_reference_pipeline(
+    reference_run: tuple[dict[str, str], PipelineSpec, list[str]], tmp_path: Path
+) -> None:
+    env, spec, _ = reference_run
+    readonly = Settings(database_url=env["HOPTRACE_DATABASE_URL"]).readonly_database_url()
+    assert readonly.startswith("postgresql://hoptrace_ro:")  # SELECT only
+    res = subprocess.run(
+        [HOPTRACE, "spec", "discover", "--since", "10m"],
+        env={**env, "HOPTRACE_DATABASE_URL": readonly},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    proposed = loads(res.stdout, tmp_path)
+    # the shipped spec's steps, in its order, with this run's topics and groups
+    assert [(s.id, s.service, s.consumes, s.group, s.emits) for s in proposed.steps] == [
+        (s.id, s.service, s.consumes, s.group, s.emits) for s in spec.steps
+    ]
+    assert [s.after for s in proposed.steps] == [s.after for s in spec.steps]
+    assert [s.table for s in proposed.steps] == [s.table for s in spec.steps]
+    assert "hoptrace: proposed 4 steps of pipeline 'payments'" in res.stderr
+    assert re.search(r"looked at \d+ spans of the last 10m", res.stderr)
