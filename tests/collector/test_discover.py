@@ -479,6 +479,83 @@ def test_nothing_stored_is_exit_1(db_url: str, monkeypatch: pytest.MonkeyPatch) 
         get_settings.cache_clear()
 
 
+async def _store(db_url: str, spans: list[SpanRecord]) -> None:
+    """``spans`` written to a migrated span store, moved to end a minute ago."""
+    from hoptrace.collector.schema import migrate
+
+    shift = datetime.now(UTC) - timedelta(minutes=1) - max(s.start_time for s in spans)
+    conn = await asyncpg.connect(db_url)
+    try:
+        await migrate(conn, timedelta(days=1))
+        await conn.executemany(
+            "INSERT INTO spans (trace_id, span_id, parent_span_id, name, service, kind, "
+            "start_time, end_time, duration_us, status_code, correlation_id, pipeline, step, "
+            "outcome, attributes, resource) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10, $11, $12, $13, $14, $15)",
+            [
+                (
+                    s.trace_id,
+                    s.span_id,
+                    s.parent_span_id,
+                    s.name,
+                    s.service,
+                    s.kind,
+                    s.start_time + shift,
+                    (s.end_time or s.start_time) + shift,
+                    s.status_code,
+                    s.correlation_id,
+                    s.pipeline,
+                    s.step,
+                    s.outcome,
+                    json.dumps(dict(s.attributes)),
+                    json.dumps(dict(s.resource)),
+                )
+                for s in spans
+            ],
+        )
+    finally:
+        await conn.close()
+
+
+@pytest.mark.stack
+def test_the_command_reads_at_most_limit_spans_per_query(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from hoptrace.collector.discover_cli import Read, read
+    from hoptrace.settings import get_settings
+
+    spans = stored("discover-hoptrace-spans.json")
+    asyncio.run(_store(db_url, spans))
+
+    async def reads() -> list[Read]:
+        conn = await asyncpg.connect(db_url)
+        try:
+            return [
+                await read(conn, timedelta(hours=1), 10),
+                await read(conn, timedelta(hours=1), 100_000),
+                await read(conn, timedelta(seconds=1), 100_000),
+            ]
+        finally:
+            await conn.close()
+
+    small, whole, old = asyncio.run(reads())
+    assert small.looked == 10 and len(small.rows) <= 10
+    assert whole.looked == len(spans) and whole.traces == 3  # the three payments' traces
+    assert {r["span_id"] for r in whole.rows} < {s.span_id for s in spans}  # not the noise
+    assert old.looked == 0 and old.rows == []  # --since: older spans are not looked at
+    readonly = Settings(database_url=db_url).readonly_database_url()
+    monkeypatch.setenv("HOPTRACE_DATABASE_URL", readonly)
+    get_settings.cache_clear()
+    try:
+        res = CliRunner().invoke(app, ["spec", "discover", "--since", "30m"])
+    finally:
+        get_settings.cache_clear()
+    assert res.exit_code == 0, res.output
+    text = res.stdout
+    assert f"looked at {len(spans)} spans of the last 30m" in text
+    assert shape(loads(text, tmp_path)) == shape(load_spec(REFERENCE_SPEC))
+
+
 # ------------------------------------------------------------------------------------ real stack
 
 
