@@ -17,8 +17,8 @@ read side is ``discover_cli``); which spans are runs, and what is below each, is
 * **the order**: each step runs after the step that emits its consumed topic (several steps on one
   topic under different groups: a fan-out); steps are listed depth first from the first step, so
   ``after`` is written only where the previous step listed is not the one. A topic consumed but
-  produced by nobody seen gets a placeholder first step when there is none; steps not reached
-  from the first step (another pipeline) are proposed commented out.
+  produced by nobody seen gets a placeholder first step. Of the trees this makes, the one with
+  the most steps seen is the spec; the others (another pipeline) are proposed commented out.
 * **a deadline**: the observed p99 of (step done - previous step done) times :data:`MARGIN`,
   rounded up to a readable value, at least :data:`MIN_DEADLINE`; the previous step's run is the
   nearest run above in the trace, else the one with the same correlation id. A first step's is
@@ -181,17 +181,28 @@ def discover(spans: Iterable[SpanRecord], margin: int = MARGIN) -> Proposal | No
 
 
 def _order(steps: list[_Step]) -> list[_Step]:
-    """Each consuming step's parent (the step emitting its topic); the first step; depth first
-    from it (children by first seen). Steps not reached come after, ``enabled`` false."""
+    """Each consuming step's parent (the step emitting its topic, else a placeholder first step
+    for the topic); the steps depth first from the first step of the biggest tree (children by
+    first seen); the other trees after it (written commented out)."""
     emitters: dict[str, list[_Step]] = defaultdict(list)
     for step in steps:
         topic = step.emits[0]
         if topic:
             emitters[topic].append(step)
-    for step in steps:
+    placeholders: dict[str, _Step] = {}
+    for step in sorted(steps, key=_seen):
         if step.consumes:
             options = [e for e in emitters.get(step.consumes, []) if e is not step]
-            step.parent = min(options, key=lambda e: e.first_seen) if options else None
+            step.parent = min(options, key=_seen) if options else None
+            if step.parent is None:  # nobody seen producing its topic
+                step.parent = placeholders.setdefault(
+                    step.consumes, _Step(("source", step.consumes))
+                )
+    roots = [s for s in steps if not s.consumes] + list(placeholders.values())
+    if not roots and steps:  # a cycle nobody was seen producing into: enter at the first
+        first = min(steps, key=_seen)
+        first.parent = _Step(("source", first.consumes))
+        roots = [first.parent]
     children: dict[int, list[_Step]] = defaultdict(list)
     for step in steps:
         if step.parent is not None:
@@ -202,31 +213,19 @@ def _order(steps: list[_Step]) -> list[_Step]:
         todo = [root]
         while todo:
             step = todo.pop()
-            if step in out:
-                continue
-            out.append(step)
-            todo.extend(sorted(children[id(step)], key=lambda s: s.first_seen, reverse=True))
+            if step not in out:
+                out.append(step)
+                todo.extend(sorted(children[id(step)], key=_seen, reverse=True))
         return out
 
-    roots = [s for s in steps if not s.consumes]
-    orphans = [s for s in steps if s.consumes and s.parent is None]
-    if not roots and orphans:  # nobody seen producing the first topic: a placeholder step
-        first = min(orphans, key=lambda s: s.first_seen)
-        placeholder = _Step(("source", first.consumes))
-        placeholder.runs = []
-        for s in orphans:
-            if s.consumes == first.consumes:
-                s.parent = placeholder
-                children[id(placeholder)].append(s)
-        roots = [placeholder]
-    trees = sorted(
-        (tree(r) for r in roots),
-        key=lambda t: (-len(t), -sum(len(s.runs) for s in t), _seen(t[0])),
-    )
-    placed: list[_Step] = list(trees[0]) if trees else []
-    for rest in trees[1:]:
-        placed.extend(s for s in rest if s not in placed)
-    placed.extend(s for s in sorted(steps, key=lambda s: s.first_seen) if s not in placed)
+    def weight(t: list[_Step]) -> tuple[int, int, float]:
+        seen = [s for s in t if s.runs]
+        return (-len(seen), -sum(len(s.runs) for s in seen), min(map(_seen, seen), default=0))
+
+    placed: list[_Step] = []
+    for t in sorted((tree(r) for r in roots), key=weight):
+        placed.extend(s for s in t if s not in placed)
+    placed.extend(s for s in sorted(steps, key=_seen) if s not in placed)
     return placed
 
 

@@ -61,6 +61,7 @@ _TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?$
 
 
 def kind_of(span: SpanRecord) -> int:
+    """The span's OTLP kind number (stored as a number, or as a name in hand-made spans)."""
     if isinstance(span.kind, int):
         return span.kind
     text = str(span.kind or "").upper().removeprefix("SPAN_KIND_")
@@ -68,6 +69,7 @@ def kind_of(span: SpanRecord) -> int:
 
 
 def failed(span: SpanRecord) -> bool:
+    """A failed run: status ERROR, or hoptrace's outcome ``error``."""
     out = span.outcome or span.attributes.get(ATTR_OUTCOME)
     return span.status_code == STATUS_ERROR or out == Outcome.ERROR
 
@@ -108,6 +110,8 @@ def _sql_targets(statement: str) -> list[str]:
 
 @dataclass
 class Run:
+    """One step run: its span, its step's key, and what its scope shows."""
+
     span: SpanRecord
     key: tuple[str | None, ...]
     consumes: str | None = None
@@ -119,6 +123,7 @@ class Run:
 
 
 def is_dlq(topic: str | None) -> bool:
+    """A dead-letter topic (never a step's consumed or emitted topic)."""
     return bool(topic) and str(topic).endswith(DLQ_SUFFIX)
 
 
@@ -140,7 +145,7 @@ class SpanTree:
         return self.by_id.get((span.trace_id, span.parent_span_id))
 
     def scope(self, top: SpanRecord, runs: Mapping[tuple[str, str], Run]) -> list[SpanRecord]:
-        """``top``'s subtree without the runs below it (and their subtrees), ``top`` first."""
+        """``top``'s subtree without the runs below it (and their subtrees), by start time."""
         out: list[SpanRecord] = []
         todo = [top]
         while todo:

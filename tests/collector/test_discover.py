@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import re
 import subprocess
-import time
 import tomllib
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hoptrace.cli import app
-from hoptrace.collector.discover import MARGIN, Proposal, discover, span_of
+from hoptrace.collector.discover import MARGIN, Proposal, discover
 from hoptrace.collector.discover_runs import written_tables
 from hoptrace.collector.discover_toml import render
 from hoptrace.collector.records import SpanRecord
@@ -45,108 +43,10 @@ from tests.support import (
 )
 from tests.workers.harness import HOPTRACE, Services, service_env
 
-FIXTURES = Path(__file__).parent / "fixtures"
-T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
-KINDS = {"INTERNAL": 1, "SERVER": 2, "CLIENT": 3, "PRODUCER": 4, "CONSUMER": 5}
+from .fixtures.spans import T0, hex_id, interop, producer, send_span, store, stored
+from .fixtures.stack import start_collector, wait_step_spans
 
-
-# ------------------------------------------------------------------------------------ fixtures
-
-
-def stored(name: str) -> list[SpanRecord]:
-    """Spans as the collector stored them (rows of ``spans``, times as ISO text)."""
-    rows = json.loads((FIXTURES / name).read_text())
-    for row in rows:
-        row["start_time"] = datetime.fromisoformat(row["start_time"])
-        row["end_time"] = datetime.fromisoformat(row["end_time"])
-    return [span_of(r) for r in rows]
-
-
-def _hex(n: int) -> str:
-    return os.urandom(n).hex()
-
-
-def producer(service: str, topic: str, cid: str, at: datetime, *, baggage: bool) -> SpanRecord:
-    """The upstream service's send span (a service hoptrace did not write)."""
-    attrs: dict[str, Any] = {
-        "messaging.system": "kafka",
-        "messaging.destination.name": topic,
-        "messaging.operation.type": "send",
-        "messaging.kafka.message.key": cid,
-    }
-    if baggage:
-        attrs["hoptrace.correlation_id"] = cid
-    return SpanRecord(
-        trace_id=_hex(16),
-        span_id=_hex(8),
-        name=f"send {topic}",
-        service=service,
-        kind=4,
-        start_time=at,
-        end_time=at + timedelta(milliseconds=2),
-        attributes=attrs,
-        resource={"service.name": service},
-    )
-
-
-def interop(
-    name: str,
-    upstream: SpanRecord,
-    cid: str,
-    *,
-    topic_in: str,
-    topic_out: str | None = None,
-    group: str | None = None,
-    service: str | None = None,
-    lag_ms: float = 5.0,
-) -> list[SpanRecord]:
-    """The real spans one interop service exported for one record (``interop-NAME-spans.json``),
-    as stored: its topics, group, service and payment id renamed, its consumer span a child of
-    ``upstream`` (trace and parent), fresh span ids, times from ``upstream``'s end + ``lag_ms``."""
-    doc = json.loads((FIXTURES / f"interop-{name}-spans.json").read_text())
-    up = doc["upstream"]
-    raw_in = up["record"].split("[")[0]
-    renames = {
-        raw_in: topic_in,
-        raw_in.replace("interop-in-", "interop-out-"): topic_out or "unused-out",
-        doc["group"]: group or doc["group"],
-        up["payment_id"]: cid,
-    }
-    text = json.dumps([s for s in doc["spans"] if s["trace_id"] == up["producer_span"]["trace_id"]])
-    for old, new in renames.items():
-        text = text.replace(old, json.dumps(new)[1:-1])
-    raw = json.loads(text)
-    ids = {s["span_id"]: _hex(8) for s in raw}
-    ids[up["producer_span"]["span_id"]] = upstream.span_id
-    start = (upstream.end_time or upstream.start_time) + timedelta(milliseconds=lag_ms)
-    consumer = next(s for s in raw if s["kind"] == "CONSUMER")
-    raw.remove(consumer)
-    out = []
-    for i, s in enumerate([consumer, *raw]):
-        at = start + timedelta(milliseconds=0.5 * i)
-        resource = dict(s["resource"])
-        if service:
-            resource["service.name"] = service
-        out.append(
-            SpanRecord(
-                trace_id=upstream.trace_id,
-                span_id=ids[s["span_id"]],
-                parent_span_id=ids.get(s["parent_span_id"]) if s["parent_span_id"] else None,
-                name=s["name"],
-                service=resource["service.name"],
-                kind=KINDS[s["kind"]],
-                start_time=at,
-                end_time=at + timedelta(milliseconds=s["duration_ms"]),
-                status_code={"UNSET": 0, "OK": 1, "ERROR": 2}[s["status"]["code"]],
-                attributes=s["attributes"],
-                resource=resource,
-            )
-        )
-    return out
-
-
-def send_span(spans: list[SpanRecord]) -> SpanRecord:
-    return next(s for s in spans if s.kind == 4)
+# ------------------------------------------------------------------------------------ helpers
 
 
 def proposal(spans: list[SpanRecord]) -> tuple[Proposal, str]:
@@ -359,6 +259,47 @@ def test_a_topic_nobody_was_seen_producing_gets_a_placeholder_first_step(tmp_pat
     assert "nobody was seen producing orders" in text
 
 
+def test_an_unseen_upstream_keeps_the_bigger_pipeline(tmp_path: Path) -> None:
+    """The first producer does not export spans; an unrelated producer does: the pipeline of
+    two steps gets a placeholder first step, the lone producer is commented out."""
+    spans: list[SpanRecord] = []
+    for i in range(2):
+        cid = str(uuid.uuid4())
+        unseen = producer("legacy", "paid", cid, T0 + timedelta(seconds=i), baggage=True)
+        node = interop("node-baggage", unseen, cid, topic_in="paid", topic_out="purchased")
+        java = interop("java-default", send_span(node), cid, topic_in="purchased", group="g")
+        billing = producer("billing", "invoices", cid, T0 - timedelta(seconds=1), baggage=True)
+        spans += [*node, *java, billing]
+    p, text = proposal(spans)
+    assert [(s.id, s.enabled) for s in p.steps] == [
+        ("paid.producer", True),
+        ("node-purchase-worker", True),
+        ("java-session-worker", True),
+        ("billing", False),
+    ]
+    spec = loads(text.replace('# group = "?"', 'group = "purchases"  #'), tmp_path)
+    assert [s.consumes for s in spec.steps] == [None, "paid", "purchased"]
+
+
+def test_a_cycle_nobody_produces_into_is_entered_at_its_first_step(tmp_path: Path) -> None:
+    spans: list[SpanRecord] = []
+    for i in range(2):
+        cid = str(uuid.uuid4())
+        unseen = producer("outside", "x", cid, T0 + timedelta(seconds=i), baggage=True)
+        a = interop("node-baggage", unseen, cid, topic_in="x", topic_out="y", service="a")
+        spans += [
+            *a,
+            *interop("node-baggage", send_span(a), cid, topic_in="y", topic_out="x", service="b"),
+        ]
+    p, text = proposal(spans)
+    spec = loads(text.replace('# group = "?"', 'group = "g"  #'), tmp_path)
+    assert [(s.id, s.consumes, s.emits) for s in spec.steps] == [
+        ("x.producer", None, "x"),
+        ("a", "x", "y"),
+        ("b", "y", "x"),
+    ]
+
+
 def test_a_second_pipeline_is_proposed_commented_out(tmp_path: Path) -> None:
     spans = node_pipeline(2)
     for i in range(1):
@@ -396,7 +337,7 @@ def test_step_ids_are_readable_unique_and_valid(tmp_path: Path) -> None:
 
 def test_nothing_to_propose_without_a_messaging_or_step_span() -> None:
     http = SpanRecord(
-        trace_id=_hex(16), span_id=_hex(8), name="GET /", service="web", kind=2, start_time=T0
+        trace_id=hex_id(16), span_id=hex_id(8), name="GET /", service="web", kind=2, start_time=T0
     )
     assert discover([http]) is None
     assert discover([]) is None
@@ -479,44 +420,6 @@ def test_nothing_stored_is_exit_1(db_url: str, monkeypatch: pytest.MonkeyPatch) 
         get_settings.cache_clear()
 
 
-async def _store(db_url: str, spans: list[SpanRecord]) -> None:
-    """``spans`` written to a migrated span store, moved to end a minute ago."""
-    from hoptrace.collector.schema import migrate
-
-    shift = datetime.now(UTC) - timedelta(minutes=1) - max(s.start_time for s in spans)
-    conn = await asyncpg.connect(db_url)
-    try:
-        await migrate(conn, timedelta(days=1))
-        await conn.executemany(
-            "INSERT INTO spans (trace_id, span_id, parent_span_id, name, service, kind, "
-            "start_time, end_time, duration_us, status_code, correlation_id, pipeline, step, "
-            "outcome, attributes, resource) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9, $10, $11, $12, $13, $14, $15)",
-            [
-                (
-                    s.trace_id,
-                    s.span_id,
-                    s.parent_span_id,
-                    s.name,
-                    s.service,
-                    s.kind,
-                    s.start_time + shift,
-                    (s.end_time or s.start_time) + shift,
-                    s.status_code,
-                    s.correlation_id,
-                    s.pipeline,
-                    s.step,
-                    s.outcome,
-                    json.dumps(dict(s.attributes)),
-                    json.dumps(dict(s.resource)),
-                )
-                for s in spans
-            ],
-        )
-    finally:
-        await conn.close()
-
-
 @pytest.mark.stack
 def test_the_command_reads_at_most_limit_spans_per_query(
     db_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
@@ -525,7 +428,7 @@ def test_the_command_reads_at_most_limit_spans_per_query(
     from hoptrace.settings import get_settings
 
     spans = stored("discover-hoptrace-spans.json")
-    asyncio.run(_store(db_url, spans))
+    asyncio.run(store(db_url, spans))
 
     async def reads() -> list[Read]:
         conn = await asyncpg.connect(db_url)
@@ -559,24 +462,6 @@ def test_the_command_reads_at_most_limit_spans_per_query(
 # ------------------------------------------------------------------------------------ real stack
 
 
-def _start_collector(env: dict[str, str], workdir: Path) -> subprocess.Popen:
-    ready = workdir / "collector.ready"
-    log = open(workdir / "collector.log", "ab")  # noqa: SIM115 - kept open for the process
-    proc = subprocess.Popen(
-        [HOPTRACE, "collector"],
-        env={**env, "HOPTRACE_READY_FILE": str(ready)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 45
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError((workdir / "collector.log").read_text()[-2000:])
-        time.sleep(0.05)
-    return proc
-
-
 @pytest.fixture
 def reference_run(
     admin_db_url: str, kafka_bootstrap: str, tmp_path: Path
@@ -601,7 +486,7 @@ def reference_run(
     )
     res = subprocess.run([HOPTRACE, "topics", "ensure"], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    collector = _start_collector(env, tmp_path)
+    collector = start_collector(env, tmp_path)
     services = Services(env, tmp_path)
     try:
         services.start_all()
@@ -612,7 +497,7 @@ def reference_run(
             )
             assert out.returncode == 0, out.stderr
             cids.append(out.stdout.strip().splitlines()[-1])
-        asyncio.run(_wait_step_spans(db_url, cids, [s.id for s in spec.steps]))
+        asyncio.run(wait_step_spans(db_url, cids, [s.id for s in spec.steps]))
         yield env, spec, cids
     finally:
         services.stop_all()
@@ -623,26 +508,6 @@ def reference_run(
             collector.kill()
         asyncio.run(delete_topics(kafka_bootstrap, spec.topics))
         asyncio.run(drop_database(admin_db_url, name))
-
-
-async def _wait_step_spans(db_url: str, cids: list[str], steps: list[str]) -> None:
-    deadline = time.monotonic() + 60
-    want = {(c, s) for c in cids for s in steps}
-    got: set[tuple[str, str]] = set()
-    while time.monotonic() < deadline:
-        conn = await asyncpg.connect(db_url)
-        try:
-            rows = await conn.fetch(
-                "SELECT DISTINCT correlation_id, step FROM spans WHERE correlation_id = ANY($1)",
-                cids,
-            )
-        finally:
-            await conn.close()
-        got = {(r["correlation_id"], r["step"]) for r in rows}
-        if want <= got:
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"step spans not stored in 60s: missing {sorted(want - got)}")
 
 
 @pytest.mark.stack
