@@ -3,10 +3,12 @@
 Two bounded queries, SELECT only (the read-only role is enough):
 
 1. **the runs**: of the window's spans, at most ``limit`` are looked at (the first the scan meets,
-   PostgreSQL's storage order, roughly oldest first); the traces holding a consumer, producer or
-   hoptrace step span among them;
-2. **their traces**: at most ``limit`` spans of those traces in the window, with the attributes
-   discovery reads (messaging, hoptrace's, database) and ids and times for the others.
+   PostgreSQL's storage order, roughly oldest first; no index on start time exists, so the scan
+   of the window's daily partitions also passes over that day's earlier rows); the traces holding
+   a consumer, producer or hoptrace step span among them;
+2. **their traces**: at most ``limit`` spans of those traces in the window (a primary-key lookup
+   per trace, ordered by trace so that at most one trace is cut), with the attributes discovery
+   reads (messaging, hoptrace's, database) and ids and times for the others.
 
 The pure core (``discover``) proposes the spec; its TOML (``discover_toml``) goes to stdout, notes to stderr. Exit 0,
 2 for bad input, 1 when nothing was found or the store could not be read.
