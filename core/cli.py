@@ -29,10 +29,12 @@ dev_app = typer.Typer(
 topics_app = typer.Typer(help="Kafka topics of the pipeline.", no_args_is_help=True)
 check_app = typer.Typer(help="Checks before you deploy.", no_args_is_help=True)
 demo_app = typer.Typer(help="Demo traffic for the reference pipeline.", no_args_is_help=True)
+spec_app = typer.Typer(help="The pipeline spec.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(topics_app, name="topics")
 app.add_typer(check_app, name="check")
 app.add_typer(demo_app, name="demo")
+app.add_typer(spec_app, name="spec")
 
 DevName = Annotated[
     str | None, typer.Option("--dev-name", hidden=True, help="Set by `hoptrace dev`.")
@@ -273,6 +275,19 @@ def check_deploy(
     from hoptrace.workers.faults import GROUP_FAULTS
 
     check_deploy_cli(compose, GROUP_FAULTS)
+
+
+@spec_app.command("discover")
+def spec_discover(
+    since: Annotated[str, typer.Option("--since", help="How far back, e.g. 30m, 1h, 2d.")] = "1h",
+    limit: Annotated[
+        int, typer.Option("--limit", help="Spans each of its two queries looks at, at most.")
+    ] = 20_000,
+) -> None:
+    """Propose a pipeline spec (TOML on stdout) from the spans already stored."""
+    from hoptrace.collector.discover_cli import discover_cli
+
+    discover_cli(since, limit)
 
 
 def main() -> None:
