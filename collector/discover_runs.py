@@ -29,7 +29,10 @@ from hoptrace.contract.conventions import (
     ATTR_OUTCOME,
     ATTR_PIPELINE,
     ATTR_STEP,
+    DB_OPERATION_KEYS,
     DB_STATEMENT_KEYS,
+    DB_SUMMARY,
+    DB_SYSTEM_KEYS,
     DB_TABLE_KEYS,
     DLQ_SUFFIX,
     EMIT_TOPIC_KEYS,
@@ -40,10 +43,6 @@ from hoptrace.contract.matching import Messaging, first_attr, is_consume, is_pro
 
 from .records import SpanRecord
 
-#: Database semantic-convention names the contract does not hold (read only here).
-DB_SUMMARY = "db.query.summary"
-DB_OPERATION_KEYS = ("db.operation.name", "db.operation")
-DB_SYSTEM_KEYS = ("db.system.name", "db.system")
 #: Every span attribute read on a database span.
 DB_KEYS = DB_TABLE_KEYS + DB_STATEMENT_KEYS + (DB_SUMMARY,) + DB_OPERATION_KEYS + DB_SYSTEM_KEYS
 

@@ -105,6 +105,10 @@ HTTP_STATUS_KEYS = ("http.response.status_code", "http.status_code")
 PEER_KEYS = ("peer.service", "server.address", "url.full", "http.url")
 DB_TABLE_KEYS = ("db.sql.table", "db.collection.name")
 DB_STATEMENT_KEYS = ("db.query.text", "db.statement")
+#: e.g. ``INSERT tutoring_sessions`` (the Java agent's stable database conventions)
+DB_SUMMARY = "db.query.summary"
+DB_OPERATION_KEYS = ("db.operation.name", "db.operation")
+DB_SYSTEM_KEYS = ("db.system.name", "db.system")
 EXCEPTION_EVENT = "exception"
 EXCEPTION_TYPE = "exception.type"
 EXCEPTION_MESSAGE = "exception.message"
