@@ -1,12 +1,14 @@
 """OTLP fuzzing, the long run: a real ``hoptrace collector`` on free ports against its own fresh
-database, fed random and mutated bodies over HTTP and gRPC, lying headers, then a stream of
-oversized and compressed bodies while its RSS is sampled.
+database, fed random and mutated bodies over HTTP and gRPC (gzip ones single- and multi-member:
+every member's spans must be stored), lying headers, then a stream of oversized and compressed
+bodies while its RSS is sampled.
 
     .venv/bin/python benchmarks/fuzz_otlp.py [--http 16000] [--grpc 4000] [--memory 200]
         [--max-body BYTES] [--out FILE]
 
 Prints the figures and writes ``benchmarks/results/fuzz_otlp.json`` (cases, answers by status,
-crashes, hangs, 500s, RSS before/peak/after). Exit 1 when any crash, hang or 500 was seen."""
+crashes, hangs, 500s, multi-member bodies whose spans went missing, RSS before/peak/after). Exit 1
+when any crash, hang, 500 or missing multi-member span was seen."""
 
 from __future__ import annotations
 
@@ -49,7 +51,13 @@ async def main(http_cases: int, grpc_cases: int, memory_cases: int, seed: int) -
     RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps({k: v for k, v in figures.items() if k != "by_kind"}, indent=2))
     print(f"wrote {RESULTS}")
-    bad = rep.crashed or rep.hangs or rep.server_errors or not rep.canary_stored
+    bad = (
+        rep.crashed
+        or rep.hangs
+        or rep.server_errors
+        or rep.multi_member_missing
+        or not rep.canary_stored
+    )
     return 1 if bad else 0
 
 

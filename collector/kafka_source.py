@@ -2,13 +2,20 @@
 (what the OpenTelemetry Collector's Kafka exporter writes with ``encoding: otlp_proto``) into the
 same write queue. Offsets are committed only after the records' spans are written, so a crash
 re-delivers (duplicates are harmless) and nothing is lost. Undecodable records are counted and
-skipped."""
+skipped; spans outside the store's time window (:class:`~.ingest.SpanWindow`) are counted and
+dropped, as the receivers do.
+
+:meth:`KafkaSpanSource.run_forever` is what the collector runs: when the source dies of an
+unexpected error (a bug, a client in a state it cannot leave) it is logged, counted
+(``hoptrace_kafka_source_restarts``) and started again after a backoff; its uncommitted records are
+read again by the new consumer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer
@@ -17,7 +24,8 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from hoptrace.contract.conventions import MESSAGING_SYSTEM_KAFKA
 
 from . import metrics
-from .decode import DEFAULT_KEYS, DecodeFailure, DecodeKeys, decode_body
+from .decode import DEFAULT_KEYS, DecodeFailure, DecodeKeys, decode_body, parse_protobuf
+from .ingest import SpanWindow
 from .spanqueue import SpanQueue
 
 log = logging.getLogger("hoptrace.collector.kafka_source")
@@ -34,6 +42,7 @@ class KafkaSpanSource:
         *,
         retry_s: float = 1.0,
         max_retry_s: float = 30.0,
+        window: SpanWindow | None = None,
         keys: DecodeKeys = DEFAULT_KEYS,
     ) -> None:
         self.keys = keys  # the pipeline's correlation carriers, candidates for step matching
@@ -47,6 +56,8 @@ class KafkaSpanSource:
         self.retry_s = retry_s
         self.max_retry_s = max_retry_s
         self.start_failures = 0  # starts that failed (broker unreachable)
+        self.restarts = 0  # times run() died and was started again
+        self.window = window or SpanWindow(max_age=None, max_ahead=None)
 
     async def _start(self) -> AIOKafkaConsumer:
         """A started consumer. While the broker cannot be reached, says so and tries again with
@@ -94,16 +105,22 @@ class KafkaSpanSource:
                 now = datetime.now(UTC)
                 for records in batch.values():
                     for rec in records:
+                        body = rec.value or b""
                         try:
-                            decoded = decode_body(rec.value or b"", now, keys=self.keys)
+                            decoded = decode_body(body, now, keys=self.keys)
                         except DecodeFailure:
                             metrics.SPANS_DROPPED.labels("undecodable").inc()
                             continue
+                        decoded, outside = self.window.apply(
+                            decoded, lambda b=body: parse_protobuf(b), now, self.keys
+                        )
                         metrics.SPANS_RECEIVED.labels(MESSAGING_SYSTEM_KAFKA).inc(
                             decoded.count + decoded.rejected
                         )
-                        if decoded.rejected:
-                            metrics.SPANS_DROPPED.labels("invalid").inc(decoded.rejected)
+                        if decoded.rejected > outside:
+                            metrics.SPANS_DROPPED.labels("invalid").inc(decoded.rejected - outside)
+                        if outside:
+                            metrics.SPANS_DROPPED.labels("out_of_window").inc(outside)
                         if decoded.count:
                             fut: asyncio.Future[None] = loop.create_future()
                             spans = decoded.encoded if decoded.encoded is not None else decoded.rows
@@ -117,3 +134,25 @@ class KafkaSpanSource:
                     log.warning("offset commit failed (records will be re-read): %s", exc)
         finally:
             await consumer.stop()
+
+    async def run_forever(self) -> None:
+        """:meth:`run`, started again (after a backoff, reset once a run lasted a minute) each
+        time it dies; only cancellation ends it."""
+        delay = self.retry_s
+        while True:
+            started = time.monotonic()
+            try:
+                await self.run()
+                log.warning("kafka span source stopped by itself; starting it again")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("kafka span source died; starting it again in %.1fs", delay)
+            self.consumer = None
+            self.assigned.clear()
+            self.restarts += 1
+            metrics.KAFKA_SOURCE_RESTARTS.inc()
+            if time.monotonic() - started > 60:
+                delay = self.retry_s
+            await asyncio.sleep(delay)
+            delay = min(self.max_retry_s, delay * 2)

@@ -5,14 +5,24 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 SPANS_RECEIVED = Counter(
-    "hoptrace_spans_received", "Spans received by the collector.", ["transport"]
+    "hoptrace_spans_received",
+    "Spans received by the collector and taken (queued) or refused for good (dropped); spans "
+    "refused for a retry are counted in hoptrace_spans_refused.",
+    ["transport"],
 )
 SPANS_STORED = Counter("hoptrace_spans_stored", "Spans written to the span store (new rows).")
 SPANS_DUPLICATE = Counter("hoptrace_spans_duplicate", "Spans already in the store (ignored).")
 SPANS_DROPPED = Counter(
     "hoptrace_spans_dropped",
-    "Spans not accepted, by reason (invalid, unauthenticated, too_large, queue_full, undecodable).",
+    "Spans not accepted for good, by reason (invalid, out_of_window, unauthenticated, too_large, "
+    "undecodable).",
     ["reason"],
+)
+SPANS_REFUSED = Counter(
+    "hoptrace_spans_refused",
+    "Spans refused because the write queue was full (HTTP 503 / gRPC UNAVAILABLE with a retry "
+    "delay): the sender retries them, so they are not drops.",
+    ["transport"],
 )
 BATCH_SECONDS = Histogram(
     "hoptrace_write_batch_seconds",
@@ -22,7 +32,14 @@ BATCH_SECONDS = Histogram(
 WRITE_ERRORS = Counter("hoptrace_write_errors", "Failed batch writes (retried).")
 QUEUE_DEPTH = Gauge("hoptrace_queue_depth", "Spans waiting in the write queue.")
 STALLED = Gauge("hoptrace_stalled_correlations", "Correlations currently stalled.")
-ALERTS_FIRED = Counter("hoptrace_alerts_fired", "Stall alerts fired.")
+FAILED = Gauge("hoptrace_failed_correlations", "Correlations currently failed.")
+SCAN_LEADER = Gauge(
+    "hoptrace_stall_scan_leader", "1 while this collector holds the stall-scan lease, else 0."
+)
+KAFKA_SOURCE_RESTARTS = Counter(
+    "hoptrace_kafka_source_restarts", "Times the Kafka span source died and was restarted."
+)
+ALERTS_FIRED = Counter("hoptrace_alerts_fired", "Alerts fired (stalled and failed correlations).")
 ALERT_DELIVERIES = Counter(
     "hoptrace_alert_deliveries", "Alert delivery attempts by result.", ["result"]
 )

@@ -1,16 +1,20 @@
 """OTLP/HTTP receiver (starlette): ``POST /v1/traces`` (protobuf or JSON, optional gzip),
-``GET /healthz``, ``GET /metrics``.
+``GET /healthz`` (liveness: the process answers), ``GET /readyz`` (readiness: the store answers
+and the write queue is below its cap; 503 with the reason otherwise), ``GET /metrics``.
 
 Answers per the OTLP spec: 200 (with ``partial_success`` when spans were rejected), 400
 undecodable, 401 bad/missing token, 413 too large (Content-Length, streamed size and decompressed
 size are all capped: a gzip bomb is refused without inflating it), 415 unsupported content type or
 encoding, 503 + Retry-After when the write queue is full. Never 500 for bad input.
+
+A gzip body may hold several members (RFC 1952; ``cat a.gz b.gz``): every member is inflated,
+the cap applies to their sum, and bytes after a member that are no gzip member make it a 400.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from google.protobuf import json_format
 from google.rpc.status_pb2 import Status
@@ -32,6 +36,15 @@ _PROTOBUF_TYPES = {"application/x-protobuf", "application/protobuf"}
 _OK = ExportTraceServiceResponse().SerializeToString()
 #: ``/healthz`` body of a healthy collector (bytes: the body as sent).
 _HEALTHY = b"ok"
+#: At most this many gzip members in one body (each costs a fresh inflater).
+MAX_GZIP_MEMBERS = 1024
+
+#: The readiness check: (ready, why).
+ReadyFn = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+async def _always_ready() -> tuple[bool, str]:
+    return True, "ready"
 
 
 class TooLarge(Exception):
@@ -58,18 +71,32 @@ def _error(
 
 
 def gunzip_capped(data: bytes, cap: int) -> bytes:
-    """Inflate gzip ``data``; raise TooLarge past ``cap`` bytes (without inflating the rest)."""
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    out = d.decompress(data, cap + 1)
-    if len(out) > cap or d.unconsumed_tail:
-        raise TooLarge()
-    if not d.eof:
-        raise zlib.error("truncated gzip stream")
-    return out
+    """Inflate gzip ``data``, every member of it; raise TooLarge past ``cap`` bytes in all
+    (without inflating the rest), ``zlib.error`` for a truncated member, bytes after a member
+    that are none, or more than :data:`MAX_GZIP_MEMBERS` members."""
+    parts: list[bytes] = []
+    total = 0
+    rest = data
+    for _ in range(MAX_GZIP_MEMBERS):
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out = d.decompress(rest, cap - total + 1)
+        total += len(out)
+        if total > cap or d.unconsumed_tail:
+            raise TooLarge()
+        if not d.eof:
+            raise zlib.error("truncated gzip stream")
+        parts.append(out)
+        rest = d.unused_data
+        if not rest:
+            return b"".join(parts)
+    raise zlib.error(f"more than {MAX_GZIP_MEMBERS} gzip members")
 
 
 def build_app(
-    ingestor: Ingestor, max_body_bytes: int, healthy: Callable[[], bool] = lambda: True
+    ingestor: Ingestor,
+    max_body_bytes: int,
+    healthy: Callable[[], bool] = lambda: True,
+    ready: ReadyFn = _always_ready,
 ) -> Starlette:
     async def traces(request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -130,6 +157,10 @@ def build_app(
         ok = healthy()
         return PlainTextResponse(_HEALTHY if ok else b"unhealthy", 200 if ok else 503)
 
+    async def readyz(_: Request) -> Response:
+        ok, why = await ready()
+        return PlainTextResponse(why, 200 if ok else 503)
+
     async def metrics_endpoint(_: Request) -> Response:
         body, ctype = metrics.render()
         return Response(body, 200, media_type=ctype)
@@ -138,6 +169,7 @@ def build_app(
         routes=[
             Route("/v1/traces", traces, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
         ]
     )

@@ -9,14 +9,24 @@ Tables:
   ``correlations_deadline_idx`` (partial, ``state = 'in_progress'``) is the stall scan's index.
   ``done_mask`` (bit i: spec step i done) and ``correlations_overview_idx`` make the overview's
   counts (by state, the funnel) index-only scans.
-- ``alerts``: stall alerts and their delivery (outbox) state.
-- ``stall_scan``: the scan leader's heartbeat (one row).
+- ``alerts``: alerts of stalled and of failed correlations (``kind``) and their delivery (outbox)
+  state; a dispatcher claims an alert (``claimed_by``/``claimed_until``) before sending it, so two
+  collectors never both send one.
+- ``stall_scan``: the scan leader's heartbeat (one row) and its lease (``leader``/``lease_until``):
+  a leader that stops renewing it (dead, frozen, cut off) is replaced once it expires.
 - ``pending_steps``: step runs of services hoptrace did not write, waiting for their trace to name
   a correlation (see ``runs``).
+
+Retention: daily span partitions are dropped whole (:func:`drop_expired`); correlations idle for
+the whole window, alerts resolved before it (or whose correlation is gone) and whatever sits in
+the default partition from before it are deleted (:func:`purge_expired`). A day's rows found in
+the default partition are moved into that day's partition when it is created
+(:func:`ensure_partitions`).
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
@@ -27,10 +37,10 @@ from hoptrace.settings import get_settings
 from .runs import PENDING_DDL
 from .state import MASK_STEPS
 
+log = logging.getLogger("hoptrace.collector.schema")
+
 #: Advisory lock key serialising migrations and partition creation across replicas.
 MIGRATE_LOCK = 0x686F7074_0001
-#: Advisory lock key held by the stall-scan leader.
-SCAN_LOCK = 0x686F7074_0002
 #: A ``done_mask`` backfill of at least this many rows is followed by a VACUUM of correlations.
 BACKFILL_VACUUM_ROWS = 10_000
 
@@ -136,6 +146,40 @@ CREATE INDEX IF NOT EXISTS alerts_outbox_idx ON alerts (next_attempt_at)
     WHERE NOT delivered_firing OR (status = 'resolved' AND NOT delivered_resolved);
 """
 
+# ---------------------------------------------------------------------------------------------
+# Stall-scan lease, failed-correlation alerts, delivery claims, retention of the collector's own
+# tables. Kept apart from DDL above; each step runs only when its object is missing, so a
+# migration of an up-to-date store takes no table lock here.
+RELIABILITY_DDL = """
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'stall_scan'::regclass
+                   AND attname = 'lease_until' AND NOT attisdropped) THEN
+        -- leadership is a lease on the heartbeat row: whoever renews it before it expires leads
+        ALTER TABLE stall_scan ADD COLUMN leader text, ADD COLUMN lease_until timestamptz;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'alerts'::regclass
+                   AND attname = 'kind' AND NOT attisdropped) THEN
+        ALTER TABLE alerts
+            ADD COLUMN kind text NOT NULL DEFAULT 'stalled' CHECK (kind IN ('stalled', 'failed')),
+            ADD COLUMN claimed_by text,
+            ADD COLUMN claimed_until timestamptz;
+    END IF;
+    -- the scan's sweep for failed correlations (recently updated ones each scan)
+    IF to_regclass('correlations_failed_idx') IS NULL THEN
+        CREATE INDEX correlations_failed_idx ON correlations (updated_at) WHERE state = 'failed';
+    END IF;
+    -- firing alerts of failed correlations, resolved by the scan once they are no longer failed
+    IF to_regclass('alerts_failed_firing_idx') IS NULL THEN
+        CREATE INDEX alerts_failed_firing_idx ON alerts (correlation_id)
+            WHERE status = 'firing' AND kind = 'failed';
+    END IF;
+    -- retention of resolved alerts
+    IF to_regclass('alerts_resolved_idx') IS NULL THEN
+        CREATE INDEX alerts_resolved_idx ON alerts (resolved_at) WHERE status = 'resolved';
+    END IF;
+END $$;
+"""
+
 
 def partition_name(day: date) -> str:
     return f"spans_p{day:%Y%m%d}"
@@ -176,6 +220,7 @@ async def migrate(
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
         await conn.execute(DDL)
+        await conn.execute(RELIABILITY_DDL)
         await conn.execute(PENDING_DDL)
         if spec is not None and len(spec.steps) <= MASK_STEPS:
             status = await conn.execute(
@@ -204,25 +249,63 @@ async def existing_partitions(conn: asyncpg.Connection) -> set[str]:
 
 async def ensure_partitions(conn: asyncpg.Connection, days: list[date]) -> list[date]:
     """Create the daily partitions for ``days`` that do not exist yet; returns the days created.
-    A day whose rows already sit in the default partition is left there (creation would fail)."""
+    Rows of such a day already in the default partition (written before its partition existed)
+    are moved into it in the same transaction (``CREATE … PARTITION OF`` refuses while they sit
+    there). A partition that still cannot be created is logged and tried again next time."""
     have = await existing_partitions(conn)
     missing = [d for d in sorted(set(days)) if partition_name(d) not in have]
     created: list[date] = []
     for day in missing:
-        lo = datetime(day.year, day.month, day.day, tzinfo=UTC)
-        hi = lo + timedelta(days=1)
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
-                await conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS {partition_name(day)} PARTITION OF spans "
-                    f"FOR VALUES FROM ('{lo.isoformat()}') TO ('{hi.isoformat()}')"
-                )
+                moved = await _create_partition(conn, day)
             created.append(day)
-        except asyncpg.PostgresError:
-            # e.g. the default partition already holds rows of that day: they stay there.
-            continue
+            if moved:
+                log.info("moved %d span(s) from spans_default into %s", moved, partition_name(day))
+        except asyncpg.PostgresError as exc:
+            log.warning("span partition %s not created: %s", partition_name(day), exc)
     return created
+
+
+async def _span_columns(conn: asyncpg.Connection) -> str:
+    """The ``spans`` column list (a default partition's and a day partition's column order may
+    differ after the parent gained or lost columns)."""
+    return str(
+        await conn.fetchval(
+            "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute "
+            "WHERE attrelid = 'spans'::regclass AND attnum > 0 AND NOT attisdropped"
+        )
+    )
+
+
+async def _create_partition(conn: asyncpg.Connection, day: date) -> int:
+    """Create ``day``'s partition (in the caller's transaction), first moving that day's rows out
+    of the default partition; returns the number of rows moved."""
+    name = partition_name(day)
+    lo = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    hi = lo + timedelta(days=1)
+    bounds = f"FROM ('{lo.isoformat()}') TO ('{hi.isoformat()}')"
+    in_day = f"start_time >= '{lo.isoformat()}' AND start_time < '{hi.isoformat()}'"
+    if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
+        return 0  # another replica made it meanwhile
+    # the parent first, as an insert locks it (then the partition a row is routed to)
+    await conn.execute("LOCK TABLE ONLY spans IN ACCESS EXCLUSIVE MODE")
+    await conn.execute("LOCK TABLE spans_default IN ACCESS EXCLUSIVE MODE")
+    moved = 0
+    cols = ""
+    if await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM spans_default WHERE {in_day})"):  # noqa: S608
+        cols = await _span_columns(conn)
+        # built from a date and the catalogue's column names only
+        gone = f"DELETE FROM spans_default WHERE {in_day} RETURNING {cols}"  # noqa: S608
+        keep = f"INSERT INTO hoptrace_moving ({cols}) SELECT {cols} FROM gone"  # noqa: S608
+        await conn.execute("CREATE TEMP TABLE hoptrace_moving (LIKE spans) ON COMMIT DROP")
+        await conn.execute(f"WITH gone AS ({gone}) {keep}")
+        moved = int(await conn.fetchval("SELECT count(*) FROM hoptrace_moving"))
+    await conn.execute(f"CREATE TABLE {name} PARTITION OF spans FOR VALUES {bounds}")
+    if moved:
+        await conn.execute(f"INSERT INTO {name} ({cols}) SELECT {cols} FROM hoptrace_moving")  # noqa: S608
+    return moved
 
 
 async def drop_expired(conn: asyncpg.Connection, retention: timedelta) -> list[str]:
@@ -239,3 +322,48 @@ async def drop_expired(conn: asyncpg.Connection, retention: timedelta) -> list[s
                 await conn.execute(f"DROP TABLE IF EXISTS {name}")
             dropped.append(name)
     return dropped
+
+
+#: Rows deleted per statement by :func:`purge_expired` (short transactions, short row locks).
+PURGE_BATCH = 5000
+
+_PURGE_CORRELATIONS = """
+DELETE FROM correlations WHERE correlation_id = ANY(ARRAY(
+    SELECT correlation_id FROM correlations
+    WHERE first_seen < $1 AND updated_at < $1 LIMIT $2))
+"""
+_PURGE_ALERTS = """
+DELETE FROM alerts WHERE id = ANY(ARRAY(
+    SELECT a.id FROM alerts a
+    WHERE (a.status = 'resolved' AND a.resolved_at < $1)
+       OR (a.fired_at < $1 AND NOT EXISTS (
+           SELECT 1 FROM correlations c WHERE c.correlation_id = a.correlation_id))
+    LIMIT $2))
+"""
+_PURGE_DEFAULT = """
+DELETE FROM spans_default WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM spans_default WHERE start_time < $1 LIMIT $2))
+"""
+
+
+async def purge_expired(conn: asyncpg.Connection, retention: timedelta) -> dict[str, int]:
+    """Retention of the collector's own rows (the partitions go by :func:`drop_expired`):
+    correlations with no activity since now - retention, alerts resolved before then or fired
+    before then for a correlation that is gone, and default-partition spans that started before
+    then. Deleted in batches; returns the rows deleted per table."""
+    cutoff = datetime.now(UTC) - retention
+    out: dict[str, int] = {}
+    for table, sql in (
+        ("correlations", _PURGE_CORRELATIONS),
+        ("alerts", _PURGE_ALERTS),
+        ("spans_default", _PURGE_DEFAULT),
+    ):
+        total = 0
+        while True:
+            status = await conn.execute(sql, cutoff, PURGE_BATCH)
+            n = int(status.rsplit(" ", 1)[-1])
+            total += n
+            if n < PURGE_BATCH:
+                break
+        out[table] = total
+    return out

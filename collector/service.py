@@ -1,5 +1,11 @@
 """``hoptrace collector``: OTLP receivers (gRPC + HTTP), the write queue and writers, the stall
-scanner, the alert dispatcher and (optionally) the Kafka span source, in one asyncio process."""
+scanner, the alert dispatcher and (optionally) the Kafka span source, in one asyncio process.
+
+Its database sessions are set up so that a replica that hangs cannot hold the others up for
+long: the server ends a session idle inside a transaction for ``IDLE_IN_TRANSACTION`` (its row
+locks go with it) and probes idle connections with TCP keepalives; a statement gets
+``COMMAND_TIMEOUT``. ``/readyz`` answers 200 while the store answers and the write queue is
+below its cap (compose's healthcheck), ``/healthz`` while the process does (liveness)."""
 
 from __future__ import annotations
 
@@ -20,13 +26,26 @@ from hoptrace.settings import Settings, get_settings
 from . import metrics, otlp_grpc, otlp_http, schema
 from .alerts import AlertDispatcher, Targets
 from .decode import DecodeKeys
-from .ingest import Ingestor
+from .ingest import MAX_AHEAD, Ingestor, SpanWindow
 from .kafka_source import KafkaSpanSource
 from .spanqueue import SpanQueue
 from .stalls import CauseFn, StallScanner, no_cause
 from .writer import Writer, init_connection, run_writer
 
 log = logging.getLogger("hoptrace.collector")
+
+#: Server-side settings of the collector's sessions (see the module docstring).
+IDLE_IN_TRANSACTION = 10_000  # ms
+SERVER_SETTINGS = {
+    "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION),
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+}
+#: Seconds a statement may take before the client gives up on it (and retries, for a writer).
+COMMAND_TIMEOUT = 60.0
+#: Seconds ``/readyz`` waits for the store.
+READY_TIMEOUT = 2.0
 
 
 class Collector:
@@ -47,7 +66,8 @@ class Collector:
         self.receivers = receivers
         self.queue = SpanQueue(s.queue_max_spans)
         self.keys = DecodeKeys.for_spec(self.spec)
-        self.ingestor = Ingestor(self.queue, s.ingest_token, self.keys)
+        self.window = SpanWindow(max_age=self.retention, max_ahead=MAX_AHEAD)
+        self.ingestor = Ingestor(self.queue, s.ingest_token, self.window, self.keys)
         self.grpc_port = s.otlp_grpc_port
         self.http_port = s.otlp_http_port
         self.pool: asyncpg.Pool | None = None
@@ -68,7 +88,12 @@ class Collector:
         finally:
             await conn.close()
         self.pool = await asyncpg.create_pool(
-            s.database_url, min_size=1, max_size=s.writers + 4, init=init_connection
+            s.database_url,
+            min_size=1,
+            max_size=s.writers + 4,
+            init=init_connection,
+            server_settings=SERVER_SETTINGS,
+            command_timeout=COMMAND_TIMEOUT,
         )
         self.writer = Writer(self.pool, self.spec, self.retention)
         for _ in range(s.writers):
@@ -96,9 +121,14 @@ class Collector:
         ]
         if s.span_topic:
             self.kafka = KafkaSpanSource(
-                s.kafka_bootstrap, s.span_topic, s.span_group, self.queue, keys=self.keys
+                s.kafka_bootstrap,
+                s.span_topic,
+                s.span_group,
+                self.queue,
+                window=self.window,
+                keys=self.keys,
             )
-            self._bg.append(asyncio.create_task(self.kafka.run()))
+            self._bg.append(asyncio.create_task(self.kafka.run_forever()))
         if self.receivers:
             await self._start_receivers()
 
@@ -108,7 +138,7 @@ class Collector:
             self.ingestor, s.bind_host, self.grpc_port, s.max_body_bytes
         )
         await self._grpc.start()
-        app = otlp_http.build_app(self.ingestor, s.max_body_bytes)
+        app = otlp_http.build_app(self.ingestor, s.max_body_bytes, ready=self.ready)
         config = uvicorn.Config(
             app,
             host=s.bind_host,
@@ -128,6 +158,19 @@ class Collector:
         if self.http_port == 0:
             self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
 
+    async def ready(self) -> tuple[bool, str]:
+        """Readiness: the write queue is below its cap and the store answers."""
+        depth, cap = self.queue.depth, self.queue.max_spans
+        if depth >= cap:
+            return False, f"not ready: write queue at its cap ({depth}/{cap} spans)"
+        if self.pool is None:
+            return False, "not ready: not started"
+        try:
+            await asyncio.wait_for(self.pool.fetchval("SELECT 1"), READY_TIMEOUT)
+        except (Exception, TimeoutError) as exc:
+            return False, f"not ready: database unreachable ({type(exc).__name__})"
+        return True, "ready"
+
     async def _maintenance(self) -> None:
         """Partitions ahead (every replica) and retention (the scan leader), hourly."""
         assert self.pool is not None
@@ -140,6 +183,9 @@ class Collector:
                         dropped = await schema.drop_expired(conn, self.retention)
                         if dropped:
                             log.info("retention: dropped %s", ", ".join(dropped))
+                        purged = await schema.purge_expired(conn, self.retention)
+                        if any(purged.values()):
+                            log.info("retention: deleted %s", purged)
             except Exception as exc:
                 log.warning("maintenance failed: %s", exc)
 

@@ -1,18 +1,30 @@
-"""Stall detection: a periodic scan over the ``next_deadline`` index, led by one replica.
+"""Stuck-payment detection: a periodic scan led by one replica, which fires one alert per stalled
+and per failed correlation.
 
-Only the holder of a session-level Postgres advisory lock scans (and dispatches alerts). A scan
-marks overdue ``in_progress`` correlations ``stalled`` and inserts one firing alert per
-correlation in the same statement (a partial unique index guarantees at most one firing alert per
-correlation); the writer resolves it when the correlation moves on. New alerts get a cause from
-the pluggable ``cause_for(correlation_id) -> (cause, evidence)`` hook before delivery.
+Leadership is a lease on the ``stall_scan`` heartbeat row (:mod:`.lease`), renewed in each scan's
+own transaction: a leader that dies or hangs is replaced within seconds, and a scan's writes happen
+only under a valid lease. A scan, in that transaction:
 
-The leader writes a heartbeat each scan (``stall_scan``). A scanner that takes over after a gap
-(no collector scanned, e.g. the collector was down, so the spans the SDKs held are still on their
-way) holds the deadlines that passed in that blind window for ``grace`` seconds instead of
-alerting on them: when the grace ends it judges them by span times. A step that got done on time
-gets no alert; one done after its deadline gets one alert, fired at the deadline and resolved at
-the step's end (so every late payment is still announced once); one still not done is fired as
-stalled by the scan as usual.
+- resolves the alerts of failed correlations that are no longer failed (redelivered from the
+  dead-letter topic and moved on);
+- marks overdue ``in_progress`` correlations ``stalled`` and inserts one firing alert per
+  correlation in the same statement (a partial unique index guarantees at most one firing alert per
+  correlation); the writer resolves it when the correlation moves on;
+- fires an alert (``kind = 'failed'``) for each ``failed`` correlation without a firing alert: a
+  step that errored for good (dead-lettered). A stalled payment whose step is then dead-lettered
+  has its stall alert resolved by the writer and gets its failure alert at the next scan. Each
+  scan looks at the correlations updated since the previous one (and all of them once, when it
+  takes the lease).
+
+New alerts get a cause from the pluggable ``cause_for(correlation_id) -> (cause, evidence)`` hook
+before delivery.
+
+A scanner that takes over after a gap (no collector scanned, e.g. the collector was down, so the
+spans the SDKs held are still on their way) holds the deadlines that passed in that blind window
+for ``grace`` seconds instead of alerting on them: when the grace ends it judges them by span
+times. A step that got done on time gets no alert; one done after its deadline gets one alert,
+fired at the deadline and resolved at the step's end (so every late payment is still announced
+once); one still not done is fired as stalled by the scan as usual.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -30,7 +43,7 @@ from hoptrace.contract import PipelineSpec
 
 from . import metrics
 from .decode import us_to_dt
-from .schema import SCAN_LOCK
+from .lease import Lease
 
 log = logging.getLogger("hoptrace.collector.stalls")
 
@@ -60,11 +73,28 @@ async def no_cause(correlation_id: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-_HEARTBEAT = """
-INSERT INTO stall_scan (id, heartbeat) VALUES (1, now())
-ON CONFLICT (id) DO UPDATE SET heartbeat = excluded.heartbeat
-RETURNING (SELECT heartbeat FROM stall_scan WHERE id = 1) AS previous, heartbeat AS now
+#: Failed correlations updated since $1 without a firing alert: one alert each.
+_FIRE_FAILED = """
+INSERT INTO alerts (correlation_id, pipeline, step, kind)
+SELECT c.correlation_id, c.pipeline, c.failed_step, 'failed'
+FROM correlations c
+WHERE c.state = 'failed' AND c.updated_at >= $1
+  AND NOT EXISTS (SELECT 1 FROM alerts a
+                  WHERE a.correlation_id = c.correlation_id AND a.status = 'firing')
+ORDER BY c.updated_at LIMIT $2
+ON CONFLICT (correlation_id) WHERE status = 'firing' DO NOTHING
+RETURNING id, correlation_id
 """
+#: Failure alerts whose correlation is no longer failed (or gone): resolved.
+_RESOLVE_FAILED = """
+UPDATE alerts a SET status = 'resolved', resolved_at = now(), next_attempt_at = now()
+WHERE a.status = 'firing' AND a.kind = 'failed'
+  AND NOT EXISTS (SELECT 1 FROM correlations c
+                  WHERE c.correlation_id = a.correlation_id AND c.state = 'failed')
+"""
+#: A correlation's ``updated_at`` is its writer's transaction start: a sweep looks back this far
+#: before the previous one, so a transaction that began before it and committed after is seen.
+SWEEP_OVERLAP = timedelta(seconds=60)
 _HOLD = "UPDATE stall_scan SET hold_until = $1 WHERE id = 1"
 _MOVED = """
 SELECT c.correlation_id, c.pipeline, c.steps::text AS steps,
@@ -83,6 +113,25 @@ FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::te
 
 #: No deadline is held.
 NO_TIME = datetime(1, 1, 1, tzinfo=UTC)
+_COUNTS = """
+SELECT (SELECT count(*) FROM correlations WHERE state = 'stalled') AS n_stalled,
+       (SELECT count(*) FROM correlations WHERE state = 'failed') AS n_failed
+"""
+
+
+async def fire_failed(
+    conn: asyncpg.Connection, since: datetime = NO_TIME, limit: int = 1000
+) -> list[tuple[int, str]]:
+    """One alert per failed correlation updated since ``since`` that has no firing alert;
+    returns (alert id, cid)."""
+    rows = await conn.fetch(_FIRE_FAILED, since, limit)
+    return [(r["id"], r["correlation_id"]) for r in rows]
+
+
+async def resolve_recovered(conn: asyncpg.Connection) -> int:
+    """Resolve the failure alerts of correlations no longer failed; returns how many."""
+    status = await conn.execute(_RESOLVE_FAILED)
+    return int(status.rsplit(" ", 1)[-1])
 
 
 async def scan_once(
@@ -145,7 +194,20 @@ async def alert_late(
     return len(cids)
 
 
+@dataclass(frozen=True, slots=True)
+class _Pass:
+    """What one scan did, applied to the scanner's memory once its transaction committed."""
+
+    fired: list[tuple[int, str]]  # (alert id, cid) of the alerts fired
+    counts: tuple[int, int] | None  # (stalled, failed) correlations, every fifth scan
+    failed_from: datetime  # the next sweep for failed correlations starts here
+    hold_over: bool  # the held window was judged: the hold is over
+
+
 class StallScanner:
+    """The scan loop of one replica; scans only while it holds the lease. ``dsn`` is kept for
+    callers and unused: the scan runs on ``pool``."""
+
     def __init__(
         self,
         dsn: str,
@@ -156,6 +218,7 @@ class StallScanner:
         cause_timeout: float = 15.0,
         spec: PipelineSpec | None = None,
         grace: float = 0.0,
+        lease: float | None = None,
     ) -> None:
         self.dsn = dsn
         self.pool = pool
@@ -165,76 +228,104 @@ class StallScanner:
         self.cause_timeout = cause_timeout
         self.spec = spec
         self.grace = grace
+        #: the lease expires this long after the last renewal (a renewal every ``interval``)
+        self.lease = Lease(lease if lease is not None else max(3.0, 4 * interval))
         # the blind window being held ([from, to) of deadlines) and when the hold ends
         self.hold: tuple[datetime, datetime] | None = None
         self.hold_until: datetime | None = None
-        self._conn: asyncpg.Connection | None = None
+        self._failed_from = NO_TIME  # failed correlations updated since then are swept
         self._diag: set[asyncio.Task[None]] = set()
         self.scans = 0
 
     @property
     def is_leader(self) -> bool:
-        return self._conn is not None and not self._conn.is_closed()
+        return self.lease.held
 
-    async def _lead(self) -> bool:
-        if self.is_leader:
-            return True
-        conn = await asyncpg.connect(self.dsn)
-        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", SCAN_LOCK):
-            self._conn = conn
-            beat = await conn.fetchrow(_HEARTBEAT)
-            previous, now = beat["previous"], beat["now"]
-            gap = previous is not None and now - previous > timedelta(seconds=2 * self.interval + 1)
-            if gap and self.grace > 0 and self.spec is not None:
-                self.hold_until = now + timedelta(seconds=self.grace)
-                self.hold = (previous, self.hold_until)
-                await conn.execute(_HOLD, self.hold_until)
-                log.info(
-                    "stall scan leadership acquired after %.1fs without a scanner: deadlines "
-                    "since %s are judged in %.1fs, once the spans held meanwhile have arrived",
-                    (now - previous).total_seconds(), previous.isoformat(), self.grace,
-                )  # fmt: skip
-            else:
-                log.info("stall scan leadership acquired")
-            return True
-        await conn.close()
-        return False
+    def _lost(self) -> None:
+        if self.lease.held:
+            log.warning("stall scan leadership lost (another collector holds the lease)")
+        self.lease.lost()
+        metrics.SCAN_LEADER.set(0)
+
+    async def _acquired(self, conn: asyncpg.Connection, beat: asyncpg.Record) -> None:
+        """The lease was just taken (not renewed): hold the blind window of a gap, sweep every
+        failed correlation once."""
+        self.hold = self.hold_until = None
+        self._failed_from = NO_TIME
+        previous, now = beat["previous"], beat["now"]
+        gap = previous is not None and now - previous > timedelta(seconds=2 * self.interval + 1)
+        if gap and self.grace > 0 and self.spec is not None:
+            self.hold_until = now + timedelta(seconds=self.grace)
+            self.hold = (previous, self.hold_until)
+            await conn.execute(_HOLD, self.hold_until)
+            log.info(
+                "stall scan leadership acquired after %.1fs without a scanner: deadlines "
+                "since %s are judged in %.1fs, once the spans held meanwhile have arrived",
+                (now - previous).total_seconds(), previous.isoformat(), self.grace,
+            )  # fmt: skip
+        else:
+            log.info("stall scan leadership acquired")
 
     async def tick(self) -> list[tuple[int, str]]:
-        """Scan if leader; returns the alerts fired."""
-        if not await self._lead():
-            return []
-        assert self._conn is not None
+        """Scan if this replica holds (or can take) the lease; returns the alerts fired."""
         t0 = time.perf_counter()
-        hold_from, hold_to = NO_TIME, NO_TIME
-        if self.hold is not None:
-            if self.hold_until is not None and datetime.now(UTC) < self.hold_until:
-                hold_from, hold_to = self.hold
-            else:  # the grace is over: judge the held window by span times, then scan it
-                assert self.spec is not None
-                late = await alert_late(self._conn, self.spec, *self.hold)
-                if late:
-                    metrics.ALERTS_FIRED.inc(late)
-                    log.info("%d step(s) were late while no collector scanned: alerted", late)
-                self.hold = self.hold_until = None
-                await self._conn.execute(_HOLD, None)
-        # the heartbeat first: every deadline before it is judged by this scan
-        await self._conn.execute(_HEARTBEAT)
-        fired = await scan_once(self._conn, self.limit, hold_from, hold_to)
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                beat = await self.lease.claim(conn)
+                if beat is None:
+                    self._lost()
+                    return []
+                if beat["was"] != self.lease.holder:
+                    await self._acquired(conn, beat)
+                metrics.SCAN_LEADER.set(1)
+                done = await self._scan(conn, beat["now"])
+        except asyncpg.LockNotAvailableError:  # the leader is in the middle of its scan
+            self._lost()
+            return []
+        # committed: only now does this replica's memory move on with the store
+        if done.hold_over:
+            self.hold = self.hold_until = None
+        self._failed_from = done.failed_from
         metrics.SCAN_SECONDS.observe(time.perf_counter() - t0)
         self.scans += 1
+        fired = done.fired
         if fired:
             metrics.ALERTS_FIRED.inc(len(fired))
             task = asyncio.create_task(self._diagnose(fired))
             self._diag.add(task)
             task.add_done_callback(self._diag.discard)
-        if self.scans % 5 == 1 or fired:
-            metrics.STALLED.set(
-                await self._conn.fetchval(
-                    "SELECT count(*) FROM correlations WHERE state = 'stalled'"
-                )
-            )
+        if done.counts is not None:
+            metrics.STALLED.set(done.counts[0])
+            metrics.FAILED.set(done.counts[1])
         return fired
+
+    async def _scan(self, conn: asyncpg.Connection, now: datetime) -> _Pass:
+        """The scan proper, in the lease's transaction (see :class:`_Pass`)."""
+        hold_from, hold_to = NO_TIME, NO_TIME
+        hold_over = False
+        if self.hold is not None:
+            if self.hold_until is not None and datetime.now(UTC) < self.hold_until:
+                hold_from, hold_to = self.hold
+            else:  # the grace is over: judge the held window by span times, then scan it
+                assert self.spec is not None
+                late = await alert_late(conn, self.spec, *self.hold)
+                if late:
+                    metrics.ALERTS_FIRED.inc(late)
+                    log.info("%d step(s) were late while no collector scanned: alerted", late)
+                await conn.execute(_HOLD, None)
+                hold_over = True
+        # recovered failures first: a payment redelivered and stalled again may alert again
+        await resolve_recovered(conn)
+        fired = await scan_once(conn, self.limit, hold_from, hold_to)
+        failed = await fire_failed(conn, self._failed_from, self.limit)
+        # a full batch: the rest are swept from the same point next time
+        failed_from = self._failed_from if len(failed) >= self.limit else now - SWEEP_OVERLAP
+        fired += failed
+        counts = None
+        if self.scans % 5 == 0 or fired:
+            row = await conn.fetchrow(_COUNTS)
+            counts = (row["n_stalled"], row["n_failed"])
+        return _Pass(fired, counts, failed_from, hold_over)
 
     async def _diagnose(self, fired: list[tuple[int, str]]) -> None:
         sem = asyncio.Semaphore(8)
@@ -263,17 +354,21 @@ class StallScanner:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # the lease runs out by itself if this goes on
                 log.warning("stall scan failed: %s", exc)
-                await self.release()
+                self._lost()
             await asyncio.sleep(self.interval)
 
     async def release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
+        """Give the lease up (another replica takes over at its next scan) and stop diagnosing."""
+        held = self.lease.held
+        self.lease.lost()
+        metrics.SCAN_LEADER.set(0)
+        if held:
             try:
-                await conn.close(timeout=2)
-            except Exception:
-                conn.terminate()
+                await asyncio.wait_for(self.lease.release(self.pool), 2)
+            except Exception as exc:  # it expires by itself
+                log.warning("stall scan lease not released (it expires in %.1fs): %s",
+                            self.lease.ttl, exc)  # fmt: skip
         for t in list(self._diag):
             t.cancel()

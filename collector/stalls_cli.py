@@ -1,4 +1,5 @@
-"""``hoptrace stalls [--json]``: stalled correlations with the overdue step, overdue-by and since."""
+"""``hoptrace stalls [--json]``: stuck correlations, stalled and failed, with their state, the step
+(the overdue one; the one that failed for good), how long they have been stuck and since when."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ async def _fetch(limit: int) -> list[store.StallRow]:
     conn = await asyncpg.connect(get_settings().database_url)
     try:
         exists = await conn.fetchval("SELECT to_regclass('correlations') IS NOT NULL")
-        return await store.stalled(conn, limit) if exists else []
+        return await store.stalled(conn, limit, failed=True) if exists else []
     finally:
         await conn.close()
 
@@ -39,10 +40,12 @@ def stalls_cli(as_json: bool, limit: int = 100) -> None:
                     {
                         "correlation_id": r.correlation_id,
                         "pipeline": r.pipeline,
+                        "state": r.state,
                         "step": r.step,
                         "last_step": r.last_step,
                         "since": r.since.isoformat(),
                         "overdue_by_seconds": round(r.overdue_by.total_seconds(), 3),
+                        "last_error": r.error,
                     }
                     for r in rows
                 ],
@@ -51,11 +54,12 @@ def stalls_cli(as_json: bool, limit: int = 100) -> None:
         )
         return
     if not rows:
-        print("no stalled correlations")
+        print("no stalled or failed correlations")
         return
-    print(f"{'CORRELATION':<38} {'STEP':<22} {'OVERDUE BY':>10}  SINCE")
+    print(f"{'CORRELATION':<38} {'STATE':<8} {'STEP':<22} {'STUCK FOR':>10}  SINCE")
     for r in rows:
         print(
-            f"{r.correlation_id:<38} {r.step or '-':<22} {_fmt_td(r.overdue_by.total_seconds()):>10}  "
-            f"{r.since:%Y-%m-%d %H:%M:%S}Z"
+            f"{r.correlation_id:<38} {r.state:<8} {r.step or '-':<22} "
+            f"{_fmt_td(r.overdue_by.total_seconds()):>10}  {r.since:%Y-%m-%d %H:%M:%S}Z"
+            + (f"  {r.error}" if r.error else "")
         )

@@ -69,7 +69,9 @@ class CorrelationRow:
 
 @dataclass(frozen=True, slots=True)
 class StallRow:
-    """A stalled correlation: ``step`` is the overdue step, ``since`` its deadline."""
+    """A stuck correlation. ``state`` stalled: ``step`` is the overdue step, ``since`` its
+    deadline; ``state`` failed: ``step`` is the step that errored for good (e.g. dead-lettered),
+    ``since`` when, ``error`` its last error. ``overdue_by``: now - ``since``."""
 
     correlation_id: str
     pipeline: str | None
@@ -78,6 +80,8 @@ class StallRow:
     last_step_at: datetime | None
     since: datetime
     overdue_by: timedelta
+    state: str = State.STALLED.value
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,23 +217,43 @@ async def correlation(pool: Pool, cid: str) -> CorrelationRow | None:
     return CorrelationRow(**d)
 
 
-async def stalled(pool: Pool, limit: int = 100) -> list[StallRow]:
-    """Stalled correlations, longest overdue first (at most ``limit``)."""
-    rows = await pool.fetch(
-        "SELECT correlation_id, pipeline, next_step, last_step, last_step_at, next_deadline, "
-        "now() - next_deadline AS overdue_by FROM correlations "
-        "WHERE state = 'stalled' ORDER BY next_deadline LIMIT $1",
-        limit,
-    )
+_STALLED = """
+SELECT correlation_id, pipeline, state, next_step AS step, last_step, last_step_at,
+       next_deadline AS since, NULL::text AS last_error
+FROM correlations WHERE state = 'stalled' ORDER BY next_deadline LIMIT $1
+"""
+_STUCK = f"""
+SELECT *, now() - since AS overdue_by FROM (
+    ({_STALLED})
+    UNION ALL
+    (SELECT correlation_id, pipeline, state, failed_step, last_step, last_step_at,
+            coalesce(failed_at, updated_at), error
+     FROM correlations WHERE state = 'failed' ORDER BY coalesce(failed_at, updated_at) LIMIT $1)
+) stuck ORDER BY since LIMIT $1
+"""  # noqa: S608 - constants
+
+
+_STALLED_ONLY = f"SELECT *, now() - since AS overdue_by FROM ({_STALLED}) s ORDER BY since"  # noqa: S608
+
+
+async def stalled(pool: Pool, limit: int = 100, *, failed: bool = False) -> list[StallRow]:
+    """Stalled correlations, longest overdue first (at most ``limit``); with ``failed``, the
+    failed ones too (stuck since their step failed), all longest stuck first."""
+    if failed:
+        rows = await pool.fetch(_STUCK, limit)
+    else:
+        rows = await pool.fetch(_STALLED_ONLY, limit)
     return [
         StallRow(
             correlation_id=r["correlation_id"],
             pipeline=r["pipeline"],
-            step=r["next_step"],
+            step=r["step"],
             last_step=r["last_step"],
             last_step_at=r["last_step_at"],
-            since=r["next_deadline"],
+            since=r["since"],
             overdue_by=r["overdue_by"],
+            state=r["state"],
+            error=r["last_error"],
         )
         for r in rows
     ]

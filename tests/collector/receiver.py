@@ -1,4 +1,5 @@
-"""A real HTTP alert receiver for tests: records POST bodies per path; can fail the first N."""
+"""A real HTTP alert receiver for tests: records POST bodies per path; can fail the first N and
+answer slowly."""
 
 from __future__ import annotations
 
@@ -15,14 +16,17 @@ from ..support import free_port
 
 
 class Receiver:
-    def __init__(self, fail_first: int = 0) -> None:
+    def __init__(self, fail_first: int = 0, delay: float = 0.0) -> None:
         self.posts: dict[str, list[Any]] = {}
         self.fail_first = fail_first
+        self.delay = delay  # seconds each answer takes (a slow receiver)
         self.failures = 0
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
         async def record(request: Request) -> JSONResponse:
+            if self.delay:
+                await asyncio.sleep(self.delay)
             if self.failures < self.fail_first:
                 self.failures += 1
                 return JSONResponse({"error": "down"}, 503)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import time
 
 import grpc
 import httpx
@@ -27,6 +28,8 @@ from ..support import wait_for
 from .helpers import request, step_span
 
 PB = {"content-type": "application/x-protobuf"}
+#: A recent start time (the collector refuses spans older than its retention).
+NOW_NS = (time.time_ns() // 10**9 - 3600) * 10**9
 
 
 def _url(c: Collector) -> str:
@@ -112,8 +115,8 @@ def _otlp_json(cid: str, trace_id: str, span_id: str) -> dict:
                                 "spanId": span_id,
                                 "name": "purchase.created",
                                 "kind": 5,
-                                "startTimeUnixNano": "1764200000000000000",
-                                "endTimeUnixNano": "1764200000250000000",
+                                "startTimeUnixNano": str(NOW_NS),
+                                "endTimeUnixNano": str(NOW_NS + 250_000_000),
                                 "attributes": [
                                     {
                                         "key": "hoptrace.correlation_id",

@@ -4,6 +4,10 @@ crashes (process gone), hangs (no answer within the timeout), 5xx answers to bad
 the collector process before/after a stream of oversized and compressed bodies, and whether a
 good span sent afterwards is still stored (the writer is not wedged by anything fuzzed).
 
+Gzip bodies include multi-member ones (several members in a row, as ``cat a.gz b.gz`` makes):
+whole requests split over members (every member's spans must be stored), members that together
+inflate past the cap (413) and a member followed by junk (400).
+
 Shared by ``tests/reliability/test_fuzz_otlp.py`` (a few hundred cases) and
 ``benchmarks/fuzz_otlp.py`` (many more)."""
 
@@ -87,10 +91,10 @@ class CollectorProc:
             "HOPTRACE_MAX_BODY_BYTES": str(MAX_BODY),
             "HOPTRACE_READY_FILE": str(ready),
             "PYTHONUNBUFFERED": "1",
-            **self.extra_env,
         }
         for k in ("HOPTRACE_INGEST_TOKEN", "HOPTRACE_SPAN_TOPIC", "HOPTRACE_ALERT_WEBHOOK_URL"):
             env.pop(k, None)
+        env.update(self.extra_env)  # after the pops: a test may set a webhook or a topic
         if self.token:
             env["HOPTRACE_INGEST_TOKEN"] = self.token
         with open(self.log, "ab") as log:
@@ -266,18 +270,36 @@ def gzip_bomb() -> bytes:
     return _BOMB
 
 
+def multi_member(rng: random.Random, last_cid: str) -> bytes:
+    """One request as 2-4 gzip members (protobuf messages concatenate: the members' bytes in a
+    row are one request); the last member's spans carry ``last_cid`` (a receiver that stops at
+    the first member loses them). An empty member is thrown in now and then."""
+    members = [gzip.compress(valid_request(rng)) for _ in range(rng.randrange(1, 4))]
+    if rng.random() < 0.3:
+        members.insert(rng.randrange(len(members) + 1), gzip.compress(b""))
+    members.append(gzip.compress(valid_request(rng, cid=last_cid)))
+    return b"".join(members)
+
+
+def multi_member_bomb(rng: random.Random) -> bytes:
+    """Members each under the decompressed cap, together over it: 413, like one big member."""
+    piece = gzip.compress(b"\x0a" * (MAX_BODY // 2 + 1024))
+    return piece * rng.randrange(2, 5)
+
+
 @dataclass(frozen=True)
 class HttpCase:
     kind: str
     body: bytes
     headers: dict[str, str]
     valid: bool = False  # a well-formed request: 200 expected
+    cid: str | None = None  # a correlation id whose spans must be stored afterwards
 
 
 def http_case(rng: random.Random) -> HttpCase:
     pb = {"content-type": "application/x-protobuf"}
     js = {"content-type": "application/json"}
-    r = rng.randrange(16)
+    r = rng.randrange(19)
     if r == 0:
         return HttpCase("random-protobuf", rng.randbytes(rng.randrange(0, 4096)), pb)
     if r in (1, 2):
@@ -311,6 +333,17 @@ def http_case(rng: random.Random) -> HttpCase:
         return HttpCase("wrong-encoding", valid_request(rng), {**pb, "content-encoding": enc})
     if r == 14:
         return HttpCase("random-gzip", rng.randbytes(200), {**pb, "content-encoding": "gzip"})
+    if r == 16:
+        cid = f"multi-member-{rng.randrange(10**12)}"
+        body = multi_member(rng, cid)
+        gz = {**pb, "content-encoding": "gzip"}
+        return HttpCase("gzip-multi-member", body, gz, valid=True, cid=cid)
+    if r == 17:
+        body = multi_member_bomb(rng)
+        return HttpCase("gzip-multi-member-bomb", body, {**pb, "content-encoding": "gzip"})
+    if r == 18:  # a good member, then bytes that are no gzip member: refused whole (400)
+        body = gzip.compress(valid_request(rng)) + rng.randbytes(rng.randrange(1, 64))
+        return HttpCase("gzip-member-then-junk", body, {**pb, "content-encoding": "gzip"})
     return HttpCase("json-as-protobuf", json_request(rng), pb)
 
 
@@ -338,6 +371,9 @@ class Report:
     hangs: list[str] = field(default_factory=list)
     server_errors: list[str] = field(default_factory=list)
     valid_refused: list[str] = field(default_factory=list)
+    #: correlation ids of accepted multi-member gzip bodies (their last member's spans)
+    multi_member_sent: list[str] = field(default_factory=list)
+    multi_member_missing: list[str] = field(default_factory=list)
     crashed: bool = False
     healthy_after: bool = False
     canary_stored: bool = False
@@ -364,6 +400,8 @@ class Report:
             "hangs": len(self.hangs),
             "server_errors_500": len(self.server_errors),
             "valid_refused": len(self.valid_refused),
+            "multi_member_accepted": len(self.multi_member_sent),
+            "multi_member_spans_missing": len(self.multi_member_missing),
             "examples": {
                 "hangs": self.hangs[:5],
                 "server_errors": self.server_errors[:5],
@@ -397,6 +435,25 @@ async def _http_one(client: httpx.AsyncClient, url: str, case: HttpCase, rep: Re
         rep.server_errors.append(f"http {case.kind}: {resp.status_code} {resp.text[:200]}")
     elif case.valid and resp.status_code != 200:
         rep.valid_refused.append(f"http {case.kind}: {resp.status_code} {resp.text[:200]}")
+    elif case.cid is not None and resp.status_code == 200:
+        rep.multi_member_sent.append(case.cid)
+
+
+async def stored_cids(col: CollectorProc, cids: list[str], timeout: float = 20.0) -> set[str]:
+    """Which of ``cids`` the store holds spans of, once all are there or ``timeout`` passed."""
+    conn = await asyncpg.connect(col.db_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = await conn.fetch(
+                "SELECT DISTINCT correlation_id FROM spans WHERE correlation_id = ANY($1)", cids
+            )
+            found = {r[0] for r in rows}
+            if found >= set(cids) or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
 
 
 _BAD_GRPC = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE}
@@ -537,5 +594,8 @@ async def run(
         async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
             rep.healthy_after = (await client.get(f"{col.http}/healthz")).status_code == 200
         rep.canary_stored = await canary_stored(col, f"canary-{seed}")
+        if rep.multi_member_sent:  # every member of every accepted body was stored
+            found = await stored_cids(col, rep.multi_member_sent)
+            rep.multi_member_missing = [c for c in rep.multi_member_sent if c not in found]
     rep.seconds = time.monotonic() - t0
     return rep

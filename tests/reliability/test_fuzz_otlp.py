@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from hoptrace.collector.decode import (
     COLUMNS,
@@ -183,6 +184,12 @@ async def test_network_fuzz_no_crash_hang_or_500(collector_proc: net.CollectorPr
     assert rep.healthy_after
     assert rep.canary_stored, "a good span sent after the fuzz run was not stored"
     assert figures["by_kind"]["gzip-bomb"] == {"413": figures["by_kind"]["gzip-bomb"]["413"]}
+    # multi-member gzip: decoded whole (every member's spans stored) or refused, never cut
+    by_kind = figures["by_kind"]
+    assert set(by_kind["gzip-multi-member"]) == {"200"}, by_kind["gzip-multi-member"]
+    assert rep.multi_member_sent and rep.multi_member_missing == [], figures
+    assert set(by_kind["gzip-multi-member-bomb"]) == {"413"}, by_kind["gzip-multi-member-bomb"]
+    assert set(by_kind["gzip-member-then-junk"]) == {"400"}, by_kind["gzip-member-then-junk"]
     assert rep.rss_after_kb - rep.rss_before_kb < 100 * 1024, figures
 
 
@@ -190,6 +197,7 @@ async def test_poison_spans_do_not_wedge_the_writers(collector_proc: net.Collect
     """Regression: spans with NUL characters or a 5000-character correlation id were accepted
     (200) and then failed every write attempt forever; later good spans were never stored."""
     rng = random.Random(7)
+    refused = 0
     async with net.httpx.AsyncClient(timeout=10) as client:
         for _ in range(6):
             resp = await client.post(
@@ -198,6 +206,10 @@ async def test_poison_spans_do_not_wedge_the_writers(collector_proc: net.Collect
                 headers={"content-type": "application/x-protobuf"},
             )
             assert resp.status_code == 200, resp.text
+            partial = ExportTraceServiceResponse.FromString(resp.content).partial_success
+            if partial.rejected_spans:  # dated 1970 or 2554: outside the store's time window
+                assert "start time" in partial.error_message, partial.error_message
+                refused += partial.rejected_spans
     assert await net.canary_stored(collector_proc, "after-poison")
     conn = await asyncpg.connect(collector_proc.db_url)
     try:
@@ -209,5 +221,6 @@ async def test_poison_spans_do_not_wedge_the_writers(collector_proc: net.Collect
         )
     finally:
         await conn.close()
-    assert stored == 6  # every odd span landed (sanitised), none lost
+    # every odd span landed (sanitised) or was refused as too far from now, and said so
+    assert stored + refused == 6
     assert invalid_indexed == 0
