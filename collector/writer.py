@@ -103,9 +103,11 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::times
           error, next_step, next_deadline, first_seen, completed_at, steps, done_mask)
 WHERE c.correlation_id = u.cid
 """
+#: A stall's alert resolves when its correlation moves on; a failure's alert is the scan's to
+#: resolve (once the correlation is no longer failed).
 _RESOLVE = """
 UPDATE alerts SET status = 'resolved', resolved_at = now(), next_attempt_at = now()
-WHERE correlation_id = ANY($1::text[]) AND status = 'firing'
+WHERE correlation_id = ANY($1::text[]) AND status = 'firing' AND kind = 'stalled'
 """
 #: The correlation row fields bound to $2..$13, as ``_UNNEST`` names them (between the id and
 #: ``steps, done_mask``): ``fold``'s keys, in the statements' order.

@@ -144,11 +144,11 @@ async def test_a_dead_kafka_span_source_is_restarted(
     real = kafka_source.decode_body
     calls = {"n": 0}
 
-    def flaky(body: bytes, now):  # type: ignore[no-untyped-def]
+    def flaky(body: bytes, now, **kw):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("decoder bug")
-        return real(body, now)
+        return real(body, now, **kw)
 
     monkeypatch.setattr(kafka_source, "decode_body", flaky)
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
