@@ -53,6 +53,16 @@ def _kafka(kf: KafkaFacts) -> dict[str, Any]:
         end_offset=kf.end_offset,
         lag=kf.lag,
         other_groups=list(kf.other_groups) if kf.other_groups is not None else None,
+        other_members=(
+            [
+                dict(
+                    group=m.group, client_id=m.client_id, host=m.host, partitions=list(m.partitions)
+                )
+                for m in kf.other_members
+            ]
+            if kf.other_members is not None
+            else None
+        ),
         dlq=(
             dict(topic=dlq.topic, partition=dlq.partition, offset=dlq.offset, reason=dlq.reason)
             if dlq
@@ -107,6 +117,7 @@ def to_dict(d: Diagnosis, jaeger_url: str | None = None) -> dict[str, Any]:
         found=d.found,
         state=d.state,
         stopped_at=d.stopped_at,
+        stopped_at_all=list(d.stopped_at_all),
         cause=d.cause,
         summary=d.summary,
         evidence=list(d.evidence),
@@ -137,13 +148,13 @@ def to_text(d: Diagnosis, jaeger_url: str | None = None) -> str:
     lines = [head, ""]
     width = max((len(s.id) for s in d.steps), default=10)
     for s in d.steps:
-        pointer = "▶" if s.id == d.stopped_at else " "
+        pointer = _pointer(d, s.id, " ")
         runs = f" x{s.runs}" if s.runs > 1 else ""
         lines.append(
             f"{pointer} {MARK.get(s.status, '?')} {s.id:<{width}}  {s.status:<11} "
             f"{_time(s.started_at):<12} {s.service}{runs}"
         )
-        if s.id == d.stopped_at or s.status == StepStatus.FAILED:
+        if s.id in d.stopped_at_all or s.id == d.stopped_at or s.status == StepStatus.FAILED:
             for e in s.evidence:
                 lines.append(f"      {e}")
     lines.append("")
@@ -152,6 +163,8 @@ def to_text(d: Diagnosis, jaeger_url: str | None = None) -> str:
     for e in d.evidence:
         lines.append(f"  - {e}")
     lines.append(f"next: {d.next_action}")
+    if len(d.stopped_at_all) > 1:
+        lines.append(f"branches stopped at: {', '.join(d.stopped_at_all)} (causes in their steps)")
     for w in d.warnings:
         lines.append(f"warning: {w}")
     if d.missing:
@@ -159,6 +172,13 @@ def to_text(d: Diagnosis, jaeger_url: str | None = None) -> str:
     for url in _links(jaeger_url, d.trace_ids) or list(d.trace_ids):
         lines.append(f"trace: {url}")
     return "\n".join(lines)
+
+
+def _pointer(d: Diagnosis, step_id: str, other: str) -> str:
+    """``▶`` at ``stopped_at``, ``▷`` at the other steps where a branch stopped."""
+    if step_id == d.stopped_at:
+        return "▶"
+    return "▷" if step_id in d.stopped_at_all else other
 
 
 def _md_escape(text: str) -> str:
@@ -173,6 +193,11 @@ def to_markdown(d: Diagnosis, jaeger_url: str | None = None) -> str:
         f"- **Pipeline:** {d.pipeline}",
         f"- **State:** {d.state}",
         f"- **Stopped at:** {f'`{d.stopped_at}`' if d.stopped_at else 'nowhere (completed)'}",
+        *(
+            [f"- **Branches stopped at:** {', '.join(f'`{h}`' for h in d.stopped_at_all)}"]
+            if len(d.stopped_at_all) > 1
+            else []
+        ),
         f"- **Cause:** `{d.cause}`",
         f"- **Next action:** {d.next_action}",
         f"- **Checked at:** {_iso(d.checked_at)}",
@@ -195,7 +220,7 @@ def to_markdown(d: Diagnosis, jaeger_url: str | None = None) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for s in d.steps:
-        mark = "▶" if s.id == d.stopped_at else MARK.get(s.status, "")
+        mark = _pointer(d, s.id, MARK.get(s.status, ""))
         ev = "<br>".join(_md_escape(e) for e in s.evidence) or "-"
         out.append(
             f"| {mark} | `{s.id}` | {s.service} | {s.status} | {_iso(s.started_at) or '-'} "
