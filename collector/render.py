@@ -1,10 +1,17 @@
 """A Diagnosis as text (terminal), markdown (an incident ticket) or JSON (the stable schema in
 ``docs/trace-json-schema.json``, ``version`` 1). JSON objects are built with ``dict(name=...)``:
-their keys are the schema's field names."""
+their keys are the schema's field names.
+
+Evidence carries text services wrote (span status messages, exception messages, DLQ reasons):
+text and markdown output is made printable line by line (:func:`printable`: ANSI escape
+sequences and C0/C1 control characters removed, a line break inside a value becomes a space), and
+JSON escapes DEL and the C1 controls too (JSON itself escapes C0), so nothing a span says reaches
+a terminal as a control."""
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +30,23 @@ MARK: dict[str, str] = {
     StepStatus.STALLED: "⏸",
     StepStatus.NOT_REACHED: "·",
 }
+
+
+#: ECMA-48 escape sequences, 7- and 8-bit: CSI (colours, cursor moves), OSC / DCS / SOS / PM /
+#: APC strings up to their terminator (hyperlinks, window titles), other two-byte escapes.
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -/]*[0-~]?"
+)
+_BREAKS = re.compile(r"[\t\n\v\f\r\u2028\u2029]+")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_JSON_C1 = re.compile(r"[\x7f-\x9f]")
+
+
+def printable(line: str) -> str:
+    """One line of output with no escape sequence and no control character in it."""
+    return _CONTROLS.sub("", _BREAKS.sub(" ", _ESCAPES.sub("", line)))
 
 
 def jaeger_link(jaeger_url: str | None, trace_id: str) -> str | None:
@@ -135,7 +159,9 @@ def to_dict(d: Diagnosis, jaeger_url: str | None = None) -> dict[str, Any]:
 
 
 def to_json(d: Diagnosis, jaeger_url: str | None = None) -> str:
-    return json.dumps(to_dict(d, jaeger_url), indent=2, ensure_ascii=False)
+    text = json.dumps(to_dict(d, jaeger_url), indent=2, ensure_ascii=False)
+    # DEL and C1 may only be inside strings: escaped there, the same JSON, terminal-safe
+    return _JSON_C1.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _time(value: datetime | None) -> str:
@@ -171,7 +197,7 @@ def to_text(d: Diagnosis, jaeger_url: str | None = None) -> str:
         lines.append("missing evidence: " + "; ".join(f"{k}: {v}" for k, v in d.missing.items()))
     for url in _links(jaeger_url, d.trace_ids) or list(d.trace_ids):
         lines.append(f"trace: {url}")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 def _pointer(d: Diagnosis, step_id: str, other: str) -> str:
@@ -275,7 +301,7 @@ def to_markdown(d: Diagnosis, jaeger_url: str | None = None) -> str:
         out += ["", "### Queries run", "", "```"]
         out += [q.replace("$1", f"'{d.correlation_id}'") for q in d.queries]
         out.append("```")
-    return "\n".join(out) + "\n"
+    return "\n".join(map(printable, out)) + "\n"
 
 
 def render(d: Diagnosis, fmt: str, jaeger_url: str | None = None) -> str:
