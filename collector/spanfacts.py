@@ -15,7 +15,6 @@ over :class:`SpanRecord`.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -28,6 +27,7 @@ from hoptrace.contract.conventions import (
     ATTR_STEP,
     DB_STATEMENT_KEYS,
     DB_TABLE_KEYS,
+    DESTINATION_KEYS,
     DISTRO_NAME,
     DOWNSTREAM_KEYS,
     EMIT_OFFSET_KEYS,
@@ -36,7 +36,10 @@ from hoptrace.contract.conventions import (
     EXCEPTION_EVENT,
     EXCEPTION_MESSAGE,
     EXCEPTION_TYPE,
+    GROUP_KEYS,
     HTTP_STATUS_KEYS,
+    OFFSET_KEYS,
+    PARTITION_KEYS,
     PEER_KEYS,
     RESOURCE_DISTRO_NAME,
     SERVER_ADDRESS,
@@ -46,6 +49,7 @@ from hoptrace.contract.conventions import (
 from hoptrace.contract.matching import (
     Messaging,
     StepMatcher,
+    first_attr,
     is_consume,
     is_produce,
     run_outcome,
@@ -93,10 +97,18 @@ def is_kind(span: SpanRecord, kind: SpanKind) -> bool:
 # ------------------------------------------------------------------------------ step runs
 
 
-@functools.lru_cache(maxsize=16)
+_MATCHERS: dict[int, tuple[PipelineSpec, StepMatcher]] = {}
+
+
 def matcher_for(spec: PipelineSpec) -> StepMatcher:
-    """The spec's step matcher (built once per spec)."""
-    return StepMatcher(spec)
+    """The spec's step matcher, built once per spec object (looked up by identity: hashing a
+    spec hashes every step, on every lookup)."""
+    held = _MATCHERS.get(id(spec))
+    if held is None or held[0] is not spec:
+        if len(_MATCHERS) >= 16:
+            _MATCHERS.clear()
+        held = _MATCHERS[id(spec)] = (spec, StepMatcher(spec))
+    return held[1]
 
 
 def _reports_step(span: SpanRecord) -> bool:
@@ -115,8 +127,9 @@ def _starts_run(span: SpanRecord) -> bool:
     """The span begins a run of its own: a step span, or a consumer's per-record span."""
     if _reports_step(span):
         return True
-    m = Messaging.of(span.attributes)
-    return m.destination is not None and is_consume(kind_of(span), m.operation)
+    if first_attr(span.attributes, DESTINATION_KEYS) is None:
+        return False
+    return is_consume(kind_of(span), Messaging.of(span.attributes).operation)
 
 
 def within(
@@ -152,9 +165,12 @@ def step_runs(spec: PipelineSpec, spans: Sequence[SpanRecord]) -> dict[str, list
         attrs = span.attributes
         marked = span.step if span.step is not None else attrs.get(ATTR_STEP)
         reported = span.outcome if span.outcome is not None else attrs.get(ATTR_OUTCOME)
+        reports_itself = span.service in own_services
+        if marked is None and reported is None and reports_itself:
+            continue  # what step_of says of such a span: not a run (the common case, made cheap)
         # an early spelling: named after its step, with an outcome and no step attribute
         step = marked if marked is not None or reported is None else span.name
-        resource = _REPORTS_ITSELF if span.service in own_services else span.resource
+        resource = _REPORTS_ITSELF if reports_itself else span.resource
         sid = matcher.step_of(
             span.service, kind_of(span), span.name, attrs, resource, step, reported
         )
@@ -211,8 +227,10 @@ def emitted_record(
                 as_int(span.attr(*EMIT_OFFSET_KEYS)),
             )
     for span in runs:
+        if not span.matched:
+            continue
         m = Messaging.of(span.attributes)
-        if span.matched and m.destination == step.emits and is_produce(kind_of(span), m.operation):
+        if m.destination == step.emits and is_produce(kind_of(span), m.operation):
             return _record(step.emits, m)
     run_ids = {(s.trace_id, s.span_id) for s in runs}
     if not run_ids:
@@ -223,9 +241,9 @@ def emitted_record(
         key = (span.trace_id, span.span_id)
         if span.trace_id not in traces or key in run_ids:
             continue
-        m = Messaging.of(span.attributes)
-        if m.destination != step.emits:
+        if first_attr(span.attributes, DESTINATION_KEYS) != step.emits:
             continue
+        m = Messaging.of(span.attributes)
         if is_kind(span, SpanKind.PRODUCER) or (span.trace_id, span.parent_span_id) in run_ids:
             return _record(step.emits, m)
         if is_produce(kind_of(span), m.operation):
@@ -239,17 +257,21 @@ def emitted_record(
 
 def consumed_record(span: SpanRecord) -> RecordRef | None:
     """The record a consuming step span handled (its messaging attributes, any spelling)."""
-    m = Messaging.of(span.attributes)
-    if not m.destination:
+    attrs = span.attributes
+    topic = first_attr(attrs, DESTINATION_KEYS)
+    if not isinstance(topic, str) or not topic:
         return None
-    if span.matched and is_produce(kind_of(span), m.operation):
+    if span.matched and is_produce(kind_of(span), Messaging.of(attrs).operation):
         return None  # a producer-only step's run: it consumed nothing
-    return _record(m.destination, m)
+    return RecordRef(
+        topic, as_int(first_attr(attrs, PARTITION_KEYS)), as_int(first_attr(attrs, OFFSET_KEYS))
+    )
 
 
 def consumer_group(span: SpanRecord) -> str | None:
     """The consumer group a run names (any spelling; None when it names none)."""
-    return Messaging.of(span.attributes).group
+    group = first_attr(span.attributes, GROUP_KEYS)
+    return group if isinstance(group, str) else None
 
 
 def exception_text(span: SpanRecord) -> str | None:
