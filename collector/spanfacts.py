@@ -258,11 +258,14 @@ def emitted_record(
 def consumed_record(span: SpanRecord) -> RecordRef | None:
     """The record a consuming step span handled (its messaging attributes, any spelling)."""
     attrs = span.attributes
+    if span.matched:  # a run hoptrace did not make: whatever its SDK's spelling
+        m = Messaging.of(attrs)
+        if not m.destination or is_produce(kind_of(span), m.operation):
+            return None  # (a producer-only step's run consumed nothing)
+        return _record(m.destination, m)
     topic = first_attr(attrs, DESTINATION_KEYS)
     if not isinstance(topic, str) or not topic:
         return None
-    if span.matched and is_produce(kind_of(span), Messaging.of(attrs).operation):
-        return None  # a producer-only step's run: it consumed nothing
     return RecordRef(
         topic, as_int(first_attr(attrs, PARTITION_KEYS)), as_int(first_attr(attrs, OFFSET_KEYS))
     )
