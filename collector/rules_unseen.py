@@ -1,12 +1,14 @@
-"""Diagnosis rules for a step with no successful span: its topic is missing, its record was
-dead-lettered, it was consumed without a trace, the previous step never emitted, Kafka could not be
-read, its group has no consumer, its group lags, or it is simply not due yet.
+"""Diagnosis rules for a step with no successful run: its topic is missing, its record was
+dead-lettered, it was consumed without a trace, the step whose record it consumes
+(``spec.emitter``) never emitted, Kafka could not be read, its group has no consumer (naming the
+other groups that consume its topic instead: a wrong group id), its group lags, or it is simply
+not due yet.
 
 In order: ``topic_missing`` (its topic, or the topic it emits to, does not exist),
 ``processing_error`` (a dead-lettered record and no span), ``consumed_without_trace`` (effect row,
-processed mark, committed offset or later spans say it ran, and it is overdue), ``not_emitted``,
-``missing_evidence`` (Kafka unreadable and overdue), ``no_consumer``, ``consumer_lag`` (overdue),
-else ``in_progress``.
+processed mark, committed offset or spans of steps below it say it ran, and it is overdue),
+``not_emitted``, ``missing_evidence`` (Kafka unreadable and overdue), ``no_consumer``,
+``consumer_lag`` (overdue), else ``in_progress``.
 """
 
 from __future__ import annotations
