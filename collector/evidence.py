@@ -5,11 +5,13 @@ source read-only and bounded in time) once, and diagnose from it.
   (``Diagnosis.facts`` holds the evidence, for readers that show it);
 * ``gather(cid, spec, sources) -> Evidence``: the evidence alone.
 
-First pass, concurrently: the correlation's spans, the database facts (``db_facts.py``) and the
-Kafka facts of every consuming step (``kafka_facts.py``). Second pass, only for the step where the
-correlation stopped: other groups on its topic when its group has no consumer, and its dead-letter
-topic (``dlq_scan.py``) when a run was dead-lettered or the record was consumed without a span.
-A source that does not answer in time is reported in ``Evidence.missing`` (never guessed).
+First pass, concurrently: the correlation's spans (those carrying its id and the other spans of
+their traces), the database facts (``db_facts.py``) and the Kafka facts of every consuming step
+(``kafka_facts.py``). Second pass, only for the steps where the correlation's branches stopped:
+other groups on a step's topic (live members, committed offsets) when its group has no consumer,
+and its dead-letter topic (``dlq_scan.py``) when a run was dead-lettered or the record was
+consumed without a span. A source that does not answer in time is reported in
+``Evidence.missing`` (never guessed).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from hoptrace.contract import PipelineSpec
-from hoptrace.contract.conventions import ATTR_DLQ_TOPIC, ATTR_STEP, CORRELATION_HEADER
+from hoptrace.contract import PipelineSpec, Step
+from hoptrace.contract.conventions import ATTR_DLQ_TOPIC, CORRELATION_HEADER
 
 from . import store
 from .db_facts import database_facts, effect_sql, processed_sql, processed_tables
@@ -39,8 +41,12 @@ from .records import (
     KafkaFacts,
     SpanRecord,
 )
+from .spanfacts import step_runs
 
-SPANS_SQL = "SELECT ... FROM spans WHERE correlation_id = $1 ORDER BY start_time"
+SPANS_SQL = (
+    "SELECT ... FROM spans WHERE correlation_id = $1, and the spans without a correlation id "
+    "of their traces, ORDER BY start_time"
+)
 
 
 async def _spans(sources: EvidenceSources, cid: str) -> tuple[SpanRecord, ...]:
@@ -69,32 +75,54 @@ async def _second_pass(
     base: KafkaBase | None,
     timeout: float,
     out: tuple[list[str], dict[str, str], dict[str, float]],
+) -> dict[str, dict[str, Any]]:
+    """Facts to add to the :class:`KafkaFacts` of the steps where branches stopped, by step id
+    (empty: nothing more to read). The steps are looked at concurrently."""
+    runs = step_runs(spec, ev.spans)
+    heads = [spec.step(sid) for sid in first.stopped_at_all]
+    found = await asyncio.gather(
+        *(_more_facts(cid, stop, runs[stop.id], sources, ev, base, timeout, out) for stop in heads)
+    )
+    return {stop.id: extra for stop, extra in zip(heads, found, strict=True) if extra}
+
+
+async def _more_facts(
+    cid: str,
+    stop: Step,
+    step_runs_: list[SpanRecord],
+    sources: EvidenceSources,
+    ev: Evidence,
+    base: KafkaBase | None,
+    timeout: float,
+    out: tuple[list[str], dict[str, str], dict[str, float]],
 ) -> dict[str, Any]:
-    """Facts to add to the stopped step's :class:`KafkaFacts` (empty: nothing more to read)."""
+    """Other groups on a stopped step's topic, its dead-lettered record."""
     queries, missing, timings = out
-    stop = spec.step(first.stopped_at) if first.stopped_at else None
-    kf = ev.kafka.get(stop.id) if stop else None
+    kf = ev.kafka.get(stop.id)
     extra: dict[str, Any] = {}
-    if stop is None or kf is None or not kf.topic_exists:
+    if kf is None or not kf.topic_exists:
         return extra
-    step_runs = [s for s in ev.spans if (s.step or s.attributes.get(ATTR_STEP)) == stop.id]
     if kf.group_exists is False or kf.group_members == 0:
         parts = (base.partitions.get(stop.consumes) or []) if base and stop.consumes else []
-        queries.append(f"kafka: ListGroups + OffsetFetch on {stop.consumes} (other groups)")
-        extra["other_groups"] = await bounded(
+        queries.append(
+            f"kafka: ListGroups + DescribeGroups + OffsetFetch on {stop.consumes} (other groups)"
+        )
+        others = await bounded(
             SOURCE_OTHER_GROUPS,
             lambda: other_groups(sources, stop, parts),
             timeout,
             missing,
             timings,
         )
+        if others is not None:
+            extra["other_groups"], extra["other_members"] = others
     # a dead-lettered run says so (hoptrace.dlq.topic); a record consumed without any span
     # may have been dead-lettered by an uninstrumented consumer
-    lettered = [s for s in step_runs if s.attributes.get(ATTR_DLQ_TOPIC)]
+    lettered = [s for s in step_runs_ if s.attributes.get(ATTR_DLQ_TOPIC)]
     since = min((s.start_time for s in lettered), default=None)
     until = max((s.end_time or s.start_time for s in lettered), default=None)
     dlq = stop.dlq
-    if dlq and (lettered or (not step_runs and kf.record_consumed)):
+    if dlq and (lettered or (not step_runs_ and kf.record_consumed)):
         where = f"from {since.isoformat()}" if since else f"the last {DLQ_SCAN_LIMIT} records"
         queries.append(f"kafka: scan {dlq} ({where}) for {CORRELATION_HEADER}")
         deadline = time.monotonic() + timeout
@@ -152,8 +180,7 @@ async def lookup(
         cid, spec, sources, first, ev, base, timeout, (queries, missing, timings)
     )
     if extra:
-        assert first.stopped_at is not None
-        facts = {**facts, first.stopped_at: replace(facts[first.stopped_at], **extra)}
+        facts = {**facts, **{sid: replace(facts[sid], **more) for sid, more in extra.items()}}
     ev = replace(
         ev,
         kafka=facts,
@@ -162,7 +189,7 @@ async def lookup(
         gathered_in_ms=(time.perf_counter() - t0) * 1000,
         timings_ms=timings,
     )
-    if extra:  # the stopped step's facts grew: decide again on them
+    if extra:  # the stopped steps' facts grew: decide again on them
         return diagnose(spec, ev, now)
     return replace(first, facts=ev)
 

@@ -2,7 +2,9 @@
 
 ``EvidenceSources`` holds a Postgres pool, a Kafka admin client, a group-less consumer for end
 offsets and another for dead-letter scans, so repeated lookups (dashboard, alerts, benchmark) pay
-no connection set-up. ``bounded`` runs one source's read within a timeout and records a source that
+no connection set-up. Its own pool runs single read statements and nothing else (no transaction,
+no ``SET``, no ``LISTEN``, no advisory lock), so a connection goes back to the pool without
+asyncpg's session reset (a round trip on every release, inside every ``pool.fetch``). ``bounded`` runs one source's read within a timeout and records a source that
 did not answer as missing evidence (never guessed).
 """
 
@@ -24,6 +26,10 @@ T = TypeVar("T")
 
 #: Seconds each source (spans, database, Kafka) may take before it counts as missing evidence.
 DEFAULT_TIMEOUT = 3.0
+
+
+async def _no_session_state(_conn: asyncpg.Connection) -> None:
+    """Nothing to reset (see the module doc); asyncpg still rolls back an open transaction."""
 
 
 def quote(name: str) -> str:
@@ -64,7 +70,11 @@ class EvidenceSources:
         async with self._lock:
             if self.pool is None:
                 self.pool = await asyncpg.create_pool(
-                    self.settings.database_url, min_size=1, max_size=4, command_timeout=self.timeout
+                    self.settings.database_url,
+                    min_size=1,
+                    max_size=4,
+                    command_timeout=self.timeout,
+                    reset=_no_session_state,
                 )
         return self.pool
 

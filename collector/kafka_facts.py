@@ -1,7 +1,9 @@
 """Kafka evidence of one correlation: for each consuming step, does its topic exist, does its group
 exist and how many members does it have, what has it committed against the record this
-correlation produced into the topic, how far behind is it; and, for the step where a correlation
-stopped without a consumer, which other groups consume its topic (a worker on a wrong group).
+correlation produced into the topic, how far behind is it; and, for a step where a correlation
+stopped without a consumer, which other groups consume its topic (a worker on a wrong group):
+groups whose live members are assigned the topic's partitions (DescribeGroups, each member's
+assignment decoded with aiokafka's consumer protocol structs) or that committed offsets on it.
 
 Read-only admin requests (DescribeTopics, ListGroups, DescribeGroups, OffsetFetch, ListOffsets)
 through the shared :class:`EvidenceSources` clients.
@@ -14,15 +16,15 @@ from typing import Any, NamedTuple
 
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.protocol import ConsumerProtocol, ConsumerProtocolMemberAssignment
 from aiokafka.errors import for_code
 from aiokafka.protocol.admin import ListGroupsRequest
 
 from hoptrace.contract import PipelineSpec, Step
-from hoptrace.contract.conventions import ATTR_STEP
 
 from .evidence_clients import EvidenceSources
-from .records import KafkaFacts, RecordRef, SpanRecord
-from .spanfacts import emitted_record, reports_ok
+from .records import GroupMember, KafkaFacts, RecordRef, SpanRecord
+from .spanfacts import emitted_record, reports_ok, step_runs
 
 #: Other consumer groups examined when looking for a worker running under a wrong group.
 OTHER_GROUPS_LIMIT = 200
@@ -134,11 +136,9 @@ def kafka_facts(
     """Per consuming step: its topic and group facts, placed against the record the step's
     emitter (``spec.emitter``) produced for this correlation."""
     out: dict[str, KafkaFacts] = {}
-    ok_by_step: dict[str, list[SpanRecord]] = {}
-    for span in spans:
-        sid = span.step or span.attributes.get(ATTR_STEP)
-        if sid and reports_ok(span):
-            ok_by_step.setdefault(str(sid), []).append(span)
+    ok_by_step = {
+        sid: [s for s in rs if reports_ok(s)] for sid, rs in step_runs(spec, spans).items()
+    }
     for step in spec.steps:
         if not step.consumes:
             continue
@@ -170,25 +170,65 @@ def kafka_facts(
     return out
 
 
-async def other_groups(
-    sources: EvidenceSources, step: Step, partitions: list[int]
-) -> tuple[str, ...]:
-    """Groups other than the step's own with committed offsets on the step's topic."""
+def assigned(responses: list[Any], topic: str) -> list[GroupMember]:
+    """The live members of the described groups assigned partitions of ``topic`` (consumer
+    protocol groups only; an assignment that does not decode is skipped)."""
+    out: list[GroupMember] = []
+    for resp in responses:
+        for g in getattr(resp, "groups", ()):
+            error, gid, state, protocol_type, members = g[0], g[1], g[2], g[3], g[5]
+            if error or state == _DEAD or protocol_type != ConsumerProtocol.PROTOCOL_TYPE:
+                continue
+            for member in members:
+                _member_id, client_id, host, _metadata, raw = member[:5]
+                try:
+                    assignment = ConsumerProtocolMemberAssignment.decode(raw)
+                except Exception:  # noqa: BLE001 - not a consumer assignment: not evidence
+                    continue
+                parts = sorted(p for t, ps in assignment.assignment if t == topic for p in ps)
+                if parts:
+                    out.append(GroupMember(gid, client_id, host, tuple(parts)))
+    return out
+
+
+class OtherGroups(NamedTuple):
+    """Groups other than a step's own consuming its topic, and their live members there."""
+
+    groups: tuple[str, ...]
+    members: tuple[GroupMember, ...]
+
+
+async def other_groups(sources: EvidenceSources, step: Step, partitions: list[int]) -> OtherGroups:
+    """Groups other than the step's own that consume the step's topic: live members assigned its
+    partitions (a group that joined and has committed nothing yet counts), or committed offsets
+    on it. Each group is described in its own request (see ``kafka_base``)."""
     admin, _ = await sources.kafka()
     assert step.consumes
+    topic = step.consumes
     listed = [g for g in await list_groups(admin) if g != step.group]
     # likeliest first: names derived from the expected group
     listed.sort(key=lambda g: (not (step.group and g.startswith(step.group)), g))
-    tps = [TopicPartition(step.consumes, p) for p in partitions]
+    tps = [TopicPartition(topic, p) for p in partitions]
     sem = asyncio.Semaphore(16)
 
-    async def one(group: str) -> str | None:
+    async def one(group: str) -> tuple[str, list[GroupMember], bool]:
         async with sem:
             coord = await sources.coordinator(group)
-            got = await admin.list_consumer_group_offsets(
-                group, group_coordinator_id=coord, partitions=tps
+            described, got = await asyncio.gather(
+                admin.describe_consumer_groups([group], group_coordinator_id=coord),
+                admin.list_consumer_group_offsets(group, group_coordinator_id=coord, partitions=tps)
+                if tps
+                else asyncio.sleep(0, {}),
+                return_exceptions=True,
             )
-            return group if any(om.offset >= 0 for om in got.values()) else None
+            live = assigned(described, topic) if isinstance(described, list) else []
+            if isinstance(got, BaseException):
+                if not live and isinstance(described, BaseException):
+                    raise got
+                got = {}
+            return group, live, any(om.offset >= 0 for om in got.values())
 
     found = await asyncio.gather(*(one(g) for g in listed[:OTHER_GROUPS_LIMIT]))
-    return tuple(g for g in found if g)
+    groups = tuple(g for g, live, committed in found if live or committed)
+    members = tuple(m for _, live, _ in found for m in live)
+    return OtherGroups(groups, members)

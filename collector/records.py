@@ -51,6 +51,9 @@ class SpanRecord:
     received_at: datetime | None = None
     resource: Mapping[str, Any] = field(default_factory=dict)
     scope: str | None = None
+    #: a run of a span hoptrace did not make, matched to its step by its service and messaging
+    #: facts (``spanfacts.step_runs`` fills ``step`` and ``outcome`` in); never stored
+    matched: bool = False
 
     def attr(self, *keys: str) -> Any:
         """The first of ``keys`` the span carries with a non-empty value, else None."""
@@ -86,6 +89,21 @@ class DlqRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupMember:
+    """A live member of a consumer group, with the partitions of one topic it is assigned
+    (DescribeGroups, its assignment decoded)."""
+
+    group: str
+    client_id: str
+    host: str
+    partitions: tuple[int, ...]
+
+    def __str__(self) -> str:
+        parts = ",".join(map(str, self.partitions))
+        return f"{self.client_id} at {self.host.lstrip('/')} (partitions {parts})"
+
+
+@dataclass(frozen=True, slots=True)
 class KafkaFacts:
     """What Kafka says about one step's consumed topic and group (``None`` = not known)."""
 
@@ -99,8 +117,11 @@ class KafkaFacts:
     record: RecordRef | None = None
     committed_offset: int | None = None
     end_offset: int | None = None
-    #: other groups with committed offsets on ``topic`` (a worker running under a wrong group)
+    #: other groups consuming ``topic`` (a worker running under a wrong group): with live
+    #: members assigned its partitions, or with committed offsets on it
     other_groups: tuple[str, ...] | None = None
+    #: the live members of ``other_groups`` assigned ``topic`` (None: not looked up)
+    other_members: tuple[GroupMember, ...] | None = None
     dlq: DlqRecord | None = None
     dlq_checked: bool = False
 
@@ -156,6 +177,7 @@ __all__ = [
     "SOURCE_SPANS",
     "DlqRecord",
     "Evidence",
+    "GroupMember",
     "KafkaFacts",
     "ProcessedEvent",
     "RecordRef",

@@ -1,10 +1,17 @@
 """A Diagnosis as text (terminal), markdown (an incident ticket) or JSON (the stable schema in
 ``docs/trace-json-schema.json``, ``version`` 1). JSON objects are built with ``dict(name=...)``:
-their keys are the schema's field names."""
+their keys are the schema's field names.
+
+Evidence carries text services wrote (span status messages, exception messages, DLQ reasons):
+text and markdown output is made printable line by line (:func:`printable`: ANSI escape
+sequences and C0/C1 control characters removed, a line break inside a value becomes a space), and
+JSON escapes DEL and the C1 controls too (JSON itself escapes C0), so nothing a span says reaches
+a terminal as a control."""
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +30,23 @@ MARK: dict[str, str] = {
     StepStatus.STALLED: "⏸",
     StepStatus.NOT_REACHED: "·",
 }
+
+
+#: ECMA-48 escape sequences, 7- and 8-bit: CSI (colours, cursor moves), OSC / DCS / SOS / PM /
+#: APC strings up to their terminator (hyperlinks, window titles), other two-byte escapes.
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -/]*[0-~]?"
+)
+_BREAKS = re.compile(r"[\t\n\v\f\r\u2028\u2029]+")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_JSON_C1 = re.compile(r"[\x7f-\x9f]")
+
+
+def printable(line: str) -> str:
+    """One line of output with no escape sequence and no control character in it."""
+    return _CONTROLS.sub("", _BREAKS.sub(" ", _ESCAPES.sub("", line)))
 
 
 def jaeger_link(jaeger_url: str | None, trace_id: str) -> str | None:
@@ -53,6 +77,16 @@ def _kafka(kf: KafkaFacts) -> dict[str, Any]:
         end_offset=kf.end_offset,
         lag=kf.lag,
         other_groups=list(kf.other_groups) if kf.other_groups is not None else None,
+        other_members=(
+            [
+                dict(
+                    group=m.group, client_id=m.client_id, host=m.host, partitions=list(m.partitions)
+                )
+                for m in kf.other_members
+            ]
+            if kf.other_members is not None
+            else None
+        ),
         dlq=(
             dict(topic=dlq.topic, partition=dlq.partition, offset=dlq.offset, reason=dlq.reason)
             if dlq
@@ -107,6 +141,7 @@ def to_dict(d: Diagnosis, jaeger_url: str | None = None) -> dict[str, Any]:
         found=d.found,
         state=d.state,
         stopped_at=d.stopped_at,
+        stopped_at_all=list(d.stopped_at_all),
         cause=d.cause,
         summary=d.summary,
         evidence=list(d.evidence),
@@ -124,7 +159,9 @@ def to_dict(d: Diagnosis, jaeger_url: str | None = None) -> dict[str, Any]:
 
 
 def to_json(d: Diagnosis, jaeger_url: str | None = None) -> str:
-    return json.dumps(to_dict(d, jaeger_url), indent=2, ensure_ascii=False)
+    text = json.dumps(to_dict(d, jaeger_url), indent=2, ensure_ascii=False)
+    # DEL and C1 may only be inside strings: escaped there, the same JSON, terminal-safe
+    return _JSON_C1.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _time(value: datetime | None) -> str:
@@ -137,13 +174,13 @@ def to_text(d: Diagnosis, jaeger_url: str | None = None) -> str:
     lines = [head, ""]
     width = max((len(s.id) for s in d.steps), default=10)
     for s in d.steps:
-        pointer = "▶" if s.id == d.stopped_at else " "
+        pointer = _pointer(d, s.id, " ")
         runs = f" x{s.runs}" if s.runs > 1 else ""
         lines.append(
             f"{pointer} {MARK.get(s.status, '?')} {s.id:<{width}}  {s.status:<11} "
             f"{_time(s.started_at):<12} {s.service}{runs}"
         )
-        if s.id == d.stopped_at or s.status == StepStatus.FAILED:
+        if s.id in d.stopped_at_all or s.id == d.stopped_at or s.status == StepStatus.FAILED:
             for e in s.evidence:
                 lines.append(f"      {e}")
     lines.append("")
@@ -152,13 +189,22 @@ def to_text(d: Diagnosis, jaeger_url: str | None = None) -> str:
     for e in d.evidence:
         lines.append(f"  - {e}")
     lines.append(f"next: {d.next_action}")
+    if len(d.stopped_at_all) > 1:
+        lines.append(f"branches stopped at: {', '.join(d.stopped_at_all)} (causes in their steps)")
     for w in d.warnings:
         lines.append(f"warning: {w}")
     if d.missing:
         lines.append("missing evidence: " + "; ".join(f"{k}: {v}" for k, v in d.missing.items()))
     for url in _links(jaeger_url, d.trace_ids) or list(d.trace_ids):
         lines.append(f"trace: {url}")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
+
+
+def _pointer(d: Diagnosis, step_id: str, other: str) -> str:
+    """``▶`` at ``stopped_at``, ``▷`` at the other steps where a branch stopped."""
+    if step_id == d.stopped_at:
+        return "▶"
+    return "▷" if step_id in d.stopped_at_all else other
 
 
 def _md_escape(text: str) -> str:
@@ -173,6 +219,11 @@ def to_markdown(d: Diagnosis, jaeger_url: str | None = None) -> str:
         f"- **Pipeline:** {d.pipeline}",
         f"- **State:** {d.state}",
         f"- **Stopped at:** {f'`{d.stopped_at}`' if d.stopped_at else 'nowhere (completed)'}",
+        *(
+            [f"- **Branches stopped at:** {', '.join(f'`{h}`' for h in d.stopped_at_all)}"]
+            if len(d.stopped_at_all) > 1
+            else []
+        ),
         f"- **Cause:** `{d.cause}`",
         f"- **Next action:** {d.next_action}",
         f"- **Checked at:** {_iso(d.checked_at)}",
@@ -195,7 +246,7 @@ def to_markdown(d: Diagnosis, jaeger_url: str | None = None) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for s in d.steps:
-        mark = "▶" if s.id == d.stopped_at else MARK.get(s.status, "")
+        mark = _pointer(d, s.id, MARK.get(s.status, ""))
         ev = "<br>".join(_md_escape(e) for e in s.evidence) or "-"
         out.append(
             f"| {mark} | `{s.id}` | {s.service} | {s.status} | {_iso(s.started_at) or '-'} "
@@ -250,7 +301,7 @@ def to_markdown(d: Diagnosis, jaeger_url: str | None = None) -> str:
         out += ["", "### Queries run", "", "```"]
         out += [q.replace("$1", f"'{d.correlation_id}'") for q in d.queries]
         out.append("```")
-    return "\n".join(out) + "\n"
+    return "\n".join(map(printable, out)) + "\n"
 
 
 def render(d: Diagnosis, fmt: str, jaeger_url: str | None = None) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from hoptrace.contract import Cause, PipelineSpec, Step
 
 from .records import Evidence, SpanRecord
-from .spanfacts import downstream_failure, error_text, outcome, topic_error, ts
+from .spanfacts import downstream_failure, outcome, run_error_text, topic_error, ts
 from .stepview import StepView, dlq_line
 
 #: A rule's answer: the cause, the evidence lines that decided it, what to do next.
@@ -59,9 +59,10 @@ def failed_runs(
     """The step's runs errored: a missing emit topic, a failed downstream call, or its own error."""
     step = stop.step
     err = stop.errors[-1]
+    why = run_error_text(err, spans)
     lines = [
         f"span {step.id} error at {ts(err.end_time or err.start_time)} "
-        f"(trace {err.trace_id[:16]}): {error_text(err)}"
+        f"(trace {err.trace_id[:16]}): {why}"
     ]
     if len(stop.errors) > 1:
         lines.append(f"{step.id} failed {len(stop.errors)} times")
@@ -82,4 +83,4 @@ def failed_runs(
             lines,
             f"check the service {step.service} depends on ({downstream}){replay}",
         )
-    return Cause.PROCESSING_ERROR, lines, f"fix {step.service}: {error_text(err)}{replay}"
+    return Cause.PROCESSING_ERROR, lines, f"fix {step.service}: {why}{replay}"

@@ -1,12 +1,14 @@
-"""Diagnosis rules for a step with no successful span: its topic is missing, its record was
-dead-lettered, it was consumed without a trace, the previous step never emitted, Kafka could not be
-read, its group has no consumer, its group lags, or it is simply not due yet.
+"""Diagnosis rules for a step with no successful run: its topic is missing, its record was
+dead-lettered, it was consumed without a trace, the step whose record it consumes
+(``spec.emitter``) never emitted, Kafka could not be read, its group has no consumer (naming the
+other groups that consume its topic instead: a wrong group id), its group lags, or it is simply
+not due yet.
 
 In order: ``topic_missing`` (its topic, or the topic it emits to, does not exist),
 ``processing_error`` (a dead-lettered record and no span), ``consumed_without_trace`` (effect row,
-processed mark, committed offset or later spans say it ran, and it is overdue), ``not_emitted``,
-``missing_evidence`` (Kafka unreadable and overdue), ``no_consumer``, ``consumer_lag`` (overdue),
-else ``in_progress``.
+processed mark, committed offset or spans of steps below it say it ran, and it is overdue),
+``not_emitted``, ``missing_evidence`` (Kafka unreadable and overdue), ``no_consumer``,
+``consumer_lag`` (overdue), else ``in_progress``.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from __future__ import annotations
 from datetime import datetime
 
 from hoptrace.contract import Cause, Outcome, PipelineSpec, StepStatus
+from hoptrace.contract.progress import descendants
 
-from .records import SOURCE_KAFKA, Evidence
+from .records import SOURCE_KAFKA, Evidence, KafkaFacts
 from .rules_failed import Verdict, emitted_topic_missing
 from .spanfacts import outcome, ts
-from .stepview import StepView, deadline_line, dlq_line, fmt_age, overdue
+from .stepview import StepView, deadline_line, dlq_line, fmt_age
 
 
 def unseen(
@@ -29,13 +32,13 @@ def unseen(
     ev: Evidence,
     now: datetime,
 ) -> Verdict:
-    """Why the step where the correlation stopped has not run (successfully) yet."""
+    """Why a step where the correlation stopped has not run (successfully) yet. ``prev``: the
+    view of the step whose record it consumes (``spec.emitter``)."""
     step = stop.step
-    spans = ev.spans
     kf = ev.kafka.get(step.id)
     lines: list[str] = []
-    is_overdue = overdue(stop, prev, spans, now)
-    deadline = deadline_line(stop, prev, spans, now)
+    is_overdue = stop.overdue(now)
+    deadline = deadline_line(stop, now)
     kafka_missing = ev.missing.get(SOURCE_KAFKA)
 
     if kf is not None and kf.topic_exists is False:
@@ -56,7 +59,7 @@ def unseen(
             f"fix {step.service} ({reason}); then replay the record from {kf.dlq.topic}",
         )
 
-    consumed = _consumed_lines(stop, views, ev)
+    consumed = _consumed_lines(spec, stop, views, ev)
     if consumed:
         lines.extend(consumed)
         lines.append(deadline)
@@ -99,12 +102,12 @@ def unseen(
         if kf.record:
             lines.append(f"record {kf.record} waiting; committed offset {kf.committed_offset}")
         if kf.other_groups:
-            lines.append(f"other groups consuming {kf.topic}: {', '.join(kf.other_groups)}")
+            lines.extend(_other_group_lines(kf))
             return (
                 Cause.NO_CONSUMER,
                 lines,
-                f"run {step.service} with consumer group {kf.group} (it consumes {kf.topic} as "
-                f"{', '.join(kf.other_groups)})",
+                f"fix the group id of {step.service}: run it with consumer group {kf.group} "
+                f"(it consumes {kf.topic} as {', '.join(kf.other_groups)})",
             )
         return Cause.NO_CONSUMER, lines, f"start {step.service}"
 
@@ -132,11 +135,29 @@ def unseen(
     return Cause.IN_PROGRESS, lines, f"wait for {step.id} (deadline {fmt_age(step.deadline)})"
 
 
-def _consumed_lines(stop: StepView, views: list[StepView], ev: Evidence) -> list[str]:
+def _other_group_lines(kf: KafkaFacts) -> list[str]:
+    """Who consumes the step's topic instead: each other group, its live members (client id,
+    host, assigned partitions) and whether it committed anything there."""
+    members = kf.other_members or ()
+    out: list[str] = []
+    for group in kf.other_groups or ():
+        live = [m for m in members if m.group == group]
+        if live:
+            who = "; ".join(str(m) for m in live)
+            out.append(f"group {group} consumes {kf.topic}: {len(live)} live member(s): {who}")
+        else:
+            out.append(f"group {group} committed offsets on {kf.topic} (no live member seen)")
+    return out
+
+
+def _consumed_lines(
+    spec: PipelineSpec, stop: StepView, views: list[StepView], ev: Evidence
+) -> list[str]:
     """What says the step handled the record although it reported no span."""
     step = stop.step
     kf = ev.kafka.get(step.id)
-    later_done = [v for v in views[views.index(stop) + 1 :] if v.runs]
+    below = descendants(spec, step.id)
+    later_done = [v for v in views if v.step.id in below and v.runs]
     lines: list[str] = []
     if stop.effect:
         lines.append(f"{step.table}: row present for {ev.correlation_id} but no {step.id} span")

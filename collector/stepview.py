@@ -1,6 +1,6 @@
-"""One step of one correlation as the diagnosis sees it: its runs (step spans), the processed marks
-and effect row it left, the record it emitted, its status, and the evidence lines describing it;
-plus the deadline arithmetic the rules share.
+"""One step of one correlation as the diagnosis sees it: its runs (``spanfacts.step_runs``), the
+processed marks and effect row it left, the record it emitted, its status, when its deadline
+started, and the evidence lines describing it; plus the deadline arithmetic the rules share.
 
 ``diagnosis.py`` builds one :class:`StepView` per spec step; the rules (``rules_failed.py``,
 ``rules_unseen.py``) read them.
@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from hoptrace.contract import Outcome, PipelineSpec, Step, StepStatus
-from hoptrace.contract.conventions import MSG_GROUP, STATUS_ERROR
+from hoptrace.contract.conventions import STATUS_ERROR
 
 from .records import KafkaFacts, ProcessedEvent, RecordRef, SpanRecord
-from .spanfacts import consumed_record, error_text, outcome, ts
+from .spanfacts import consumed_record, consumer_group, outcome, run_error_text, ts
 
 
 @dataclass
@@ -33,6 +33,13 @@ class StepView:
     status: str = StepStatus.NOT_REACHED.value
     lines: list[str] = field(default_factory=list)
     marked_without_effect: bool = False
+    #: when the step's deadline started (the last of its ``after`` steps was done; a first
+    #: step: the correlation's first span), and the step it counts from (None: the start)
+    since: datetime | None = None
+    since_step: str | None = None
+
+    def overdue(self, now: datetime) -> bool:
+        return self.since is not None and now - self.since > self.step.deadline
 
     @property
     def started_at(self) -> datetime | None:
@@ -47,45 +54,52 @@ class StepView:
 def processed_marks(
     spec: PipelineSpec, step: Step, processed: Sequence[ProcessedEvent], known_sources: set[str]
 ) -> list[ProcessedEvent]:
-    """The processed marks of a step (from its processed table): by its service/group/id as
-    source, else by the type of the event it consumes (``step.event_type``) when the source names
-    nothing of the pipeline."""
+    """The processed marks of a step (from its processed table): by its source naming the step
+    (its id, its group, or its service when no other step of the spec shares that service), else
+    by the type of the event it consumes (``step.event_type``) when the source names nothing of
+    the pipeline and no other step consumes that event type. Two steps consuming one event (a
+    fan-out) each mark it under their own source, and each mark is only its step's."""
     table = spec.processed_for(step).table
-    names = {step.service, step.group, step.id} - {None}
-    etype = step.event_type
     return [
         p
         for p in processed
-        if (p.table is None or p.table == table)
-        and (
-            p.source in names
-            or (
-                etype
-                and p.event_type == etype
-                and (p.source is None or p.source not in known_sources)
-            )
-        )
+        if (p.table is None or p.table == table) and _marks_step(spec, step, p, known_sources)
     ]
 
 
-def describe_runs(view: StepView) -> None:
+def _marks_step(spec: PipelineSpec, step: Step, p: ProcessedEvent, known: set[str]) -> bool:
+    if p.source is not None and p.source in known:
+        if p.source in (step.id, step.group):
+            return True
+        if p.source != step.service:
+            return False
+        sharing = [s for s in spec.steps if s.consumes and p.source in (s.service, s.group, s.id)]
+        return sharing == [step]
+    etype = step.event_type
+    if not etype or p.event_type != etype:
+        return False
+    return [s.id for s in spec.steps if s.event_type == etype] == [step.id]
+
+
+def describe_runs(view: StepView, spans: Sequence[SpanRecord]) -> None:
     """The step's evidence lines: each run, the emitted record, processed marks, effect row."""
     step = view.step
     for span in view.runs:
+        by = f" from {span.service}" if span.matched else ""  # not a span hoptrace made
         line = (
-            f"span {span.name} {outcome(span)} at {ts(span.start_time)} "
+            f"span {span.name}{by} {outcome(span)} at {ts(span.start_time)} "
             f"(trace {span.trace_id[:16]})"
         )
         consumed = consumed_record(span)
         if consumed:
             line += f", consumed {consumed}"
-            group = span.attributes.get(MSG_GROUP)
+            group = consumer_group(span)
             if group:
                 line += f" as group {group}"
                 if step.group and group != step.group:
                     line += f" (spec expects {step.group})"
         if span.status_code == STATUS_ERROR or outcome(span) == Outcome.ERROR:
-            line += f": {error_text(span)}"
+            line += f": {run_error_text(span, spans)}"
         view.lines.append(line)
     if view.emitted:
         view.lines.append(f"emitted {view.emitted}")
@@ -107,34 +121,15 @@ def fmt_age(delta: timedelta) -> str:
     return f"{secs / 3600:.1f}h"
 
 
-def _since(prev: StepView | None, spans: Sequence[SpanRecord]) -> datetime | None:
-    """When the step's deadline started: the previous step's end, else the first span."""
-    since = prev.ended_at if prev else None
-    if since is None:
-        since = min((s.start_time for s in spans), default=None)
-    return since
-
-
-def overdue(
-    stop: StepView, prev: StepView | None, spans: Sequence[SpanRecord], now: datetime
-) -> bool:
-    since = _since(prev, spans)
-    if since is None:
-        return False
-    return now - since > stop.step.deadline
-
-
-def deadline_line(
-    stop: StepView, prev: StepView | None, spans: Sequence[SpanRecord], now: datetime
-) -> str:
-    since = prev.ended_at if prev else min((s.start_time for s in spans), default=None)
-    if since is None:
-        return f"{stop.step.id}: deadline {fmt_age(stop.step.deadline)}"
-    age = now - since
-    verdict = "overdue" if age > stop.step.deadline else "within"
+def deadline_line(view: StepView, now: datetime) -> str:
+    """How long the step has been due for, against its deadline."""
+    if view.since is None:
+        return f"{view.step.id}: deadline {fmt_age(view.step.deadline)}"
+    age = now - view.since
+    verdict = "overdue" if age > view.step.deadline else "within"
     return (
-        f"{fmt_age(age)} since {prev.step.id if prev else 'start'} "
-        f"({verdict} deadline {fmt_age(stop.step.deadline)})"
+        f"{fmt_age(age)} since {view.since_step or 'start'} "
+        f"({verdict} deadline {fmt_age(view.step.deadline)})"
     )
 
 

@@ -168,13 +168,28 @@ def _span(r: asyncpg.Record) -> SpanRecord:
     return SpanRecord(**d)
 
 
+#: The spans of a correlation: those carrying its id, then the spans of their traces that carry
+#: none (a service that does not carry the id: its spans belong to the correlation of their trace;
+#: each trace probed through the primary key, which starts with ``trace_id``). One round trip.
+_SPANS_FOR_CORRELATION = f"""
+WITH own AS MATERIALIZED (
+    SELECT {_SPAN_COLS} FROM spans WHERE correlation_id = $1 ORDER BY start_time LIMIT $2
+)
+SELECT * FROM (
+    SELECT * FROM own
+    UNION ALL
+    SELECT t.* FROM (SELECT DISTINCT trace_id FROM own) AS traces,
+        LATERAL (SELECT {_SPAN_COLS} FROM spans
+                 WHERE spans.trace_id = traces.trace_id AND spans.correlation_id IS NULL
+                 LIMIT $2) AS t
+) AS found ORDER BY start_time LIMIT $2
+"""  # noqa: S608 - built from constants only
+
+
 async def spans_for_correlation(pool: Pool, cid: str, limit: int = 5000) -> list[SpanRecord]:
-    """Spans carrying ``hoptrace.correlation_id = cid``, by start time (at most ``limit``)."""
-    rows = await pool.fetch(
-        f"SELECT {_SPAN_COLS} FROM spans WHERE correlation_id = $1 ORDER BY start_time LIMIT $2",  # noqa: S608
-        cid,
-        limit,
-    )
+    """The spans of correlation ``cid``, by start time (at most ``limit``): those carrying
+    ``hoptrace.correlation_id = cid`` and the spans without a correlation id of their traces."""
+    rows = await pool.fetch(_SPANS_FOR_CORRELATION, cid, limit)
     return [_span(r) for r in rows]
 
 

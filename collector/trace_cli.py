@@ -1,10 +1,11 @@
 """`hoptrace trace ID --format text|json|markdown`: exit 0 when the correlation was found, 2 for
-a malformed or unknown id, 1 for an internal failure (e.g. the span store cannot be read)."""
+a malformed or unknown id, 1 for an internal failure (e.g. the span store cannot be read).
+Everything printed is printable: the rendered diagnosis (see ``render``) and the error messages,
+which may quote the typed id or a server's error text (``render.printable``)."""
 
 from __future__ import annotations
 
 import asyncio
-import sys
 import traceback
 
 import typer
@@ -13,7 +14,7 @@ from hoptrace.settings import get_settings
 
 from . import api
 from .diagnosis import Diagnosis
-from .render import render
+from .render import printable, render
 
 FORMATS = ("text", "json", "markdown")
 
@@ -26,7 +27,7 @@ async def _lookup(cid: str) -> Diagnosis:
 
 
 def _fail(message: str, code: int) -> None:
-    typer.echo(f"hoptrace: {message}", err=True)
+    typer.echo(printable(f"hoptrace: {message}"), err=True)
     raise typer.Exit(code)
 
 
@@ -40,7 +41,8 @@ def trace_cli(correlation_id: str, fmt: str = "text") -> None:
     try:
         diagnosis = asyncio.run(_lookup(correlation_id))
     except Exception as exc:  # noqa: BLE001 - reported, exit 1
-        traceback.print_exc(file=sys.stderr)
+        lines = traceback.format_exc().splitlines()
+        typer.echo("\n".join(map(printable, lines)), err=True)
         _fail(
             f"internal failure while diagnosing {correlation_id!r}: {type(exc).__name__}: {exc}", 1
         )

@@ -1,4 +1,5 @@
-"""Alerts page: firing and resolved stall alerts with their cause and links."""
+"""Alerts page: firing and resolved stall alerts with their cause and links (the evidence, span
+data, shown as text)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from hoptrace.dashboard import frames
+from hoptrace.dashboard.plain import literal
 from hoptrace.dashboard.source import Source, get_source
 from hoptrace.dashboard.words import cause_words
 
@@ -18,7 +20,7 @@ def render(source: Source | None = None) -> None:
     try:
         table = frames.alerts_frame(source.alerts(ALERTS_LIMIT))
     except Exception as exc:  # the store is down or slow: say so, keep the page up
-        st.error(f"Could not read the trace store: {exc}")
+        st.error(f"Could not read the trace store: {literal(exc)}")
         return
     jaeger = source.jaeger_url()
     firing = table[table["status"] == "firing"]
@@ -46,6 +48,6 @@ def _list(table: pd.DataFrame, jaeger: str, empty: str) -> None:
             links += f" · [Jaeger]({row.jaeger})"
         line = f"- **{row.correlation_id}** at **{row.step or '—'}** ({when}): {cause} {links}"
         if row.evidence:
-            line += f"\n  - {row.evidence}"
+            line += f"\n  - {literal(row.evidence)}"  # span data: shown as text
         lines.append(line)
     st.markdown("\n".join(lines))

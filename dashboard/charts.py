@@ -18,16 +18,18 @@ def gantt(
     lane_order: list[str],
     stopped_at: str | None = None,
     stop_time: datetime | None = None,
+    branches: list[str] | None = None,
 ) -> go.Figure:
     """Spans as bars, one lane per step (then other span names), coloured by service.
 
-    The stop marker is a red lane highlight on ``stopped_at`` plus a vertical line at
-    ``stop_time`` (when the last thing happened)."""
+    The stop marker is a red lane highlight on ``stopped_at`` (and on each other step where a
+    branch stopped, ``branches``) plus a vertical line at ``stop_time`` (when the last thing
+    happened)."""
     lanes = [lane for lane in lane_order if lane] + [
         lane for lane in spans["lane"].unique().tolist() if lane not in lane_order
     ]
-    if stopped_at and stopped_at not in lanes:
-        lanes.append(stopped_at)
+    marked = [s for s in [stopped_at, *(branches or [])] if s]
+    lanes += [s for s in dict.fromkeys(marked) if s not in lanes]
     fig = go.Figure()
     for service, group in spans.groupby("service", sort=False):
         fig.add_trace(
@@ -45,9 +47,9 @@ def gantt(
     fig.update_xaxes(type="date")
     fig.update_yaxes(title=None, categoryorder="array", categoryarray=lanes, autorange="reversed")
     fig.update_xaxes(title=None)
-    if stopped_at:
-        # A band across the stopped step's lane, labelled, so the marker reads without hovering.
-        idx = lanes.index(stopped_at)
+    for lane in dict.fromkeys(marked):
+        # A band across a stopped step's lane, labelled, so the marker reads without hovering.
+        idx = lanes.index(lane)
         fig.add_hrect(
             y0=idx - 0.5,
             y1=idx + 0.5,
@@ -58,6 +60,7 @@ def gantt(
             annotation_position="inside right",
             annotation_font_color=STOP_COLOR,
         )
+    if stopped_at:
         if stop_time is not None:
             fig.add_vline(x=stop_time, line_color=STOP_COLOR, line_dash="dash")
     fig.update_layout(

@@ -107,8 +107,10 @@ def jaeger_link(jaeger_url: str, trace_id: str) -> str:
 
 
 def steps_frame(diagnosis: Any) -> pd.DataFrame:
-    """One row per pipeline step, in order, with the stop marker on the step where it stopped."""
+    """One row per pipeline step, in order, with the stop marker on the step where it stopped
+    (and on each other step where an unfinished branch stopped)."""
     stopped_at = get(diagnosis, "stopped_at")
+    stops = {stopped_at, *(get(diagnosis, "stopped_at_all", None) or ())} - {None}
     rows = []
     for step in get(diagnosis, "steps", []) or []:
         step_id = first(step, "id", "step")
@@ -125,7 +127,7 @@ def steps_frame(diagnosis: Any) -> pd.DataFrame:
                 "took": human_duration((ended - started).total_seconds())
                 if started and ended
                 else "—",
-                "marker": STOP_MARKER if step_id == stopped_at else "",
+                "marker": STOP_MARKER if step_id in stops else "",
                 "evidence": list(get(step, "evidence", []) or []),
             }
         )
@@ -144,8 +146,14 @@ def steps_frame(diagnosis: Any) -> pd.DataFrame:
     )
 
 
-def spans_frame(spans: Iterable[Any]) -> pd.DataFrame:
-    """Spans as rows for the Gantt chart: step (or span name), service, start, end, trace id."""
+def spans_frame(
+    spans: Iterable[Any], span_steps: Mapping[tuple[str, str], str] | None = None
+) -> pd.DataFrame:
+    """Spans as rows for the Gantt chart: step (or span name), service, start, end, trace id.
+    A span's step is the one the diagnosis matched it to (``span_steps``: (trace id, span id) ->
+    step, from ``StepMatcher.step_of``: a consumer span of a service hoptrace did not write is
+    its step's run too), else the step it names itself."""
+    matched = span_steps or {}
     rows = []
     for span in spans or []:
         start = as_datetime(
@@ -157,7 +165,8 @@ def spans_frame(spans: Iterable[Any]) -> pd.DataFrame:
         if end is None or end <= start:
             end = start + timedelta(milliseconds=1)
         attributes = get(span, "attributes", {}) or {}
-        step = first(span, "step", default=None) or attributes.get(ATTR_STEP)
+        key = (first(span, "trace_id", default=""), first(span, "span_id", default=""))
+        step = matched.get(key) or first(span, "step", default=None) or attributes.get(ATTR_STEP)
         name = get(span, "name", "")
         status = first(span, "status", "status_code", default="")
         outcome = first(span, "outcome", default=None) or attributes.get(ATTR_OUTCOME)

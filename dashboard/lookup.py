@@ -1,4 +1,6 @@
-"""Lookup page: one payment's steps, the stop marker, the timeline, the cause and the evidence."""
+"""Lookup page: one payment's steps, the stop markers (one per unfinished branch), the timeline,
+the cause and the evidence. Text that comes from the user or from spans (the typed id, error
+messages, evidence lines, next actions) is shown as text (``plain.literal``), never as Markdown."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import streamlit as st
 from hoptrace.contract import Cause
 from hoptrace.dashboard import charts, frames
 from hoptrace.dashboard.frames import STOP_MARKER, first, get
+from hoptrace.dashboard.plain import literal
 from hoptrace.dashboard.source import LookupError_, Source, get_source
 from hoptrace.dashboard.words import cause_words
 
@@ -31,11 +34,11 @@ def render(source: Source | None = None) -> None:
         return
     try:
         diagnosis = source.diagnose(cid)
-    except LookupError_ as exc:
-        st.error(str(exc))
+    except LookupError_ as exc:  # its message quotes the raw id
+        st.error(literal(exc))
         return
     except Exception as exc:  # the store or Kafka is down: say so, keep the page up
-        st.error(f"Could not diagnose `{cid}`: {exc}")
+        st.error(f"Could not diagnose {literal(cid)}: {literal(exc)}")
         return
     show(diagnosis, source)
 
@@ -44,6 +47,7 @@ def show(diagnosis: Any, source: Source) -> None:
     """Everything about one diagnosed correlation."""
     cid = str(first(diagnosis, "correlation_id", "id"))
     stopped_at = get(diagnosis, "stopped_at")
+    branches = [h for h in get(diagnosis, "stopped_at_all", None) or () if h != stopped_at]
     cause = get(diagnosis, "cause")
     state = get(diagnosis, "state", "")
     st.subheader(f"Payment `{cid}`")
@@ -53,6 +57,9 @@ def show(diagnosis: Any, source: Source) -> None:
         st.warning(f"{STOP_MARKER}: waiting at step **{stopped_at}** (still within its deadline).")
     else:
         st.error(f"{STOP_MARKER}: step **{stopped_at}** — cause `{cause}`")
+    if branches:
+        where = ", ".join(f"**{h}**" for h in branches)
+        st.warning(f"Other branches stopped at {where} (their causes are in their steps).")
     st.caption(f"state: {state}" if state else "")
 
     steps = frames.steps_frame(diagnosis)
@@ -61,20 +68,20 @@ def show(diagnosis: Any, source: Source) -> None:
     for row in steps.itertuples():
         marker = f"  ⟵ **{STOP_MARKER}**" if row.marker else ""
         lines.append(f"1. {row.status} — **{row.step}** ({row.service or '—'}, {row.took}){marker}")
-        lines.extend(f"    - {line}" for line in row.evidence)
+        lines.extend(f"    - {literal(line)}" for line in row.evidence)
     st.markdown("\n".join(lines))
 
     st.markdown("#### Why")
     st.markdown(f"**Cause:** `{cause}` — {cause_words(cause)}")
     summary = get(diagnosis, "summary")
     if summary:
-        st.markdown(summary)
+        st.markdown(literal(summary))
     evidence = get(diagnosis, "evidence", []) or []
     if evidence:
-        st.markdown("\n".join(f"- {line}" for line in evidence))
+        st.markdown("\n".join(f"- {literal(line)}" for line in evidence))
     next_action = first(diagnosis, "next_action", "next_step_hint")
     if next_action:
-        st.markdown(f"**What to do next:** {next_action}")
+        st.markdown(f"**What to do next:** {literal(next_action)}")
 
     st.markdown("#### Timeline")
     raw = get(diagnosis, "spans")
@@ -82,7 +89,7 @@ def show(diagnosis: Any, source: Source) -> None:
     if len(raw) > GANTT_MAX_SPANS:  # a payment redelivered in a loop: keep the page light
         st.caption(f"Showing the first {GANTT_MAX_SPANS} of {len(raw)} spans.")
         raw = raw[:GANTT_MAX_SPANS]
-    spans = frames.spans_frame(raw)
+    spans = frames.spans_frame(raw, get(diagnosis, "span_steps"))
     if spans.empty:
         st.caption("No spans recorded for this payment.")
     else:
@@ -90,7 +97,7 @@ def show(diagnosis: Any, source: Source) -> None:
         if stopped_at:
             stop_time = spans["end"].max()
         st.plotly_chart(
-            charts.gantt(spans, steps["step"].tolist(), stopped_at, stop_time),
+            charts.gantt(spans, steps["step"].tolist(), stopped_at, stop_time, branches),
             key="gantt",
             config={"displayModeBar": False},
         )

@@ -36,6 +36,21 @@ class Diagnosis:
     jaeger_urls: list[str]
     kafka_facts: list[dict[str, Any]]
     db_facts: list[dict[str, Any]]
+    stopped_at_all: list[str] = field(default_factory=list)
+
+
+def fanout_diagnosis(cid: str = "pay-fanout-1") -> Diagnosis:
+    """Two unfinished branches: the first step not done, and another branch's step, whose
+    evidence holds its own cause and a status message with Markdown in it."""
+    d = stalled_diagnosis(cid)
+    d.steps[3] = Step(
+        STEPS[3],
+        "pending",
+        SERVICES[3],
+        evidence=["branch stopped here: in_progress", "error: [click](http://evil.test) **x**"],
+    )
+    d.stopped_at_all = [STEPS[2], STEPS[3]]
+    return d
 
 
 def stalled_diagnosis(cid: str = "pay-stalled-1") -> Diagnosis:
@@ -91,7 +106,7 @@ def spans_for(d: Diagnosis) -> list[dict[str, Any]]:
 
 class FakeSource:
     def __init__(self) -> None:
-        self.diagnoses = {"pay-stalled-1": stalled_diagnosis()}
+        self.diagnoses = {"pay-stalled-1": stalled_diagnosis(), "pay-fanout-1": fanout_diagnosis()}
         self.calls: list[str] = []
 
     def diagnose(self, correlation_id: str) -> Any:

@@ -45,6 +45,26 @@ def test_stalled_frame_links_and_overdue() -> None:
     assert frame.iloc[0]["overdue_by"] == "1m 15s"
 
 
+def test_the_timeline_lanes_a_span_by_the_step_the_diagnosis_matched_it_to() -> None:
+    """A consumer span of a service hoptrace did not write names no step itself: its lane is
+    the step the diagnosis matched it to; the other spans keep theirs."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    spans = [
+        {"trace_id": "t", "span_id": "1", "name": "process orders", "service": "node-worker",
+         "start_time": t0, "end_time": t0 + timedelta(seconds=1)},
+        {"trace_id": "t", "span_id": "2", "name": "pg.query:INSERT", "service": "node-worker",
+         "start_time": t0, "end_time": t0 + timedelta(seconds=1)},
+        {"trace_id": "t", "span_id": "3", "name": "stock.reserved", "service": "py-worker",
+         "step": "stock.reserved", "start_time": t0, "end_time": t0 + timedelta(seconds=1)},
+    ]  # fmt: skip
+    frame = frames.spans_frame(spans, {("t", "1"): "order.received"})
+    assert list(frame["lane"]) == [
+        "order.received",
+        "node-worker: pg.query:INSERT",
+        "stock.reserved",
+    ]
+
+
 def test_state_counts_keep_all_states_in_order() -> None:
     frame = frames.state_counts_frame({"stalled": 2, "completed": 5})
     assert list(frame["state"]) == ["completed", "in_progress", "stalled", "failed"]

@@ -31,6 +31,20 @@ def test_lookup_by_query_param_marks_the_stopped_step() -> None:
     assert len(at.dataframe) == 2  # Kafka facts, DB facts
 
 
+def test_lookup_marks_every_branch_that_stopped_and_shows_span_text_as_text() -> None:
+    at = app(id="pay-fanout-1")
+    assert not at.exception
+    steps = next(m.value for m in at.markdown if "payment.confirmed" in m.value)
+    marked = [line for line in steps.splitlines() if STOP_MARKER in line]
+    assert [("trainer.allocated" in m, "session.created" in m) for m in marked] == [
+        (True, False),
+        (False, True),
+    ]
+    assert "Other branches stopped at **session.created**" in at.warning[0].value
+    assert "branch stopped here\\: in\\_progress" in steps  # its cause, in its evidence
+    assert "\\[click\\]\\(http\\://evil\\.test\\) \\*\\*x\\*\\*" in steps  # text, not a link
+
+
 def test_lookup_by_text_input() -> None:
     at = app()
     assert "Paste a payment id" in text(at)

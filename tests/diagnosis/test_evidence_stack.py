@@ -211,6 +211,64 @@ async def test_wrong_group_names_the_group_that_consumes_instead(env) -> None:
     assert wrong in d.next_action
 
 
+async def test_wrong_group_live_with_nothing_committed_is_named(env) -> None:
+    """The worker runs under another group id that has joined and was assigned the topic but has
+    committed nothing yet (a new group starts at the end of the log): its live members name it."""
+    e = env
+    await topics(e, e.spec.topics)
+    cid = f"pay-{uuid.uuid4().hex[:8]}"
+    await emitted_through(e, cid, "purchase.created")
+    step = e.spec.step("trainer.allocated")
+    wrong = step.group + "-v2"
+    c = AIOKafkaConsumer(
+        step.consumes,
+        bootstrap_servers=e.bootstrap,
+        group_id=wrong,
+        client_id="allocation-misconfigured",
+        enable_auto_commit=False,
+        auto_offset_reset="latest",
+    )
+    await c.start()
+    try:
+        from ..support import wait_for
+
+        async def assigned() -> bool:
+            return bool(c.assignment())
+
+        await wait_for(assigned, 20, what="the wrong group's assignment")
+        d = await api.diagnose(cid)
+        out = cli(e, "trace", cid, "--format", "json")  # the JSON names the members too
+    finally:
+        await c.stop()
+    assert (d.stopped_at, d.cause) == ("trainer.allocated", "no_consumer"), d.evidence
+    kf = d.facts.kafka["trainer.allocated"]
+    assert kf.group_exists is False and kf.other_groups == (wrong,)
+    [member] = kf.other_members
+    assert (member.group, member.client_id, member.partitions) == (
+        wrong,
+        "allocation-misconfigured",
+        (0, 1, 2),
+    )
+    assert any(
+        f"group {wrong} consumes {step.consumes}: 1 live member(s): allocation-misconfigured at"
+        in line
+        for line in d.evidence
+    ), d.evidence
+    assert d.next_action.startswith(f"fix the group id of {step.service}: run it with consumer")
+    assert wrong in d.next_action
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    schema_doc = json.loads((PROJECT_ROOT / "docs" / "trace-json-schema.json").read_text())
+    jsonschema.validate(doc, schema_doc)
+    alloc = next(s for s in doc["steps"] if s["id"] == "trainer.allocated")
+    [listed] = alloc["kafka"]["other_members"]
+    assert (listed["group"], listed["client_id"], listed["partitions"]) == (
+        wrong,
+        "allocation-misconfigured",
+        [0, 1, 2],
+    )
+
+
 async def test_consumer_lag_when_the_group_has_members_but_has_not_reached_the_record(env) -> None:
     e = env
     await topics(e, e.spec.topics)

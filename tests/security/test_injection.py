@@ -192,3 +192,102 @@ def test_injection_strings_run_no_statement(rig: Rig) -> None:
 
     after = asyncio.run(snapshot(rig.db_url))
     assert after == before, (before, after)
+
+
+# ------------------------------------------------------------------ user text printed as text
+#: What a span's status message may carry from a hostile or careless service: ANSI escapes (colour,
+#: cursor moves, a hyperlink, a window title), C0 and C1 controls, a carriage return that would
+#: overwrite the line it is on, a bell.
+CONTROLLED = (
+    "boom \x1b[31mred\x1b[0m \x1b[2J\x1b[H\x1b]8;;http://evil.test\x07link\x1b]8;;\x07 "
+    "\x1b]0;title\x07\r\x07\x08\x00\x0b\x0c\x7f\x85\x9b31mC1\x9d csi"
+)
+#: Characters that must not reach a terminal: C0 except the layout's newlines, DEL, C1, ESC.
+_FORBIDDEN = {*map(chr, range(0x20)), "\x7f", *map(chr, range(0x80, 0xA0))} - {"\n"}
+
+
+def _hostile_diagnosis(cid: str):
+    from datetime import UTC, datetime, timedelta
+
+    from hoptrace.collector.diagnosis import Evidence, SpanRecord, diagnose
+    from hoptrace.contract import load_spec
+    from hoptrace.settings import PROJECT_ROOT
+
+    spec = load_spec(PROJECT_ROOT / "pipelines" / "payments.toml")
+    first, second = spec.steps[0], spec.steps[1]
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    spans = (
+        SpanRecord(
+            "a" * 32, "1" * 16, first.id, first.service, t0, t0, step=first.id, outcome="ok",
+            attributes={"hoptrace.emit.topic": first.emits, "hoptrace.emit.partition": 0},
+        ),
+        SpanRecord(
+            "a" * 32, "2" * 16, second.id, second.service, t0 + timedelta(seconds=1),
+            t0 + timedelta(seconds=2), status_code=2, status_message=CONTROLLED,
+            step=second.id, outcome="error",
+        ),
+    )  # fmt: skip
+    return diagnose(spec, Evidence(cid, spans=spans), t0 + timedelta(seconds=3))
+
+
+@pytest.mark.parametrize("fmt", ["text", "markdown", "json"])
+def test_trace_prints_no_control_characters_from_span_data(
+    fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hoptrace trace` prints a span's status message (evidence, next action): whatever control
+    characters and escape sequences it holds never reach the terminal."""
+    from hoptrace.collector import api
+
+    async def lookup(cid: str, **_: object):
+        return _hostile_diagnosis(cid)
+
+    async def nothing_to_close() -> None:
+        return None
+
+    monkeypatch.setattr(api, "diagnose", lookup)
+    monkeypatch.setattr(api, "close", nothing_to_close)
+    res = CliRunner().invoke(cli_app, ["trace", "pay-ctl-1", "--format", fmt])
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert "processing_error" in out
+    assert not _FORBIDDEN & set(out), sorted({hex(ord(c)) for c in _FORBIDDEN & set(out)})
+    if fmt == "json":  # escaped, not dropped: the data is there, as data
+        assert json.loads(out)["steps"][1]["evidence"][0].endswith(CONTROLLED)
+    else:
+        assert "boom" in out and "red" in out and "C1" in out  # the words themselves are kept
+
+
+def _rendered(markdown: str) -> str:
+    """The HTML a CommonMark renderer (with GFM's strikethrough, as Streamlit's) makes of
+    ``markdown``. (GFM's bare-URL autolinks are checked on the text: see below.)"""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").enable("strikethrough").render(markdown)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "[click here](http://evil.test/login)",
+        "![pixel](http://evil.test/p.png)",
+        "see http://evil.test/x and www.evil.test",
+        "<a href='http://evil.test'>x</a> **loud** _it_ `code` # head",
+        ":red[alarm] $x^2$ ~~gone~~",
+    ],
+)
+def test_dashboard_shows_a_malformed_id_as_text_not_markdown(raw: str) -> None:
+    """The lookup page's message for a malformed ``?id=`` quotes the raw text: it must read as
+    that text (no link, image, emphasis or HTML made of it)."""
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params["id"] = raw
+    at.run()
+    assert not at.exception, at.exception
+    [error] = [str(e.value) for e in at.error]
+    assert "not a valid correlation id" in error
+    html = _rendered(error)
+    for made in ("<a ", "<img", "<strong>", "<em>", "<code>", "<h1", "<s>", "<del>"):
+        assert made not in html, (raw, error, html)
+    for bare in ("http://", "www."):  # GFM would link these: they must come escaped
+        assert bare not in error, error
+    assert "$" not in error.replace("\\$", ""), error  # no LaTeX delimiter left active
+    assert "red[" not in error, error  # no Streamlit colour directive (its bracket escaped)
