@@ -50,7 +50,8 @@ def test_alerts_page_lists_the_firing_stall_alerts(seeded: Seeded) -> None:
     at = app("alerts")
     assert not at.exception, at.exception
     body = text(at)
-    assert f"Firing ({len(seeded.stalled)})" in body
+    # a dead-lettered (failed) payment alerts too
+    assert f"Firing ({len(seeded.stalled) + len(seeded.failed)})" in body
     assert f"Resolved ({len(seeded.recovered)})" in body
     for cid in seeded.stalled + seeded.recovered:
         assert f"**{cid}** at **trainer.allocated**" in body
