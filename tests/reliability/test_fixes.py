@@ -373,3 +373,30 @@ def test_a_wrapped_connection_error_is_an_outage() -> None:
 
 async def _value(v: object) -> object:
     return v
+
+
+async def test_any_failure_reading_a_record_makes_it_poison(db_url, monkeypatch) -> None:
+    """Fix: only PoisonRecord was dead-lettered; any other exception while parsing (e.g.
+    RecursionError from a deeply nested value) failed the lane, ended the worker and, after a
+    restart, blocked the partition on the same record. Now any such failure is poison."""
+    from aiokafka.structs import ConsumerRecord
+    from opentelemetry.trace import INVALID_SPAN
+
+    from hoptrace.instrumentation import envelope
+
+    def explode(_data: object) -> envelope.Envelope:
+        raise MemoryError("the decoder gave up")
+
+    monkeypatch.setattr(envelope.Envelope, "parse", explode)
+    rt = _runtime(db_url)
+    parked: list[str] = []
+
+    async def write(record, headers, span, reason, exc, attempts) -> None:  # noqa: ANN001
+        parked.append(reason)
+
+    rt.dead_letters.write = write  # type: ignore[method-assign]
+    rec = ConsumerRecord("trainer-allocated", 0, 3, 0, 0, None, b"{}", None, 0, 0, [])
+    info = hop.RecordInfo("trainer-allocated", 0, 3, "session-worker")
+    outcome = await rt._process_in_span(rec, info, [], INVALID_SPAN, "cid-1")
+    assert outcome == "error"
+    assert parked and "MemoryError" in parked[0] and "the decoder gave up" in parked[0]
