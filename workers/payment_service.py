@@ -45,7 +45,9 @@ log = logging.getLogger("hoptrace.workers.payment_service")
 NAME = "payment-service"
 RELAY_BATCH = 500
 RELAY_POLL_S = 0.5
-POOL_SIZE = 20
+#: Connections at most: one statement per request (plus the relay's), so 10 serve far more than
+#: the pipeline's throughput; counted in the deployment's connection budget (docs/docker.md).
+POOL_SIZE = 10
 
 
 _INSERT_SQL = """
