@@ -286,17 +286,21 @@ async def test_a_batch_fetched_before_a_revoke_is_not_dispatched_after_it() -> N
 
 class _RebalancingConsumer:
     """What the runtime's loop sees of a consumer whose partition is revoked and assigned
-    again while a fetch is in flight: the first getmany returns B after the rebalance, the
-    second the records from the committed offset (C < B), then nothing."""
+    again right after a fetch returned B (the rebalance runs before the loop dispatches B):
+    the next getmany returns the records from the committed offset (C < B), then nothing."""
 
     def __init__(self, rt: HopRuntime, tp) -> None:  # noqa: ANN001
         self.rt, self.tp, self.calls = rt, tp, 0
 
+    async def _rebalance(self) -> None:
+        await self.rt._on_revoked({self.tp})
+        self.rt.assigned = {self.tp}  # ... and the partition back
+
     async def getmany(self, *, timeout_ms: int, max_records: int) -> dict:
         self.calls += 1
         if self.calls == 1:
-            await self.rt._on_revoked({self.tp})  # the rebalance, while B is in flight
-            self.rt.assigned = {self.tp}  # ... and the partition back
+            # the coordinator's rebalance gets the loop before the fetch loop resumes with B
+            asyncio.get_running_loop().call_soon(asyncio.ensure_future, self._rebalance())
             return {self.tp: _records(self.tp, range(10, 15))}
         if self.calls == 2:
             return {self.tp: _records(self.tp, range(5, 10))}
@@ -312,7 +316,7 @@ class _RebalancingConsumer:
 
 async def test_the_runtime_drops_a_batch_fetched_before_a_rebalance(spec: PipelineSpec) -> None:
     """The same race through the runtime's own fetch loop (a consumer stand-in that rebalances
-    during the first fetch): the committed position never passes C while C is unhandled."""
+    as the first fetch returns): the committed position never passes C while C is unhandled."""
     from aiokafka import TopicPartition
 
     topic = spec.step("session.created").consumes
