@@ -80,7 +80,7 @@ async def test_an_idempotency_key_reused_for_another_payment_is_refused(
         changed = {**BODY, "amount": "43.00"}
         resp = await client.post("/payments", json=changed, headers={"Idempotency-Key": key})
         assert resp.status_code == 422 and "Idempotency-Key" in resp.json()["error"]
-        for bad in ("", "x" * 300, "bad\u00e9key"):
+        for bad in ("", "x" * 300, "tab\tkey"):
             resp = await client.post("/payments", json=BODY, headers={"Idempotency-Key": bad})
             assert resp.status_code == 422, bad
             assert resp.json()["field"] == "Idempotency-Key"
@@ -103,7 +103,7 @@ async def test_request_bodies_are_capped(running: Pipeline, service: str) -> Non
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         resp = await client.post(path, content=big, headers={"content-type": "application/json"})
         assert resp.status_code == 413, resp.text
-        assert "bytes" in resp.json()["error"]
+        assert "byte limit" in resp.json()["error"]
         resp = await client.post(
             path, content=chunks(), headers={"content-type": "application/json"}
         )
