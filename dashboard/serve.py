@@ -50,7 +50,7 @@ def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float) -> boo
         if proc.poll() is not None:
             return False
         try:
-            if httpx.get(url, timeout=1.0, trust_env=False).text.strip() == "ok":
+            if httpx.get(url, timeout=1.0, trust_env=False).content.strip() == b"ok":
                 return True
         except httpx.HTTPError:
             pass
