@@ -22,8 +22,9 @@ M = TypeVar("M", bound=BaseModel)
 KEEP_ALIVE_S = 30
 #: The key of an HTTP JSON error body's message.
 ERROR_KEY = "error"
-#: A request body larger than this is refused (413): the services' bodies are a few hundred bytes.
-MAX_BODY_BYTES = 64 * 1024
+#: A request body larger than this is refused (413), unread past it: the services' bodies are a
+#: few hundred bytes (room left for a malformed one to get its precise 422, e.g. nested too deep).
+MAX_BODY_BYTES = 256 * 1024
 #: Past the cap, the rest of a body up to this size is read and dropped, so the client reads the
 #: 413 on a connection that stays usable; a larger one gets the 413 and a closed connection.
 _DRAIN_BYTES = 64 * 1024 * 1024
