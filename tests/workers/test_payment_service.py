@@ -171,3 +171,52 @@ async def test_the_outbox_relay_backs_off_while_rows_keep_failing(
         service.stop()
         await asyncio.wait_for(relay, 30)
         await pool.close()
+
+
+def test_a_relayed_payment_is_marked_sent_only_once_its_step_span_is_exported(
+    db_url: str, kafka_bootstrap: str, spec_path: Path, tmp_path: Path
+) -> None:
+    """Found by the chaos run (payment-service SIGKILLed): the relay marked a row sent right
+    after Kafka acknowledged its event, while the ``payment.confirmed`` span still waited in the
+    SDK's queue; a kill then lost the span for good (the row is never re-sent): the payment's
+    diagnosis said ``consumed_without_trace``. Now a pass exports its spans before marking its
+    rows sent (a kill before that re-sends the row: a copy of the same event, and its span).
+    A collector that takes 3 s per export shows the order."""
+    import subprocess
+    import time
+
+    from .harness import HOPTRACE, OtlpReceiver, Services, service_env
+
+    otlp = OtlpReceiver(delay_s=3.0)
+    env = service_env(db_url, kafka_bootstrap, spec_path, otlp)
+    res = subprocess.run([HOPTRACE, "topics", "ensure"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    services = Services(env, tmp_path)
+    try:
+        services.start("payment-service")
+        pay = subprocess.run(
+            [HOPTRACE, "pay"], env=env, capture_output=True, text=True, timeout=60, check=True
+        )
+        cid = pay.stdout.strip().splitlines()[-1]
+        deadline = time.monotonic() + 30
+        while True:
+            sent = asyncio.run(
+                fetchval(
+                    db_url,
+                    "SELECT sent_at IS NOT NULL FROM payment_outbox WHERE correlation_id = $1",
+                    cid,
+                )
+            )
+            if sent:
+                break
+            assert time.monotonic() < deadline, "the row was never sent"
+            time.sleep(0.05)
+        names = {s.name for s in otlp.for_correlation(cid)}
+        assert "payment.confirmed" in names, names  # exported before the row was marked sent
+    finally:
+        services.stop_all()
+        otlp.close()
+        from hoptrace.contract import load_spec
+        from tests.support import delete_topics
+
+        asyncio.run(delete_topics(kafka_bootstrap, load_spec(spec_path).topics))
