@@ -748,7 +748,8 @@ async def alert_check(
             universe,
         )
         table = await conn.fetch(
-            "SELECT correlation_id, step, status, delivered_firing, delivered_resolved FROM alerts"
+            "SELECT correlation_id, step, status, delivered_firing, delivered_resolved, "
+            "fired_at, resolved_at FROM alerts"
         )
     finally:
         await conn.close()
@@ -783,10 +784,14 @@ async def alert_check(
                 boundary.add(cid)
     per_table: dict[str, Counter[str]] = defaultdict(Counter)
     steps_alerted: dict[str, list[str]] = defaultdict(list)
+    alert_times: dict[str, list[str]] = defaultdict(list)
     undelivered = 0
     for r in table:
         per_table[r["correlation_id"]][r["status"]] += 1
         steps_alerted[r["correlation_id"]].append(r["step"])
+        alert_times[r["correlation_id"]].append(
+            f"{r['step']} fired {r['fired_at']} resolved {r['resolved_at']}"
+        )
         if not (r["delivered_firing"] and (r["status"] != "resolved" or r["delivered_resolved"])):
             undelivered += 1
     raw = hook.per_correlation()
@@ -827,6 +832,14 @@ async def alert_check(
             c: {"over_s": round(worst[c], 2), **{k: str(v) for k, v in done[c].items()}}
             for c in sorted(must - alerted)[:5]
         },
+        "examples_alerted_not_delayed": {
+            c: {
+                "over_s": round(worst.get(c, 0.0), 2),
+                "alerts": alert_times.get(c, []),
+                **{k: str(v) for k, v in done.get(c, {}).items()},
+            }
+            for c in sorted(alerted - must - boundary - unseen)[:5]
+        },
         "examples_not_exactly_one": {
             c: {
                 "webhook": dict(raw.get(c, {})),
@@ -854,7 +867,7 @@ async def diagnose_all(universe: list[str], concurrency: int = 12) -> dict[str, 
                 verdict = f"error:{type(exc).__name__}"
             causes[verdict] += 1
             if verdict != "completed":
-                bad[cid] = verdict
+                bad[cid] = f"{verdict} at {getattr(d, 'stopped_at', None)}"
 
     t = time.monotonic()
     try:

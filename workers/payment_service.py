@@ -5,8 +5,10 @@ row sent, so every committed payment is emitted at least once, even across a cra
 A client that may retry sends an ``Idempotency-Key`` header: a request with a key already used
 for the same payment (student, course, amount) answers with that first payment (201, header
 ``Idempotent-Replayed: true``), however many retries race; a key used for another payment is
-refused (422). The relay backs off (doubling to :data:`RELAY_MAX_BACKOFF_S`) while a pass sends
-nothing, e.g. while Kafka is down, instead of retrying its batch in a tight loop.
+refused (422). The relay marks a row sent only once its step span is exported (a SIGKILL
+before that re-sends the row instead of losing the span), and backs off (doubling to
+:data:`RELAY_MAX_BACKOFF_S`) while a pass sends nothing, e.g. while Kafka is down, instead of
+retrying its batch in a tight loop.
 
 Its fault switches (:data:`SERVICE`) are :class:`PaymentHooks` of the write path: ``skip-emit``
 (the payment is written, the event never emitted) and ``crash-after-write`` (the process exits
@@ -37,7 +39,7 @@ from hoptrace.contract import PipelineSpec
 from hoptrace.contract.conventions import ATTR_CORRELATION_ID
 from hoptrace.instrumentation.envelope import Envelope
 from hoptrace.instrumentation.producer import HopProducer, step_span
-from hoptrace.instrumentation.tracing import correlation_context
+from hoptrace.instrumentation.tracing import correlation_context, flush_tracing
 from hoptrace.settings import WorkerSettings
 
 from . import db, faults
@@ -53,6 +55,8 @@ RELAY_BATCH = 500
 RELAY_POLL_S = 0.5
 #: The relay's longest wait while its rows keep failing (it starts at RELAY_POLL_S, doubling).
 RELAY_MAX_BACKOFF_S = 5.0
+#: How long a pass waits for its step spans to be exported before it marks its rows sent.
+RELAY_FLUSH_S = 5.0
 #: The client's retry key: printable ASCII, at most this long.
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY_MAX = 255
@@ -278,8 +282,10 @@ class PaymentService:
                 await asyncio.wait_for(self._wake.wait(), min(left, RELAY_POLL_S))
 
     async def relay_once(self) -> tuple[int, int]:
-        """Emit one batch of unsent rows (concurrently) and mark the ones acknowledged as sent;
-        returns (rows in the batch, rows sent)."""
+        """Emit one batch of unsent rows (concurrently), export their step spans, then mark the
+        rows Kafka acknowledged as sent (commit-after-export, as the hop runtime's offsets: a
+        kill before the mark re-sends a row, with its span, instead of losing the span); returns
+        (rows in the batch, rows sent)."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 """SELECT id, correlation_id, topic, event, trace_carrier FROM payment_outbox
@@ -290,6 +296,10 @@ class PaymentService:
                 return 0, 0
             results = await asyncio.gather(*(self._emit(r) for r in rows), return_exceptions=True)
             sent = [r["id"] for r, res in zip(rows, results, strict=True) if res is True]
+            if sent and not await asyncio.to_thread(flush_tracing, RELAY_FLUSH_S):
+                # the collector is unreachable: the spans stay queued in the SDK (a kill now
+                # loses them, as it would any span of this process); the events are out
+                log.warning("outbox relay: step spans not exported yet; marking rows sent")
             if sent:
                 await conn.execute(
                     "UPDATE payment_outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", sent
