@@ -860,6 +860,7 @@ async def diagnose_all(universe: list[str], concurrency: int = 12) -> dict[str, 
 
     async def one(cid: str) -> None:
         async with sem:
+            d = None
             try:
                 d = await api.diagnose(cid)
                 verdict = d.cause if d.found else "not_found"
