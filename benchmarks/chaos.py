@@ -16,8 +16,9 @@ waits (bounded) for the pipeline to drain and checks:
 - spans exported by each service's SDK (``HOPTRACE_EXPORT_STATS_DIR`` accounting) vs stored;
 - at least one payment was delayed past a deadline (else the alert checks prove nothing), each
   delayed payment got exactly one firing and one resolved alert (a real webhook receiver in this
-  process, compared with the collector's ``alerts`` table), no on-time payment got an alert and
-  no notification reached the webhook twice;
+  process, compared with the collector's ``alerts`` table), no payment done on time got an alert
+  (within ``ALERT_MARGIN_S`` of a deadline either way an alert is allowed: spans reach the
+  collector about a second after they end) and no notification reached the webhook twice;
 - the diagnosis (``hoptrace.collector.api.diagnose``, plus a few ``hoptrace trace --format json``
   subprocesses) says ``completed`` for every payment.
 
@@ -756,7 +757,7 @@ async def alert_check(
     done: dict[str, dict[str, Any]] = defaultdict(dict)
     for r in rows:
         done[r["correlation_id"]][r["step"]] = r["done"]
-    must, boundary, unseen, worst = set(), set(), set(), {}
+    must, boundary, unseen, just_before, worst = set(), set(), set(), set(), {}
     for cid, steps in done.items():
         # a later step done means this one was done by then (its own span may be a redelivery's)
         later = None
@@ -782,6 +783,12 @@ async def alert_check(
                 must.add(cid)
             elif over > 0:
                 boundary.add(cid)
+            elif over > -ALERT_MARGIN_S:
+                # done just before the deadline: its span reaches the collector ~0.5-1.5 s after
+                # it ends (batched export, commit-after-export), maybe after the deadline; an
+                # alert then (fired and resolved at once) is allowed, and counted apart
+                boundary.add(cid)
+                just_before.add(cid)
     per_table: dict[str, Counter[str]] = defaultdict(Counter)
     steps_alerted: dict[str, list[str]] = defaultdict(list)
     alert_times: dict[str, list[str]] = defaultdict(list)
@@ -816,6 +823,12 @@ async def alert_check(
         "stalled_at_two_steps": sum(1 for v in steps_alerted.values() if len(v) > 1),
         "redelivered_notifications": sum(sum(v.values()) for v in raw.values())
         - sum(sum(v.values()) for v in hooked.values()),
+        "examples_redelivered": [
+            {"correlation_id": c, "status": st, "starts_at": at, "times": n}
+            for (c, st, at), n in Counter(hook.events).items()
+            if n > 1
+        ][:5],
+        "alerted_done_just_before_deadline": len(just_before & (set(per_table) | set(hooked))),
         "expected": len(must),
         "boundary": len(boundary),
         "alerted_correlations": len(alerted),
@@ -1046,7 +1059,9 @@ def summary(r: dict[str, Any]) -> str:
         f"{a['webhook_resolved']}, expected-without-alert {len(a['expected_without_alert'])}, "
         f"not-exactly-one {len(a['not_exactly_one_firing_one_resolved'])} (stalled at two steps "
         f"{a['stalled_at_two_steps']}, notifications re-delivered {a['redelivered_notifications']}), "
-        f"alerted-not-delayed {len(a['alerted_not_delayed'])}, delayed while the collector was "
+        f"alerted-not-delayed {len(a['alerted_not_delayed'])} (+"
+        f"{a['alerted_done_just_before_deadline']} done < {ALERT_MARGIN_S}s before the deadline), "
+        f"delayed while the collector was "
         f"down {a['delayed_while_collector_down']} (alerted "
         f"{a['delayed_while_collector_down_alerted']})",
         f"diagnosis: {r['diagnosis']['causes']} in {r['diagnosis']['seconds']}s; CLI: "
