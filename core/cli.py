@@ -46,6 +46,21 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+@app.callback()
+def _refuse_placeholder_secrets() -> None:
+    """Every command: a secret still holding the .env.example placeholder stops it (exit 2)."""
+    from hoptrace.settings import PLACEHOLDER, placeholder_secrets
+
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        return
+    names = placeholder_secrets(os.environ)
+    if names:
+        fail(
+            f"{', '.join(names)} still hold{'s' if len(names) == 1 else ''} the .env.example "
+            f"placeholder ({PLACEHOLDER}...); set real secrets (in .env for docker compose)"
+        )
+
+
 # ------------------------------------------------------------------------------------- dev
 
 

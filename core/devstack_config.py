@@ -6,6 +6,7 @@ The folder (``HOPTRACE_HOME``, default ``.hoptrace/``)::
 
     cache/kafka-<version>/libs   broker jars resolved by Maven from Maven Central (reused)
     pg/                          PostgreSQL data directory (owned by a non-root system user)
+    pg-superuser.password        the cluster superuser's password (drawn at initdb; 0600)
     kafka/                       KRaft log directory
     logs/<part>.log              one log file per part
     run/<part>.pid               pid files: `dev down` stops exactly these, nothing else
@@ -27,8 +28,13 @@ from hoptrace.settings import (
 #: Files shipped with the package for the stack (Kafka's Maven POM, its log4j2 configuration).
 STACK_FILES = Path(__file__).resolve().parent / "stack"
 PG_DB = "hoptrace"
+#: The owner role (creates the schema; may create databases and roles, as the tests do; no
+#: superuser) and the dashboard's read-only role.
 PG_ROLE, PG_PASSWORD = "hoptrace", "hoptrace"
 PG_RO_ROLE, PG_RO_PASSWORD = "hoptrace_ro", "hoptrace_ro"
+#: The cluster's superuser: provisions the roles and the database, nothing else uses it. Its
+#: password is drawn at initdb and kept in ``<home>/pg-superuser.password`` (mode 0600).
+PG_SUPERUSER = "postgres"
 
 
 class StackError(RuntimeError):
@@ -79,6 +85,14 @@ class StackConfig:
     @property
     def database_url(self) -> str:
         return f"postgresql://{PG_ROLE}:{PG_PASSWORD}@127.0.0.1:{self.pg_port}/{PG_DB}"
+
+    @property
+    def readonly_database_url(self) -> str:
+        return f"postgresql://{PG_RO_ROLE}:{PG_RO_PASSWORD}@127.0.0.1:{self.pg_port}/{PG_DB}"
+
+    @property
+    def superuser_password_file(self) -> Path:
+        return self.home / "pg-superuser.password"
 
     @property
     def kafka_bootstrap(self) -> str:

@@ -1,12 +1,21 @@
 """The local stack's PostgreSQL: a private cluster (``initdb`` into ``<home>/pg``, run by a
 non-root system user when we are root), listening on 127.0.0.1 only, with the ``hoptrace``
-database, its owner role and the read-only ``hoptrace_ro`` role the dashboard uses."""
+database, its owner role and the read-only ``hoptrace_ro`` role the dashboard uses.
+
+Roles: initdb creates the superuser ``postgres`` with a password drawn then (kept in
+``<home>/pg-superuser.password``, 0600); it provisions the rest and nothing else logs in with
+it. The owner ``hoptrace`` is no superuser: it may create databases and roles (the test suite
+creates both) and signal other roles' backends (``pg_signal_backend``: ``DROP DATABASE ...
+WITH (FORCE)`` of a test database the read-only role is connected to). Every login needs a
+password, on the local socket as on TCP (scram-sha-256). A cluster made before this (its
+superuser is ``hoptrace``, no password file) keeps working as it is."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import subprocess
@@ -19,6 +28,7 @@ from .devstack_config import (
     PG_RO_PASSWORD,
     PG_RO_ROLE,
     PG_ROLE,
+    PG_SUPERUSER,
     StackConfig,
     StackError,
     initialising_marker,
@@ -125,8 +135,10 @@ class PostgresServer(Part):
             stale.unlink()
 
     def _initdb(self, bin_dir: Path) -> None:
+        password = secrets.token_urlsafe(24)
         pwfile = self.cfg.home / "pg-pw"
-        pwfile.write_text(PG_PASSWORD + "\n")
+        pwfile.touch(mode=0o600)
+        pwfile.write_text(password + "\n")
         self._chown(pwfile)
         log = self.cfg.logs / "postgres-initdb.log"
         with open(log, "wb") as out:
@@ -137,9 +149,9 @@ class PostgresServer(Part):
                         "-D",
                         str(self.data),
                         "-U",
-                        PG_ROLE,
+                        PG_SUPERUSER,
                         f"--pwfile={pwfile}",
-                        "--auth-local=trust",
+                        "--auth-local=scram-sha-256",
                         "--auth-host=scram-sha-256",
                         "--encoding=UTF8",
                         "--locale=C",
@@ -151,6 +163,10 @@ class PostgresServer(Part):
         pwfile.unlink(missing_ok=True)
         if res.returncode != 0:
             raise StackError(f"initdb failed; see {log} ({tail(log, 2)})")
+        keep = self.cfg.superuser_password_file
+        keep.unlink(missing_ok=True)
+        keep.touch(mode=0o600)
+        keep.write_text(password + "\n")
 
     def _configure(self) -> None:
         with open(self.data / "postgresql.conf", "a") as f:
@@ -166,43 +182,57 @@ class PostgresServer(Part):
     def command(self) -> list[str]:
         return [str(pg_bin() / "postgres"), "-D", str(self.data)]
 
+    def superuser_url(self, database: str = "postgres") -> str:
+        """The superuser's URL (a cluster made before the superuser had a password file: the
+        owner role, its superuser then)."""
+        keep = self.cfg.superuser_password_file
+        user, password = PG_ROLE, PG_PASSWORD
+        if keep.exists():
+            user, password = PG_SUPERUSER, keep.read_text().strip()
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.cfg.pg_port}/{database}"
+
     def ready(self) -> bool:
         if not port_open(self.cfg.pg_port):
             return False
         try:
-            url = f"postgresql://{PG_ROLE}:{PG_PASSWORD}@127.0.0.1:{self.cfg.pg_port}/postgres"
-            return asyncio.run(_pg_query(url, "SELECT 1")) == 1
+            return asyncio.run(_pg_query(self.superuser_url(), "SELECT 1")) == 1
         except Exception:
             return False
 
     def start(self, extra_env: dict[str, str] | None = None) -> bool:
         started = super().start(extra_env)
-        asyncio.run(_ensure_roles(self.cfg.pg_port))
+        asyncio.run(_ensure_roles(self.superuser_url(), self.superuser_url(PG_DB)))
         return started
 
 
-async def _ensure_roles(port: int) -> None:
-    """The database and the read-only role (idempotent); the owner role comes from initdb."""
+async def _ensure_roles(admin_url: str, admin_db_url: str) -> None:
+    """The owner role (no superuser), the database, the read-only role and its grants
+    (idempotent), as the superuser (``admin_url``: its ``postgres`` database, ``admin_db_url``:
+    the hoptrace database)."""
     import asyncpg
 
     sql = f"""
     DO $$ BEGIN
+      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{PG_ROLE}') THEN
+        CREATE ROLE {PG_ROLE} LOGIN PASSWORD '{PG_PASSWORD}' NOSUPERUSER CREATEDB CREATEROLE;
+      END IF;
       IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{PG_RO_ROLE}') THEN
         CREATE ROLE {PG_RO_ROLE} LOGIN PASSWORD '{PG_RO_PASSWORD}';
       END IF;
     END $$;
     ALTER ROLE {PG_RO_ROLE} SET default_transaction_read_only = on;
     """  # noqa: S608 -- constants only
-    base = f"postgresql://{PG_ROLE}:{PG_PASSWORD}@127.0.0.1:{port}"
-    conn = await asyncpg.connect(base + "/postgres")
+    conn = await asyncpg.connect(admin_url)
     try:
+        await conn.execute(sql)
+        if await conn.fetchval("SELECT current_user") != PG_ROLE:  # not an older cluster's
+            await conn.execute(f"GRANT pg_signal_backend TO {PG_ROLE}")
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", PG_DB)
         if not exists:
             await conn.execute(f'CREATE DATABASE "{PG_DB}" OWNER {PG_ROLE}')
-        await conn.execute(sql)
     finally:
         await conn.close()
-    conn = await asyncpg.connect(base + f"/{PG_DB}")
+    conn = await asyncpg.connect(admin_db_url)
     try:
         await conn.execute(
             f"GRANT CONNECT ON DATABASE {PG_DB} TO {PG_RO_ROLE};"

@@ -222,15 +222,22 @@ class Part:
 def stack_env(cfg: StackConfig) -> dict[str, str]:
     """The database and broker a process of this stack talks to: the stack's own (a private
     stack, with another ``HOPTRACE_HOME`` and ports, points its processes at itself), unless
-    ``HOPTRACE_DATABASE_URL`` / ``HOPTRACE_KAFKA_BOOTSTRAP`` name others."""
+    ``HOPTRACE_DATABASE_URL`` / ``HOPTRACE_KAFKA_BOOTSTRAP`` name others. The dashboard's
+    read-only URL is the stack's read-only role while the database is the stack's; with another
+    database it must be given too (the dashboard refuses to start without it)."""
     s = Settings()
     given = s.model_fields_set
-    return {
+    env = {
         "HOPTRACE_DATABASE_URL": s.database_url if "database_url" in given else cfg.database_url,
         "HOPTRACE_KAFKA_BOOTSTRAP": (
             s.kafka_bootstrap if "kafka_bootstrap" in given else cfg.kafka_bootstrap
         ),
     }
+    if s.dashboard_database_url:
+        env["HOPTRACE_DASHBOARD_DATABASE_URL"] = s.dashboard_database_url
+    elif env["HOPTRACE_DATABASE_URL"] == cfg.database_url:  # this stack's own database
+        env["HOPTRACE_DASHBOARD_DATABASE_URL"] = cfg.readonly_database_url
+    return env
 
 
 class ServicePart(Part):

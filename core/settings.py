@@ -8,8 +8,10 @@ tells a process it starts).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +23,37 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_PG_PORT = 55432
 LOCAL_KAFKA_PORT = 59092
 LOCAL_KAFKA_CONTROLLER_PORT = 59093
+#: The local stack's database as its owner role and as the dashboard's read-only role.
+LOCAL_DATABASE_URL = f"postgresql://hoptrace:hoptrace@127.0.0.1:{LOCAL_PG_PORT}/hoptrace"
+LOCAL_READONLY_DATABASE_URL = (
+    f"postgresql://hoptrace_ro:hoptrace_ro@127.0.0.1:{LOCAL_PG_PORT}/hoptrace"
+)
+
+
+class MissingDashboardDatabaseUrl(ValueError):
+    """The dashboard has no read-only database URL (it never derives one from the owner's)."""
+
+
+#: What .env.example puts in every secret (docker-compose.yml): never a real one.
+PLACEHOLDER = "change-me"
+#: Variables holding a secret as a whole (a token, or headers carrying one) ...
+_SECRET_VALUES = ("HOPTRACE_INGEST_TOKEN", "OTEL_EXPORTER_OTLP_HEADERS")
+#: ... and database URLs, whose password is the secret.
+_SECRET_URLS = ("HOPTRACE_DATABASE_URL", "HOPTRACE_DASHBOARD_DATABASE_URL")
+
+
+def placeholder_secrets(environ: Mapping[str, str]) -> list[str]:
+    """The names of the variables in ``environ`` whose secret is still the .env.example
+    placeholder (``change-me...``): a process must not start with one."""
+    found = [name for name in _SECRET_VALUES if PLACEHOLDER in unquote(environ.get(name, ""))]
+    for name in _SECRET_URLS:
+        try:
+            password = urlsplit(environ.get(name, "")).password or ""
+        except ValueError:
+            continue
+        if PLACEHOLDER in unquote(password):
+            found.append(name)
+    return found
 
 
 class Settings(BaseSettings):
@@ -29,12 +62,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOPTRACE_", extra="ignore")
 
     database_url: str = Field(
-        default=f"postgresql://hoptrace:hoptrace@127.0.0.1:{LOCAL_PG_PORT}/hoptrace",
+        default=LOCAL_DATABASE_URL,
         description="PostgreSQL for the span store and the reference pipeline's tables.",
     )
     dashboard_database_url: str | None = Field(
         default=None,
-        description="Read-only role for the dashboard; defaults to the local hoptrace_ro role.",
+        description="Read-only role for the dashboard; required once HOPTRACE_DATABASE_URL is "
+        "set (see readonly_database_url).",
     )
     kafka_bootstrap: str = Field(default=f"127.0.0.1:{LOCAL_KAFKA_PORT}")
     pipeline: Path = Field(default=PROJECT_ROOT / "pipelines" / "payments.toml")
@@ -83,9 +117,19 @@ class Settings(BaseSettings):
     writers: int = 2
 
     def readonly_database_url(self) -> str:
+        """The dashboard's database URL: ``HOPTRACE_DASHBOARD_DATABASE_URL``; the local stack's
+        read-only role when ``HOPTRACE_DATABASE_URL`` is not set either (both point at the
+        local stack); otherwise :class:`MissingDashboardDatabaseUrl`. Nothing is derived from
+        the owner's URL: a guess that misses would connect the dashboard as the owner."""
         if self.dashboard_database_url:
             return self.dashboard_database_url
-        return self.database_url.replace("hoptrace:hoptrace@", "hoptrace_ro:hoptrace_ro@", 1)
+        if "database_url" not in self.model_fields_set:
+            return LOCAL_READONLY_DATABASE_URL
+        raise MissingDashboardDatabaseUrl(
+            "HOPTRACE_DASHBOARD_DATABASE_URL is not set: the dashboard reads with a read-only "
+            "role and never derives its URL from HOPTRACE_DATABASE_URL (the owner's); set it, "
+            "e.g. postgresql://hoptrace_ro:PASSWORD@HOST:5432/hoptrace"
+        )
 
 
 @lru_cache(maxsize=1)

@@ -1,4 +1,5 @@
-"""`hoptrace dashboard`: run the Streamlit app (headless, no usage stats) and signal readiness."""
+"""`hoptrace dashboard`: run the Streamlit app (headless, no usage stats) and signal readiness;
+refuse to start without the dashboard's read-only database URL."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from hoptrace.readiness import mark_ready
-from hoptrace.settings import get_settings
+from hoptrace.settings import MissingDashboardDatabaseUrl, get_settings
 
 APP = Path(__file__).resolve().parent / "app.py"
 #: Streamlit's ``/_stcore/health`` body when the server is up.
@@ -60,8 +61,14 @@ def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float) -> boo
 
 
 def main(port: int | None = None) -> None:
-    """Run the dashboard in the foreground until it stops or is signalled."""
+    """Run the dashboard in the foreground until it stops or is signalled. Refuses to start
+    (exit 2) without a read-only database URL: it never reads as the owner role."""
     settings = get_settings()
+    try:
+        settings.readonly_database_url()
+    except MissingDashboardDatabaseUrl as exc:
+        print(f"hoptrace: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     port = port or settings.dashboard_port
     host = settings.bind_host
     proc = subprocess.Popen(command(host, port))

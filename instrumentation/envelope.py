@@ -67,7 +67,8 @@ class Envelope(pydantic.BaseModel):
 
     @classmethod
     def parse(cls, data: bytes | str | None) -> Envelope:
-        """Bytes of a Kafka record value -> Envelope; raises PoisonRecord with the reason.
+        """Bytes of a Kafka record value -> Envelope; raises PoisonRecord with the reason (for
+        ANY failure: a record must never make the worker fail, see the hop runtime).
 
         A missing correlation id is NOT an error here (the hop runtime may find it in baggage or
         a header); the runtime decides when a record has none at all."""
@@ -79,8 +80,12 @@ class Envelope(pydantic.BaseModel):
             )
         try:
             raw = json.loads(data)
+        except RecursionError:  # e.g. "[" x 1,000: 2 KB deep enough for the decoder's limit
+            raise PoisonRecord("not JSON the decoder can read: nested too deeply") from None
         except (UnicodeDecodeError, ValueError) as exc:
             raise PoisonRecord(f"not JSON: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - whatever a value does to the decoder: poison
+            raise PoisonRecord(f"not JSON: {type(exc).__name__}: {exc}") from None
         if not isinstance(raw, dict):
             raise PoisonRecord(f"not a JSON object: {type(raw).__name__}")
         try:
@@ -91,6 +96,10 @@ class Envelope(pydantic.BaseModel):
                 for err in exc.errors()
             )
             raise PoisonRecord(f"schema mismatch: {problems}") from None
+        except RecursionError:
+            raise PoisonRecord("schema mismatch: nested too deeply") from None
+        except Exception as exc:  # noqa: BLE001 - never let a record's shape end the worker
+            raise PoisonRecord(f"schema mismatch: {type(exc).__name__}: {exc}") from None
 
     def with_correlation_id(self, correlation_id: str) -> Envelope:
         """A copy carrying ``correlation_id``."""

@@ -25,11 +25,21 @@ class PaymentError(Exception):
     """payment-service refused the payment or could not be reached (message says which)."""
 
 
-async def submit(client: httpx.AsyncClient, student: str, course: str, amount: str) -> str:
-    """POST one payment; its id, or :class:`PaymentError`."""
+async def submit(
+    client: httpx.AsyncClient,
+    student: str,
+    course: str,
+    amount: str,
+    idempotency_key: str | None = None,
+) -> str:
+    """POST one payment; its id, or :class:`PaymentError`. With ``idempotency_key`` a retry
+    (same key, same payment) gets the first payment's id, never a second payment."""
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
     try:
         resp = await client.post(
-            "/payments", json={"student": student, "course": course, "amount": amount}
+            "/payments",
+            json={"student": student, "course": course, "amount": amount},
+            headers=headers,
         )
     except httpx.HTTPError as exc:
         raise PaymentError(

@@ -1,6 +1,6 @@
-"""Small HTTP helpers shared by payment-service and admin-service: body validation with a 422
-that names the field, JSON errors (``{"error": ...}``, read back by :mod:`.client`), and a uvicorn
-server that leaves signals to the caller."""
+"""Small HTTP helpers shared by payment-service and admin-service: capped request bodies (413),
+body validation with a 422 that names the field, JSON errors (``{"error": ...}``, read back by
+:mod:`.client`), and a uvicorn server that leaves signals to the caller."""
 
 from __future__ import annotations
 
@@ -22,6 +22,12 @@ M = TypeVar("M", bound=BaseModel)
 KEEP_ALIVE_S = 30
 #: The key of an HTTP JSON error body's message.
 ERROR_KEY = "error"
+#: A request body larger than this is refused (413), unread past it: the services' bodies are a
+#: few hundred bytes (room left for a malformed one to get its precise 422, e.g. nested too deep).
+MAX_BODY_BYTES = 256 * 1024
+#: Past the cap, the rest of a body up to this size is read and dropped, so the client reads the
+#: 413 on a connection that stays usable; a larger one gets the 413 and a closed connection.
+_DRAIN_BYTES = 64 * 1024 * 1024
 
 
 class BadRequest(Exception):
@@ -49,9 +55,33 @@ def _has_nul(value: object) -> bool:
     return False
 
 
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, at most ``limit`` bytes (declared or streamed); :class:`BadRequest`
+    (413) beyond that, without keeping more than ``limit`` bytes in memory."""
+    declared = request.headers.get("content-length", "")
+    too_large = BadRequest(error(413, f"request body over the {limit}-byte limit"))
+    if declared.isdigit() and int(declared) > _DRAIN_BYTES:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    over = declared.isdigit() and int(declared) > limit
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            over = True
+            if size > _DRAIN_BYTES:
+                break
+            continue  # read and dropped (see _DRAIN_BYTES)
+        chunks.append(chunk)
+    if over:
+        raise too_large
+    return b"".join(chunks)
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
-    """The JSON body as ``model``; :class:`BadRequest` (422, naming each bad field) otherwise."""
-    raw = await request.body()
+    """The JSON body as ``model``; :class:`BadRequest` otherwise (413 over
+    :data:`MAX_BODY_BYTES`, 422 naming each bad field)."""
+    raw = await read_body(request)
     try:
         data = json.loads(raw or b"null")
         nul = _has_nul(data)

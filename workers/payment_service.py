@@ -2,6 +2,14 @@
 transaction; the outbox relay emits PURCHASE_CONFIRMED (step ``payment.confirmed``) and marks the
 row sent, so every committed payment is emitted at least once, even across a crash.
 
+A client that may retry sends an ``Idempotency-Key`` header: a request with a key already used
+for the same payment (student, course, amount) answers with that first payment (201, header
+``Idempotent-Replayed: true``), however many retries race; a key used for another payment is
+refused (422). The relay marks a row sent only once its step span is exported (a SIGKILL
+before that re-sends the row instead of losing the span), and backs off (doubling to
+:data:`RELAY_MAX_BACKOFF_S`) while a pass sends nothing, e.g. while Kafka is down, instead of
+retrying its batch in a tight loop.
+
 Its fault switches (:data:`SERVICE`) are :class:`PaymentHooks` of the write path: ``skip-emit``
 (the payment is written, the event never emitted) and ``crash-after-write`` (the process exits
 once the payment committed; the relay of the next start emits it)."""
@@ -31,7 +39,7 @@ from hoptrace.contract import PipelineSpec
 from hoptrace.contract.conventions import ATTR_CORRELATION_ID
 from hoptrace.instrumentation.envelope import Envelope
 from hoptrace.instrumentation.producer import HopProducer, step_span
-from hoptrace.instrumentation.tracing import correlation_context
+from hoptrace.instrumentation.tracing import correlation_context, flush_tracing
 from hoptrace.settings import WorkerSettings
 
 from . import db, faults
@@ -45,7 +53,16 @@ log = logging.getLogger("hoptrace.workers.payment_service")
 NAME = "payment-service"
 RELAY_BATCH = 500
 RELAY_POLL_S = 0.5
-POOL_SIZE = 20
+#: The relay's longest wait while its rows keep failing (it starts at RELAY_POLL_S, doubling).
+RELAY_MAX_BACKOFF_S = 5.0
+#: How long a pass waits for its step spans to be exported before it marks its rows sent.
+RELAY_FLUSH_S = 5.0
+#: The client's retry key: printable ASCII, at most this long.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_KEY_MAX = 255
+#: Connections at most: one statement per request (plus the relay's), so 10 serve far more than
+#: the pipeline's throughput; counted in the deployment's connection budget (docs/docker.md).
+POOL_SIZE = 10
 
 
 _INSERT_SQL = """
@@ -53,15 +70,42 @@ WITH known AS (
     SELECT EXISTS (SELECT 1 FROM students WHERE id = $2) AS student,
            EXISTS (SELECT 1 FROM courses WHERE id = $3) AS course
 ), payment AS (
-    INSERT INTO payments (payment_id, correlation_id, student, course, amount, status)
-    SELECT $1, $1, $2, $3, $4, 'succeeded' FROM known WHERE known.student AND known.course
+    INSERT INTO payments (payment_id, correlation_id, student, course, amount, status,
+                          idempotency_key)
+    SELECT $1, $1, $2, $3, $4, 'succeeded', $9 FROM known WHERE known.student AND known.course
+    ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING payment_id
 ), outbox AS (
     INSERT INTO payment_outbox (correlation_id, topic, event, trace_carrier)
     SELECT payment_id, $6, $7, $8::jsonb FROM payment WHERE $5::boolean
 )
-SELECT student, course FROM known
+SELECT student, course, EXISTS (SELECT 1 FROM payment) AS created FROM known
 """
+
+#: The payment an Idempotency-Key was first used for (read after the insert found it taken: a
+#: concurrent first request has committed by then, as the insert waited for it).
+_BY_KEY_SQL = "SELECT payment_id, student, course, amount FROM payments WHERE idempotency_key = $1"
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key (None without one); BadRequest (422) if malformed."""
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if (
+        not key.strip()
+        or len(key) > IDEMPOTENCY_KEY_MAX
+        or not key.isascii()
+        or not key.isprintable()
+    ):
+        raise BadRequest(
+            error(
+                422,
+                f"{IDEMPOTENCY_HEADER} must be 1-{IDEMPOTENCY_KEY_MAX} printable ASCII characters",
+                IDEMPOTENCY_HEADER,
+            )
+        )
+    return key
 
 
 class PaymentRequest(BaseModel):
@@ -124,6 +168,7 @@ class PaymentService:
 
     async def create_payment(self, request: Request) -> JSONResponse:
         try:
+            key = _idempotency_key(request)
             req = await parse_body(request, PaymentRequest)
         except BadRequest as bad:
             return bad.response
@@ -152,11 +197,14 @@ class PaymentService:
                     self.step.emits,
                     event.to_bytes(),
                     json.dumps(carrier),
+                    key,
                 )
-            if not known["student"]:
-                return error(404, f"unknown student {req.student!r}", "student")
-            if not known["course"]:
-                return error(404, f"unknown course {req.course!r}", "course")
+                if not known["student"]:
+                    return error(404, f"unknown student {req.student!r}", "student")
+                if not known["course"]:
+                    return error(404, f"unknown course {req.course!r}", "course")
+                if not known["created"]:  # the key's first request made the payment
+                    return await self._replay(conn, key, req)
             if self.hooks.after_write is not None:
                 await self.hooks.after_write(payment_id)
             if self.hooks.emit:
@@ -167,26 +215,77 @@ class PaymentService:
         body = {"payment_id": payment_id, "correlation_id": payment_id, "status": "succeeded"}
         return JSONResponse(body, status_code=201)
 
+    async def _replay(
+        self, conn: asyncpg.Connection, key: str | None, req: PaymentRequest
+    ) -> JSONResponse:
+        """The answer to a retry: the payment its Idempotency-Key made, if it is the same one."""
+        first = await conn.fetchrow(_BY_KEY_SQL, key)
+        if first is None:  # cannot be: the insert found the key taken
+            return error(500, "payment not written; retry")
+        if (first["student"], first["course"], first["amount"]) != (
+            req.student,
+            req.course,
+            req.amount,
+        ):
+            return error(
+                422,
+                f"{IDEMPOTENCY_HEADER} was already used for another payment",
+                IDEMPOTENCY_HEADER,
+            )
+        payment_id = first["payment_id"]
+        trace.get_current_span().set_attribute(ATTR_CORRELATION_ID, payment_id)
+        body = {"payment_id": payment_id, "correlation_id": payment_id, "status": "succeeded"}
+        return JSONResponse(body, status_code=201, headers={"Idempotent-Replayed": "true"})
+
     # ---------------------------------------------------------------------------- relay
 
     async def relay(self) -> None:
         """Emit unsent outbox rows until stopped: woken by each new payment, polls as a fallback
-        (rows committed by a process that crashed before emitting)."""
+        (rows committed by a process that crashed before emitting). While a pass sends none of
+        its rows (Kafka down, the database failing) it waits ``RELAY_POLL_S`` doubling to
+        ``RELAY_MAX_BACKOFF_S`` between passes, new payments or not."""
+        backoff = 0.0
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), RELAY_POLL_S)
+            if backoff:
+                await self._stop_or_sleep(backoff)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), RELAY_POLL_S)
             self._wake.clear()
+            stuck = False
             try:
-                while not self._stopping and await self.relay_once() == RELAY_BATCH:
-                    pass
+                while not self._stopping:
+                    rows, sent = await self.relay_once()
+                    if rows and not sent:
+                        stuck = True
+                        break
+                    if rows < RELAY_BATCH:
+                        break
             except asyncio.CancelledError:
                 raise
-            except Exception:  # Kafka or Postgres hiccup: the rows stay unsent, retry soon
+            except Exception:  # Kafka or Postgres hiccup: the rows stay unsent, retry later
                 log.warning("outbox relay failed; retrying", exc_info=True)
-                await asyncio.sleep(RELAY_POLL_S)
+                stuck = True
+            backoff = min(RELAY_MAX_BACKOFF_S, max(RELAY_POLL_S, backoff * 2)) if stuck else 0.0
+            if stuck:
+                log.warning("outbox relay: nothing sent; next pass in %.1fs", backoff)
 
-    async def relay_once(self) -> int:
-        """Emit one batch of unsent rows (concurrently) and mark the ones acknowledged as sent."""
+    async def _stop_or_sleep(self, seconds: float) -> None:
+        """Sleep, unless stop is requested first (new payments do not cut a backoff short)."""
+        end = asyncio.get_running_loop().time() + seconds
+        while not self._stopping:
+            left = end - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(left, RELAY_POLL_S))
+
+    async def relay_once(self) -> tuple[int, int]:
+        """Emit one batch of unsent rows (concurrently), export their step spans, then mark the
+        rows Kafka acknowledged as sent (commit-after-export, as the hop runtime's offsets: a
+        kill before the mark re-sends a row, with its span, instead of losing the span); returns
+        (rows in the batch, rows sent)."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 """SELECT id, correlation_id, topic, event, trace_carrier FROM payment_outbox
@@ -194,9 +293,13 @@ class PaymentService:
                 RELAY_BATCH,
             )
             if not rows:
-                return 0
+                return 0, 0
             results = await asyncio.gather(*(self._emit(r) for r in rows), return_exceptions=True)
             sent = [r["id"] for r, res in zip(rows, results, strict=True) if res is True]
+            if sent and not await asyncio.to_thread(flush_tracing, RELAY_FLUSH_S):
+                # the collector is unreachable: the spans stay queued in the SDK (a kill now
+                # loses them, as it would any span of this process); the events are out
+                log.warning("outbox relay: step spans not exported yet; marking rows sent")
             if sent:
                 await conn.execute(
                     "UPDATE payment_outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", sent
@@ -206,7 +309,7 @@ class PaymentService:
                 log.warning(
                     "outbox relay: %d of %d emits failed (%s)", len(failed), len(rows), failed[0]
                 )
-        return len(rows)
+        return len(rows), len(sent)
 
     async def _emit(self, row: asyncpg.Record) -> bool:
         carrier = (

@@ -82,6 +82,13 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        3,
+        "payments: the client's Idempotency-Key (a retry returns the first payment)",
+        """
+        ALTER TABLE payments ADD COLUMN IF NOT EXISTS idempotency_key text UNIQUE;
+        """,
+    ),
 ]
 
 _LOCK_KEY = 0x686F7074  # "hopt": one migrator at a time (services start together)

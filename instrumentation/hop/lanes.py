@@ -6,6 +6,13 @@ time, in offset order, with its own database connection (``lane_key`` tells the 
 which). A partition's offset to commit is the one after the longest run of finished records
 from the start (:class:`Watermark`: a kill redelivers the rest). A partition with
 ``lane_buffer`` records waiting is paused until its lanes are down to half of that.
+
+Rebalances: a batch is dispatched only if its partition was not revoked since the fetch returned
+it (:attr:`Lanes.epoch`, read as the fetch returns and passed back to :meth:`Lanes.dispatch`).
+Otherwise a batch fetched before a revoke could land after it, in the new watermark of a
+partition that came back, ahead of the records re-fetched from the committed offset, and commit
+past them unhandled. (The consumer fetches a dropped batch again: a new assignment starts from
+the committed offset.)
 """
 
 from __future__ import annotations
@@ -98,9 +105,28 @@ class Lanes:
         self.waiting: dict[TopicPartition, int] = {}  # records queued or in hand
         self.marks: dict[TopicPartition, Watermark] = {}
         self.failed = asyncio.Event()  # a lane's task ended with an error
+        #: Revokes so far; a fetch notes it as it returns its batch (see :meth:`dispatch`).
+        self.epoch = 0
+        self._revoked_at: dict[TopicPartition, int] = {}
+        self.dropped = 0  # records of stale batches not dispatched
 
-    def dispatch(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        """Hand fetched records to their lanes (starting a lane's task when idle)."""
+    def dispatch(
+        self, tp: TopicPartition, records: list[ConsumerRecord], fetched_at: int | None = None
+    ) -> bool:
+        """Hand fetched records to their lanes (starting a lane's task when idle). A batch
+        returned by a fetch at ``fetched_at`` (:attr:`epoch` then) is dropped when ``tp`` was
+        revoked since: the consumer fetches those records again (from the committed offset)
+        if the partition is ours again. Returns whether the batch was dispatched."""
+        if fetched_at is not None and self._revoked_at.get(tp, -1) > fetched_at:
+            self.dropped += len(records)
+            log.info(
+                "dropped %d records of %s:%s fetched before it was revoked (from offset %s)",
+                len(records),
+                tp.topic,
+                tp.partition,
+                records[0].offset if records else "-",
+            )
+            return False
         mark = self.marks.get(tp)
         if mark is None:
             mark = self.marks[tp] = Watermark()
@@ -119,6 +145,7 @@ class Lanes:
             # back-pressure: fetch no more of it until its lanes caught up (see _run)
             self._pause(tp)
             self.paused.add(tp)
+        return True
 
     def finished(self, tp: TopicPartition, offset: int) -> int | None:
         """A lane finished ``offset``: the partition's new offset to commit, if it moved (None
@@ -156,7 +183,11 @@ class Lanes:
     async def revoke(self, revoked: set[TopicPartition]) -> None:
         """Partitions taken away: drop their waiting records (their new owner gets them from
         the committed offset), wait briefly for a record of theirs in hand; records of theirs
-        still in hand after this are not committed."""
+        still in hand after this are not committed. Batches fetched before now are dropped
+        for them (:meth:`dispatch`)."""
+        self.epoch += 1
+        for tp in revoked:
+            self._revoked_at[tp] = self.epoch
         parts = {tp.partition for tp in revoked}
         busy = []
         for lane in self.lanes.values():

@@ -161,6 +161,12 @@ class RecordSteps:
             with _baggage(cid):
                 await self._dead_letter(record, headers, span, exc.reason, exc, attempts=0)
             return Outcome.ERROR.value
+        except Exception as exc:  # noqa: BLE001 - reading a record must never end the worker
+            # (its lane would fail, the worker exit and, restarted, read the same record again)
+            reason = f"unreadable record: {type(exc).__name__}: {exc}"
+            with _baggage(cid if cid and is_valid_correlation_id(cid) else None):
+                await self._dead_letter(record, headers, span, reason, exc, attempts=0)
+            return Outcome.ERROR.value
         with _baggage(cid):
             return await self._attempts(record, info, headers, span, envelope, cid)
 

@@ -254,10 +254,16 @@ class HopRuntime(RecordSteps):
         stop_wait = asyncio.ensure_future(self._stop.wait())
         failed_wait = asyncio.ensure_future(self.lanes.failed.wait())
         try:
+
+            async def fetch() -> tuple[dict[TopicPartition, list[Any]], int]:
+                batch = await getmany(timeout_ms=1000, max_records=self.lanes.lane_buffer)
+                # read as getmany returns (no other task runs in between): the records belong
+                # to the assignment of this moment (aiokafka returns none while a rebalance is
+                # in progress); a revoke after this makes the batch stale (Lanes.dispatch)
+                return batch, self.lanes.epoch
+
             while not self._stop.is_set():
-                get = asyncio.ensure_future(
-                    getmany(timeout_ms=1000, max_records=self.lanes.lane_buffer)
-                )
+                get = asyncio.ensure_future(fetch())
                 done, _ = await asyncio.wait(
                     {get, stop_wait, failed_wait}, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -266,9 +272,10 @@ class HopRuntime(RecordSteps):
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await get
                     break
-                for tp, records in get.result().items():
+                batch, fetched_at = get.result()
+                for tp, records in batch.items():
                     if records:
-                        self.lanes.dispatch(tp, records)
+                        self.lanes.dispatch(tp, records, fetched_at)
             self._stop.set()  # lanes finish the record in hand and leave the rest
             await self.lanes.drain()
         finally:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 from hoptrace.settings import PROJECT_ROOT
 
 SCRIPT = PROJECT_ROOT / "scripts" / "go-tools.sh"
-BIN = PROJECT_ROOT / ".hoptrace" / "tools" / "bin"
+#: Where scripts/go-tools.sh puts the tools (its HOPTRACE_TOOLS_BIN, default .hoptrace/tools/bin).
+BIN = Path(os.environ.get("HOPTRACE_TOOLS_BIN") or PROJECT_ROOT / ".hoptrace" / "tools" / "bin")
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
 ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
 OTELCOL_CONFIG = PROJECT_ROOT / "collector" / "otelcol-config.yaml"

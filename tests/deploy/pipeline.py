@@ -43,10 +43,16 @@ class Pipeline:
 
 @contextlib.contextmanager
 def running_pipeline(
-    admin_db_url: str, bootstrap: str, workdir: Path, otlp_grpc_endpoint: str, start: bool = True
+    admin_db_url: str,
+    bootstrap: str,
+    workdir: Path,
+    otlp_grpc_endpoint: str,
+    start: bool = True,
+    otlp_token: str | None = None,
 ) -> Iterator[Pipeline]:
     """Database, spec and topics; the services too unless ``start`` is false (then the caller
-    runs ``pipeline.services.start_all()``). Everything is removed on exit."""
+    runs ``pipeline.services.start_all()``). ``otlp_token``: the services send it as compose
+    has them send it (``OTEL_EXPORTER_OTLP_HEADERS``). Everything is removed on exit."""
     name = unique("hoptrace_d_")
     db_url = asyncio.run(create_database(admin_db_url, name))
     spec_path = isolated_spec(workdir, unique(""))
@@ -59,6 +65,8 @@ def running_pipeline(
         OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
         OTEL_BSP_SCHEDULE_DELAY="200",
     )
+    if otlp_token is not None:
+        env["OTEL_EXPORTER_OTLP_HEADERS"] = f"authorization=Bearer%20{otlp_token}"
     services = Services(env, workdir)
     try:
         res = subprocess.run(

@@ -88,6 +88,8 @@ def test_secrets_are_required_from_the_environment(composecheck: Path) -> None:
     assert proc.returncode == 1
     for var in ("POSTGRES_PASSWORD", "HOPTRACE_RO_PASSWORD", "HOPTRACE_INGEST_TOKEN"):
         assert f"required variable {var} is missing" in proc.stderr
+    for var in ("HOPTRACE_DB_PASSWORD", "HOPTRACE_OTLP_TOKEN"):
+        assert f"required variable {var} is missing" in proc.stderr
 
 
 # --------------------------------------------------------------------- structure
@@ -235,6 +237,9 @@ def test_no_secret_literals_in_the_file() -> None:
 
     def envs():
         yield "x-hoptrace-env", raw["x-hoptrace-env"]
+        for name, value in raw.items():  # every other environment fragment (x-...)
+            if name.startswith("x-") and name.endswith(("-env", "-db", "-export")):
+                yield name, value
         for name, svc in raw["services"].items():
             env = svc.get("environment")
             if isinstance(env, dict):
@@ -267,6 +272,94 @@ def test_env_example_defines_every_required_variable() -> None:
 def test_env_file_is_kept_out_of_the_image() -> None:
     dockerignore = (PROJECT_ROOT / ".dockerignore").read_text().split()
     assert ".env" in dockerignore and ".env.*" in dockerignore
+
+
+# --------------------------------------------------------------------- who holds which secret
+
+
+def _secrets(env: dict[str, Any]) -> set[str]:
+    """Which secrets an environment carries: the tokens, and each database role's URL."""
+    out = {k for k in ("HOPTRACE_INGEST_TOKEN", "HOPTRACE_OTLP_TOKEN") if k in env}
+    if "authorization=Bearer" in (env.get("OTEL_EXPORTER_OTLP_HEADERS") or ""):
+        out.add("otlp-token-header")
+    for key in ("HOPTRACE_DATABASE_URL", "HOPTRACE_DASHBOARD_DATABASE_URL"):
+        if env.get(key):
+            out.add(f"{key}:{urlsplit(env[key]).username}")
+    return out
+
+
+def test_the_dashboard_gets_only_the_read_only_url(services: dict[str, Any]) -> None:
+    assert _secrets(services["dashboard"]["environment"]) == {
+        "HOPTRACE_DASHBOARD_DATABASE_URL:hoptrace_ro"
+    }
+
+
+def test_each_process_gets_only_the_secrets_it_needs(services: dict[str, Any]) -> None:
+    owner = "HOPTRACE_DATABASE_URL:hoptrace"
+    for name in PIPELINE_SERVICES:  # they write their tables and export to the OTel Collector
+        assert _secrets(services[name]["environment"]) == {owner, "otlp-token-header"}, name
+    assert _secrets(services["collector"]["environment"]) == {owner, "HOPTRACE_INGEST_TOKEN"}
+    # init holds them all: its start refuses a placeholder before anything of hoptrace starts
+    assert _secrets(services["init"]["environment"]) == {
+        owner,
+        "otlp-token-header",
+        "HOPTRACE_INGEST_TOKEN",
+        "HOPTRACE_DASHBOARD_DATABASE_URL:hoptrace_ro",
+    }
+    otel = services["otel-collector"]["environment"]
+    assert _secrets(otel) == {"HOPTRACE_INGEST_TOKEN", "HOPTRACE_OTLP_TOKEN"}
+    header = services["purchase-worker"]["environment"]["OTEL_EXPORTER_OTLP_HEADERS"]
+    assert header == f"authorization=Bearer%20{otel['HOPTRACE_OTLP_TOKEN']}"
+
+
+def test_everything_of_hoptrace_waits_for_init(services: dict[str, Any]) -> None:
+    """init refuses placeholder secrets: what runs without it must wait for it (directly or
+    through the collector), the OTel Collector included (its receivers' token is one)."""
+
+    def waits_for_init(name: str, seen: frozenset[str] = frozenset()) -> bool:
+        deps = services[name].get("depends_on") or {}
+        return "init" in deps or any(
+            waits_for_init(d, seen | {name}) for d in deps if d not in seen
+        )
+
+    for name in [*PIPELINE_SERVICES, "collector", "dashboard", "otel-collector"]:
+        assert waits_for_init(name), name
+
+
+def test_postgres_owner_is_not_the_superuser(services: dict[str, Any]) -> None:
+    pg = services["postgres"]
+    assert pg["environment"]["POSTGRES_USER"] != "hoptrace"  # the image makes it a superuser
+    mounts = {v["target"]: Path(v["source"]) for v in pg["volumes"] if v["type"] == "bind"}
+    init_dir = mounts["/docker-entrypoint-initdb.d"]
+    assert (init_dir / "10-hoptrace-roles.sh").exists()
+    for name in [*PIPELINE_SERVICES, "collector", "init"]:
+        url = urlsplit(services[name]["environment"]["HOPTRACE_DATABASE_URL"])
+        assert url.username == "hoptrace", name
+
+
+def test_the_connection_pools_fit_the_servers_connections(services: dict[str, Any]) -> None:
+    """The pools' maxima (from the code) and the short-lived connections stay well under what
+    PostgreSQL gives roles that are no superuser (max_connections - 3 reserved)."""
+    import inspect
+
+    from hoptrace.collector import store
+    from hoptrace.workers import admin_service, payment_service, tuning
+
+    command = " ".join(services["postgres"]["command"])
+    max_connections = int(re.search(r"max_connections=(\d+)", command).group(1))
+    writers = Settings().writers
+    pools = {
+        "hop workers": len(CONSUMERS) * tuning.DEFAULT_CONSUMERS * (tuning.MAX_LANES + 1),
+        "payment-service": payment_service.POOL_SIZE,
+        "admin-service": admin_service.POOL_SIZE,
+        "collector": writers + 4 + 1 + 4,  # writer pool, the stall scanner, evidence pool
+        "dashboard": inspect.signature(store.connect).parameters["max_size"].default,
+    }
+    total = sum(pools.values())
+    assert total == 87, pools  # the sum docker-compose.yml and docs/docker.md state
+    short_lived = 1 + len(PIPELINE_SERVICES) + 1 + 4  # migrations, `hoptrace trace`
+    assert total + short_lived <= (max_connections - 3) // 2, (pools, max_connections)
+    assert "= 87" in COMPOSE_FILE.read_text()
 
 
 # --------------------------------------------------------------------- commands the image runs

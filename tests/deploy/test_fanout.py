@@ -27,6 +27,7 @@ from .pipeline import Pipeline, running_pipeline
 pytestmark = [timeout_for("jaeger", 240), timeout_for("otelcol", 240)]
 
 TOKEN = "fanout-test-token"
+OTLP_TOKEN = "fanout-otlp-token"  # what the services send to the OTel Collector
 
 
 @dataclass
@@ -86,7 +87,12 @@ def topology(
     otelcol_bin = go_tool("otelcol")
     otlp_grpc = free_port()
     with running_pipeline(
-        admin_db_url, kafka_bootstrap, tmp, f"http://127.0.0.1:{otlp_grpc}", start=False
+        admin_db_url,
+        kafka_bootstrap,
+        tmp,
+        f"http://127.0.0.1:{otlp_grpc}",
+        start=False,
+        otlp_token=OTLP_TOKEN,
     ) as pipe:
         # hoptrace collector, on the pipeline's database (as in compose: one PostgreSQL).
         c_grpc, c_http = free_port(), free_port()
@@ -111,6 +117,7 @@ def topology(
                 "JAEGER_OTLP_ENDPOINT": f"127.0.0.1:{jaeger.otlp_grpc_port}",
                 "HOPTRACE_OTLP_ENDPOINT": f"127.0.0.1:{c_grpc}",
                 "HOPTRACE_INGEST_TOKEN": TOKEN,
+                "HOPTRACE_OTLP_TOKEN": OTLP_TOKEN,
             }
         )
         otelcol = spawn(

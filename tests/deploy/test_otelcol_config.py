@@ -19,6 +19,7 @@ ENV = {
     "JAEGER_OTLP_ENDPOINT": "jaeger:4317",
     "HOPTRACE_OTLP_ENDPOINT": "collector:4317",
     "HOPTRACE_INGEST_TOKEN": "test-token",
+    "HOPTRACE_OTLP_TOKEN": "test-otlp-token",
     "HOPTRACE_KAFKA_BOOTSTRAP": "kafka:9092",
 }
 
@@ -51,9 +52,13 @@ def test_collector_validates_the_kafka_span_topic_overlay(otelcol: Path) -> None
 
 
 def test_defaults_apply_without_environment(otelcol: Path) -> None:
-    """Every ${env:...} either has a default or is not needed to load the file."""
-    proc = validate(otelcol, OTELCOL_CONFIG, env={})
+    """Every ${env:...} either has a default or is not needed to load the file, but for the
+    receivers' token: without it the config is refused (an unauthenticated receiver would
+    forward anyone's spans to hoptrace with the ingest token; tests/deploy/test_otelcol_auth)."""
+    proc = validate(otelcol, OTELCOL_CONFIG, env={"HOPTRACE_OTLP_TOKEN": "t"})
     assert proc.returncode == 0, proc.stderr
+    proc = validate(otelcol, OTELCOL_CONFIG, env={})
+    assert proc.returncode != 0 and "bearertokenauth" in proc.stderr
 
 
 def test_collector_rejects_a_broken_variant(otelcol: Path, tmp_path: Path) -> None:
@@ -88,6 +93,16 @@ def test_traces_fan_out_to_jaeger_and_hoptrace() -> None:
     assert protocols["http"]["endpoint"].endswith(":-0.0.0.0:4318}")
     hoptrace = config["exporters"]["otlp/hoptrace"]
     assert hoptrace["headers"]["authorization"] == "Bearer ${env:HOPTRACE_INGEST_TOKEN}"
+
+
+def test_both_receivers_require_the_bearer_token() -> None:
+    config = yaml.safe_load(OTELCOL_CONFIG.read_text())
+    for protocol in ("grpc", "http"):
+        auth = config["receivers"]["otlp"]["protocols"][protocol]["auth"]
+        assert auth["authenticator"] == "bearertokenauth/otlp", protocol
+    ext = config["extensions"]["bearertokenauth/otlp"]
+    assert ext["token"] == "${env:HOPTRACE_OTLP_TOKEN}" and ext.get("scheme", "Bearer") == "Bearer"
+    assert "bearertokenauth/otlp" in config["service"]["extensions"]
 
 
 def test_kafka_span_topic_is_otlp_protobuf() -> None:

@@ -97,6 +97,55 @@ def test_up_twice_is_a_no_op_and_down_leaves_nothing(
     assert (home / "pg" / "PG_VERSION").exists(), "down must keep the data"
 
 
+def test_the_owner_role_is_no_superuser_and_every_login_needs_a_password(
+    private_stack: tuple[dict[str, str], Path],
+) -> None:
+    """Fix: initdb made the owner role ``hoptrace`` the cluster's superuser and trusted every
+    login on the local socket. Now a separate superuser provisions the roles: the owner may
+    create databases and roles (the tests create both) but is no superuser, and the local
+    socket asks for a password like TCP does."""
+    import asyncio
+
+    import asyncpg
+
+    env, home = private_stack
+    res = _hoptrace(env, "dev", "up", "--infra-only")
+    assert res.returncode == 0, res.stderr
+    port = int(env["HOPTRACE_DEV_PG_PORT"])
+    cfg = devstack.StackConfig(home=home, pg_port=port)
+
+    async def check() -> None:
+        owner = await asyncpg.connect(cfg.database_url)
+        try:
+            role = await owner.fetchrow(
+                "SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles "
+                "WHERE rolname = current_user"
+            )
+            assert tuple(role) == (False, True, True)
+            assert await owner.fetchval("SELECT current_database()") == "hoptrace"
+            await owner.execute('CREATE DATABASE "owner_made_this"')
+            await owner.execute('DROP DATABASE "owner_made_this"')
+        finally:
+            await owner.close()
+        ro = await asyncpg.connect(cfg.readonly_database_url)
+        try:
+            assert (
+                await ro.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+                is False
+            )
+        finally:
+            await ro.close()
+        # the local socket: a login without the password is refused
+        with pytest.raises(
+            (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError)
+        ):
+            await asyncpg.connect(
+                host=str(home / "pg-run"), port=port, user="hoptrace", database="hoptrace"
+            )
+
+    asyncio.run(check())
+
+
 def test_killed_broker_shows_down_and_up_brings_it_back(
     private_stack: tuple[dict[str, str], Path],
 ) -> None:

@@ -59,3 +59,32 @@ def test_ready_file_comes_from_the_environment(
     assert ready.read_text().isdigit()
     clear_ready()
     assert not ready.exists()
+
+
+def test_the_dashboard_url_is_never_derived_from_the_owner_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fix: the read-only URL was the owner's with the text ``hoptrace:hoptrace@`` replaced;
+    with any other password nothing was replaced and the dashboard connected as the owner (a
+    superuser). Now: ``HOPTRACE_DASHBOARD_DATABASE_URL``, or the local stack's read-only role
+    when ``HOPTRACE_DATABASE_URL`` is not set either, else a clear refusal."""
+    from hoptrace.settings import MissingDashboardDatabaseUrl
+
+    for key in ("HOPTRACE_DATABASE_URL", "HOPTRACE_DASHBOARD_DATABASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    local = Settings().readonly_database_url()
+    assert local == "postgresql://hoptrace_ro:hoptrace_ro@127.0.0.1:55432/hoptrace"
+
+    monkeypatch.setenv("HOPTRACE_DATABASE_URL", "postgresql://hoptrace:s3cret@db:5432/hoptrace")
+    with pytest.raises(MissingDashboardDatabaseUrl) as err:
+        Settings().readonly_database_url()
+    assert "HOPTRACE_DASHBOARD_DATABASE_URL" in str(err.value)
+    assert "s3cret" not in str(err.value)
+    # the local owner URL spelled out is not a licence to derive either
+    monkeypatch.setenv("HOPTRACE_DATABASE_URL", Settings().database_url)
+    with pytest.raises(MissingDashboardDatabaseUrl):
+        Settings().readonly_database_url()
+
+    ro = "postgresql://reader:pw@db:5432/hoptrace"
+    monkeypatch.setenv("HOPTRACE_DASHBOARD_DATABASE_URL", ro)
+    assert Settings().readonly_database_url() == ro

@@ -61,6 +61,16 @@ def test_poison_reasons(data: bytes | None, reason: str) -> None:
     assert reason in err.value.reason
 
 
+@pytest.mark.parametrize("depth", [1_000, 5_000])
+def test_deeply_nested_json_is_poison(depth: int) -> None:
+    """Regression: ``json.loads`` of ``[`` x 1,000 (2 KB) raised RecursionError, which escaped
+    ``parse``: the lane failed, the worker exited and read the same record again on restart."""
+    for data in (b"[" * depth, b'{"payload": ' + b"[" * depth + b"]" * depth + b"}"):
+        with pytest.raises(PoisonRecord) as err:
+            Envelope.parse(data)
+        assert "nested too deeply" in err.value.reason
+
+
 def test_missing_correlation_is_left_to_the_runtime() -> None:
     raw = {"event_id": "e", "type": "X", "version": 1, "occurred_at": "2026-01-01T00:00:00Z"}
     env = Envelope.parse(json.dumps(raw).encode())

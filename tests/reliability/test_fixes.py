@@ -373,3 +373,205 @@ def test_a_wrapped_connection_error_is_an_outage() -> None:
 
 async def _value(v: object) -> object:
     return v
+
+
+async def test_any_failure_reading_a_record_makes_it_poison(db_url, monkeypatch) -> None:
+    """Fix: only PoisonRecord was dead-lettered; any other exception while parsing (e.g.
+    RecursionError from a deeply nested value) failed the lane, ended the worker and, after a
+    restart, blocked the partition on the same record. Now any such failure is poison."""
+    from aiokafka.structs import ConsumerRecord
+    from opentelemetry.trace import INVALID_SPAN
+
+    from hoptrace.instrumentation import envelope
+
+    def explode(_data: object) -> envelope.Envelope:
+        raise MemoryError("the decoder gave up")
+
+    monkeypatch.setattr(envelope.Envelope, "parse", explode)
+    rt = _runtime(db_url)
+    parked: list[str] = []
+
+    async def write(record, headers, span, reason, exc, attempts) -> None:  # noqa: ANN001
+        parked.append(reason)
+
+    rt.dead_letters.write = write  # type: ignore[method-assign]
+    rec = ConsumerRecord("trainer-allocated", 0, 3, 0, 0, None, b"{}", None, 0, 0, [])
+    info = hop.RecordInfo("trainer-allocated", 0, 3, "session-worker")
+    outcome = await rt._process_in_span(rec, info, [], INVALID_SPAN, "cid-1")
+    assert outcome == "error"
+    assert parked and "MemoryError" in parked[0] and "the decoder gave up" in parked[0]
+
+
+def test_resource_shortage_and_shutdowns_are_outages_handler_interface_errors_are_bugs() -> None:
+    """Fix: SQLSTATE class 53 (too many connections, disk full, out of memory) and 57P04/57P05
+    were retried a few times and then dead-lettered (~3 s): a resource shortage parked healthy
+    records. They are outages now (retried until they end). An asyncpg InterfaceError a handler
+    causes (a wrong argument type, a misused connection) was an outage, retried forever: it is
+    a bug, dead-lettered at once; one that says the connection went away is still an outage."""
+    outages = [
+        asyncpg.InsufficientResourcesError("53000"),
+        asyncpg.DiskFullError("could not extend file: No space left on device"),
+        asyncpg.OutOfMemoryError("out of memory"),
+        asyncpg.TooManyConnectionsError("sorry, too many clients already"),
+        asyncpg.ConfigurationLimitExceededError("temporary file size exceeds temp_file_limit"),
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        asyncpg.CrashShutdownError("57P02"),
+        asyncpg.CannotConnectNowError("the database system is starting up"),
+        asyncpg.DatabaseDroppedError("57P04"),
+        asyncpg.IdleSessionTimeoutError("57P05"),
+        asyncpg.ConnectionFailureError("08006"),
+        asyncpg.InterfaceError("connection is closed"),
+        asyncpg.InterfaceError(
+            "cannot call Connection.fetch(): connection has been released back to the pool"
+        ),
+    ]
+    for exc in outages:
+        assert hop.is_outage(exc) and hop.is_retryable(exc), exc
+    bugs = [
+        asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
+        asyncpg.InterfaceError(
+            "cannot use Connection.transaction() in a manually started transaction"
+        ),
+    ]
+    for exc in bugs:
+        assert not hop.is_outage(exc) and not hop.is_retryable(exc), exc
+    # still retryable, still not outages: a few attempts, then the dead-letter topic
+    for exc in (asyncpg.QueryCanceledError("57014"), asyncpg.SerializationError("40001")):
+        assert hop.is_retryable(exc) and not hop.is_outage(exc), exc
+
+
+@pytest.fixture
+def limited_role(db_url: str) -> Iterator[str]:
+    """A login role limited to ONE connection, with the rights a worker needs in the per-test
+    database (connection limits apply to every role but superusers); yields its URL."""
+    import uuid
+
+    role = f"lim_{uuid.uuid4().hex[:8]}"
+
+    async def setup() -> None:
+        conn = await asyncpg.connect(db_url)
+        try:
+            await hop.ensure_processed_events(conn)
+            await conn.execute(
+                "CREATE TABLE tutoring_sessions (correlation_id text PRIMARY KEY, trainer text)"
+            )
+            await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'lim' CONNECTION LIMIT 1")
+            await conn.execute(f"GRANT {role} TO CURRENT_USER")  # to drop what it owns later
+            await conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        finally:
+            await conn.close()
+
+    async def teardown() -> None:
+        conn = await asyncpg.connect(db_url)
+        try:
+            await conn.execute(f"DROP OWNED BY {role}")
+            await conn.execute(f"DROP ROLE {role}")
+        finally:
+            await conn.close()
+
+    asyncio.run(setup())
+    base, _, rest = db_url.partition("://")
+    yield f"{base}://{role}:lim@{rest.split('@', 1)[1]}"
+    asyncio.run(teardown())
+
+
+def _record(cid: str):  # noqa: ANN202
+    from aiokafka.structs import ConsumerRecord
+
+    from hoptrace.instrumentation.envelope import Envelope
+
+    env = Envelope.new("TRAINER_ALLOCATED", 1, cid, {"payment_id": cid})
+    rec = ConsumerRecord("trainer-allocated", 0, 7, 0, 0, None, env.to_bytes(), None, 0, 0, [])
+    return rec, hop.RecordInfo("trainer-allocated", 0, 7, "session-worker"), env
+
+
+async def test_too_many_connections_is_retried_until_it_ends_never_dead_lettered(
+    limited_role: str,
+) -> None:
+    """Real PostgreSQL answers 53300 (too many connections for the role) while another client
+    holds the role's only connection: the record is retried past max_attempts, and handled
+    once the connection is free again. Before: dead-lettered after 3 attempts."""
+    from opentelemetry.trace import INVALID_SPAN
+
+    async def handler(ctx: hop.HopContext) -> None:
+        await ctx.conn.execute("INSERT INTO tutoring_sessions VALUES ($1, 't')", ctx.correlation_id)
+
+    rt = _runtime(limited_role, handler=handler, max_attempts=3, backoff_s=0.01, max_backoff_s=0.05)
+    parked: list[str] = []
+
+    async def write(record, headers, span, reason, exc, attempts) -> None:  # noqa: ANN001
+        parked.append(reason)
+
+    rt.dead_letters.write = write  # type: ignore[method-assign]
+    blocker = await asyncpg.connect(limited_role)  # the role's one connection
+    rt._pool = await asyncpg.create_pool(limited_role, min_size=0, max_size=2)
+    rec, info, env = _record("shortage-1")
+
+    async def free_it_later() -> None:
+        await wait_for(lambda: _value(rt.stats["retries"] >= 6 or bool(parked)), timeout=20)
+        await blocker.close()
+
+    freer = asyncio.create_task(free_it_later())
+    try:
+        outcome = await asyncio.wait_for(
+            rt._attempts(rec, info, [], INVALID_SPAN, env, "shortage-1"), 30
+        )
+    finally:
+        await freer
+        await rt._drop_connection()
+        await rt._pool.close()
+    assert parked == [] and outcome == "ok", parked
+    assert rt.stats["retries"] >= 6  # past max_attempts = 3
+    conn = await asyncpg.connect(limited_role)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM tutoring_sessions") == 1
+    finally:
+        await conn.close()
+
+
+async def test_an_interface_error_from_the_handler_is_dead_lettered_not_retried_forever(
+    db_url: str,
+) -> None:
+    """A handler running two statements at once on its connection: asyncpg raises
+    InterfaceError ("another operation is in progress") on a healthy connection. Before: an
+    "outage", retried forever (the lane and its partition's commits stuck). Now: a bug,
+    dead-lettered at once with the reason."""
+    from opentelemetry.trace import INVALID_SPAN
+
+    conn = await asyncpg.connect(db_url)
+    try:
+        await hop.ensure_processed_events(conn)
+        await conn.execute(
+            "CREATE TABLE tutoring_sessions (correlation_id text PRIMARY KEY, trainer text)"
+        )
+    finally:
+        await conn.close()
+    calls = 0
+
+    async def handler(ctx: hop.HopContext) -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.gather(
+            ctx.conn.execute("INSERT INTO tutoring_sessions VALUES ($1, 't')", ctx.correlation_id),
+            ctx.conn.fetchval("SELECT pg_sleep(0.05)"),
+        )
+
+    rt = _runtime(db_url, handler=handler, max_attempts=3, backoff_s=0.01, max_backoff_s=0.02)
+    parked: list[str] = []
+
+    async def write(record, headers, span, reason, exc, attempts) -> None:  # noqa: ANN001
+        parked.append(reason)
+
+    rt.dead_letters.write = write  # type: ignore[method-assign]
+    rt._pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    rec, info, env = _record("bug-1")
+    try:
+        outcome = await asyncio.wait_for(
+            rt._attempts(rec, info, [], INVALID_SPAN, env, "bug-1"), 10
+        )
+    finally:
+        await rt._drop_connection()
+        await rt._pool.close()
+    assert outcome == "error" and calls == 1
+    assert len(parked) == 1 and "InterfaceError" in parked[0], parked
+    assert "another operation is in progress" in parked[0]

@@ -50,7 +50,10 @@ async def snapshot(db_url: str) -> Snapshot:
         tables = [
             r["t"]
             for r in await conn.fetch(
-                "SELECT schemaname || '.' || relname AS t FROM pg_stat_user_tables ORDER BY 1"
+                "SELECT schemaname || '.' || relname AS t FROM pg_stat_user_tables "
+                # other sessions' temporary tables (the collector's COPY staging): no one else
+                # may read them, and they go with their session
+                "WHERE schemaname NOT LIKE 'pg\\_temp\\_%' ORDER BY 1"
             )
         ]
         counts = {}

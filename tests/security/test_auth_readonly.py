@@ -115,7 +115,10 @@ async def test_dashboard_role_is_read_only(
     finally:
         await conn.close()
     monkeypatch.setenv("HOPTRACE_DATABASE_URL", db_url)
-    monkeypatch.delenv("HOPTRACE_DASHBOARD_DATABASE_URL", raising=False)
+    # as the deployment sets it (the URL is never derived from the owner's: see below)
+    base, _, rest = db_url.partition("://")
+    given = f"{base}://hoptrace_ro:hoptrace_ro@{rest.split('@', 1)[1]}"
+    monkeypatch.setenv("HOPTRACE_DASHBOARD_DATABASE_URL", given)
     get_settings.cache_clear()
     try:
         ro_url = get_settings().readonly_database_url()
@@ -123,3 +126,35 @@ async def test_dashboard_role_is_read_only(
         get_settings.cache_clear()
     assert "hoptrace_ro" in ro_url and ro_url != db_url
     await _ro_cannot_write(db_url, ro_url)
+
+
+def test_the_dashboard_refuses_to_start_without_its_read_only_url(tmp_path: Path) -> None:
+    """Fix: with an owner password other than ``hoptrace`` the read-only URL (derived by
+    replacing ``hoptrace:hoptrace@``) stayed the owner's: the dashboard started and read as the
+    owner, a superuser. Now it refuses to start, with one line saying what to set."""
+    import os
+    import subprocess
+
+    from tests.support import free_port
+    from tests.workers.harness import HOPTRACE
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOPTRACE_")}
+    env["HOPTRACE_DATABASE_URL"] = "postgresql://hoptrace:Not-The-Default@127.0.0.1:55432/hoptrace"
+    env["HOPTRACE_READY_FILE"] = str(tmp_path / "ready")
+    proc = subprocess.Popen(
+        [HOPTRACE, "dashboard", "--port", str(free_port())],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=20)
+        raise AssertionError(f"the dashboard started as the owner role: {err[-2000:]}") from None
+    assert proc.returncode == 2, (proc.returncode, err)
+    assert "HOPTRACE_DASHBOARD_DATABASE_URL" in err and "Traceback" not in err
+    assert "Not-The-Default" not in out + err
+    assert not (tmp_path / "ready").exists()

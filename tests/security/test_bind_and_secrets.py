@@ -84,6 +84,8 @@ def secret_db(db_url: str) -> Iterator[str]:
         conn = await asyncpg.connect(db_url)
         try:
             await conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}'")
+            # the owner role is no superuser: it must be a member of a role to give it a database
+            await conn.execute(f"GRANT {role} TO CURRENT_USER")
             await conn.execute(f'ALTER DATABASE "{name}" OWNER TO {role}')
         finally:
             await conn.close()
@@ -121,10 +123,17 @@ def test_services_bind_localhost_and_log_no_secret(
         for name in ("admin-service", "payment-service", "purchase-worker"):
             services.start(name)
         ready = tmp_path / "dashboard.ready"
+        # the dashboard's own read-only URL (it refuses to start without one)
+        base, _, rest = secret_db.partition("://")
+        ro_url = f"{base}://hoptrace_ro:hoptrace_ro@{rest.split('@', 1)[1]}"
         with open(dash_log, "ab") as log:
             dash = subprocess.Popen(
                 [HOPTRACE, "dashboard", "--port", str(free_port())],
-                env={**env, "HOPTRACE_READY_FILE": str(ready)},
+                env={
+                    **env,
+                    "HOPTRACE_READY_FILE": str(ready),
+                    "HOPTRACE_DASHBOARD_DATABASE_URL": ro_url,
+                },
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

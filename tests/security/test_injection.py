@@ -62,6 +62,10 @@ def rig(
         services.start("payment-service")
         for k in ("HOPTRACE_DATABASE_URL", "HOPTRACE_KAFKA_BOOTSTRAP", "HOPTRACE_PIPELINE"):
             monkeypatch.setenv(k, env[k])
+        # the dashboard reads as hoptrace_ro (its URL is never derived from the owner's)
+        base, _, rest = canary.partition("://")
+        ro = f"{base}://hoptrace_ro:hoptrace_ro@{rest.split('@', 1)[1]}"
+        monkeypatch.setenv("HOPTRACE_DASHBOARD_DATABASE_URL", ro)
         from hoptrace.settings import get_settings
 
         get_settings.cache_clear()

@@ -45,9 +45,11 @@ def _value(v: object) -> object:
 
 
 class OtlpReceiver:
-    """OTLP/HTTP protobuf receiver on a free port; ``spans`` grows as the services export."""
+    """OTLP/HTTP protobuf receiver on a free port; ``spans`` grows as the services export.
+    ``delay_s``: each export is kept that long before it is taken (recorded and answered), as
+    a slow collector would."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay_s: float = 0.0) -> None:
         self.spans: list[Span] = []
         self._lock = threading.Lock()
         receiver = self
@@ -57,6 +59,8 @@ class OtlpReceiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 req = ExportTraceServiceRequest()
                 req.ParseFromString(body)
+                if delay_s:
+                    time.sleep(delay_s)
                 receiver._add(req)
                 out = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)

@@ -130,6 +130,36 @@ async def test_poison_record_goes_to_the_dlq_and_the_worker_keeps_going(running:
     assert running.services.procs["allocation-worker"].poll() is None
 
 
+async def test_deeply_nested_record_is_poison_not_a_crash_loop(running: Pipeline) -> None:
+    """Regression: ``[`` x 5,000 (10 KB) on purchase-confirmed made ``json.loads`` raise
+    RecursionError, which the envelope parser did not catch: the lane failed, purchase-worker
+    exited and, restarted, read the same record again (the partition blocked, nothing on the
+    dead-letter topic). Now it is a poison record and the worker goes on."""
+    from .harness import header, produce, read_topic
+
+    topic = running.topic("purchase.created")
+    cid = f"nested-{cid_bytes().decode()[:12]}"
+    value = b"[" * 5000
+    await produce(running.bootstrap, topic, value, headers=[("x-correlation-id", cid.encode())])
+
+    async def parked() -> list:
+        recs = await read_topic(running.bootstrap, topic + ".dlq")
+        return [r for r in recs if header(r, "x-correlation-id") == cid]
+
+    recs = await wait_for(parked, timeout=30, what="the nested record on the DLQ")
+    assert recs[0].value == value
+    assert "nested too deeply" in (header(recs[0], "x-dlq-reason") or "")
+    assert header(recs[0], "x-dlq-step") == "purchase.created"
+    assert running.services.procs["purchase-worker"].poll() is None  # still running
+    good = running.pay()
+
+    async def done() -> int:
+        return await count(running.db_url, "tutoring_sessions", good)
+
+    await wait_for(done, timeout=30, what="the next payment to complete")
+    assert running.services.procs["purchase-worker"].poll() is None
+
+
 def cid_bytes() -> bytes:
     import uuid
 

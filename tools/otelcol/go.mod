@@ -8,6 +8,7 @@ go 1.24.6
 
 require (
 	github.com/open-telemetry/opentelemetry-collector-contrib/exporter/kafkaexporter v0.140.1
+	github.com/open-telemetry/opentelemetry-collector-contrib/extension/bearertokenauthextension v0.140.1
 	github.com/open-telemetry/opentelemetry-collector-contrib/extension/healthcheckextension v0.140.1
 	go.opentelemetry.io/collector/component v1.46.0
 	go.opentelemetry.io/collector/confmap v1.46.0

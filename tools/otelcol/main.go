@@ -4,7 +4,7 @@
 //	otelcol validate --config collector/otelcol-config.yaml
 //
 // Components: otlp receiver; memory_limiter and batch processors; otlp, otlphttp, kafka and
-// debug exporters; health_check extension. Same component releases as the pinned
+// debug exporters; health_check and bearertokenauth extensions. Same component releases as the pinned
 // otel/opentelemetry-collector-contrib image in docker-compose.yml.
 package main
 
@@ -12,6 +12,7 @@ import (
 	"log"
 
 	"github.com/open-telemetry/opentelemetry-collector-contrib/exporter/kafkaexporter"
+	"github.com/open-telemetry/opentelemetry-collector-contrib/extension/bearertokenauthextension"
 	"github.com/open-telemetry/opentelemetry-collector-contrib/extension/healthcheckextension"
 	"go.opentelemetry.io/collector/component"
 	"go.opentelemetry.io/collector/confmap"
@@ -38,6 +39,7 @@ func components() (otelcol.Factories, error) {
 	f := otelcol.Factories{Telemetry: otelconftelemetry.NewFactory()}
 	if f.Extensions, err = otelcol.MakeFactoryMap[extension.Factory](
 		healthcheckextension.NewFactory(),
+		bearertokenauthextension.NewFactory(),
 	); err != nil {
 		return f, err
 	}
