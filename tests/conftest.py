@@ -66,9 +66,12 @@ def spec_path(tmp_path: Path, suffix: str) -> Path:
 def hoptrace_env(
     db_url: str, kafka_bootstrap: str, spec_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[dict[str, str]]:
-    """Environment pointing hoptrace at this test's database, topics and spec."""
+    """Environment pointing hoptrace at this test's database, topics and spec (the dashboard at
+    it through the read-only role)."""
+    scheme, _, rest = db_url.partition("://")
     env = {
         "HOPTRACE_DATABASE_URL": db_url,
+        "HOPTRACE_DASHBOARD_DATABASE_URL": f"{scheme}://hoptrace_ro:hoptrace_ro@{rest.split('@', 1)[1]}",
         "HOPTRACE_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "HOPTRACE_PIPELINE": str(spec_path),
     }
