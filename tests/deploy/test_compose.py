@@ -403,7 +403,8 @@ def test_healthchecks_probe_the_ports_the_services_listen_on(services: dict[str,
     expected = {
         "payment-service": f"http://127.0.0.1:{defaults.payment_service_port}/healthz",
         "admin-service": f"http://127.0.0.1:{defaults.admin_service_port}/healthz",
-        "collector": f"http://127.0.0.1:{defaults.otlp_http_port}/healthz",
+        # the collector's readiness (database reachable, queue below its cap)
+        "collector": f"http://127.0.0.1:{defaults.otlp_http_port}/readyz",
         "dashboard": "http://127.0.0.1:8501/_stcore/health",
     }
     for name, url in expected.items():
