@@ -24,6 +24,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 
 import asyncpg
@@ -35,7 +36,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from hoptrace.contract import PipelineSpec
+from hoptrace.contract import PipelineSpec, parse_duration
 from hoptrace.contract.conventions import ATTR_CORRELATION_ID
 from hoptrace.instrumentation.envelope import Envelope
 from hoptrace.instrumentation.producer import HopProducer, step_span
@@ -57,6 +58,30 @@ RELAY_POLL_S = 0.5
 RELAY_MAX_BACKOFF_S = 5.0
 #: How long a pass waits for its step spans to be exported before it marks its rows sent.
 RELAY_FLUSH_S = 5.0
+#: Sent outbox rows older than the retention (``HOPTRACE_RETENTION``) are purged this often, in
+#: batches; unsent rows are never purged.
+OUTBOX_PURGE_S = 3600.0
+OUTBOX_PURGE_BATCH = 5000
+_PURGE_SENT = """
+DELETE FROM payment_outbox WHERE id = ANY(ARRAY(
+    SELECT id FROM payment_outbox
+    WHERE sent_at IS NOT NULL AND sent_at < now() - $1::interval
+    LIMIT $2
+))
+"""
+
+
+async def purge_sent(pool: asyncpg.Pool, older_than: timedelta) -> int:
+    """Delete outbox rows sent longer than ``older_than`` ago, in batches; returns how many."""
+    total = 0
+    while True:
+        status = await pool.execute(_PURGE_SENT, older_than, OUTBOX_PURGE_BATCH)
+        n = int(status.rsplit(" ", 1)[-1])
+        total += n
+        if n < OUTBOX_PURGE_BATCH:
+            return total
+
+
 #: The client's retry key: printable ASCII, at most this long.
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY_MAX = 255
@@ -138,8 +163,10 @@ class PaymentService:
         producer: HopProducer,
         hooks: PaymentHooks | None = None,
         fault: str | None = None,
+        retention: timedelta | None = None,
     ):
         self.spec = spec
+        self.retention = retention  # sent outbox rows older than this are purged
         self.step = spec.step_for_service(NAME)
         if not self.step.emits:
             raise ValueError(f"step {self.step.id!r} has no 'emits' topic in {spec.source}")
@@ -245,7 +272,12 @@ class PaymentService:
         its rows (Kafka down, the database failing) it waits ``RELAY_POLL_S`` doubling to
         ``RELAY_MAX_BACKOFF_S`` between passes, new payments or not."""
         backoff = 0.0
+        purged_at = float("-inf")
         while not self._stopping:
+            now = asyncio.get_running_loop().time()
+            if self.retention is not None and now - purged_at >= OUTBOX_PURGE_S:
+                purged_at = now
+                await self._purge()
             if backoff:
                 await self._stop_or_sleep(backoff)
             else:
@@ -269,6 +301,16 @@ class PaymentService:
             backoff = min(RELAY_MAX_BACKOFF_S, max(RELAY_POLL_S, backoff * 2)) if stuck else 0.0
             if stuck:
                 log.warning("outbox relay: nothing sent; next pass in %.1fs", backoff)
+
+    async def _purge(self) -> None:
+        assert self.retention is not None
+        try:
+            n = await purge_sent(self.pool, self.retention)
+        except Exception as exc:  # noqa: BLE001 - housekeeping never stops the relay
+            log.warning("outbox: purging sent rows failed: %s", exc)
+            return
+        if n:
+            log.info("outbox: purged %d sent row(s) older than the retention", n)
 
     async def _stop_or_sleep(self, seconds: float) -> None:
         """Sleep, unless stop is requested first (new payments do not cut a backoff short)."""
@@ -340,7 +382,14 @@ async def serve(
         HopProducer(settings.kafka_bootstrap, linger_ms=LINGER_MS) as producer,
         db.pool(settings.database_url, POOL_SIZE) as pool,
     ):
-        service = PaymentService(spec, pool, producer, hooks, fault=settings.fault)
+        service = PaymentService(
+            spec,
+            pool,
+            producer,
+            hooks,
+            fault=settings.fault,
+            retention=parse_duration(settings.retention),
+        )
         relay = asyncio.create_task(service.relay(), name="outbox-relay")
         try:
             yield service.app()

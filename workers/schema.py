@@ -89,6 +89,14 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE payments ADD COLUMN IF NOT EXISTS idempotency_key text UNIQUE;
         """,
     ),
+    (
+        4,
+        "payment_outbox: sent rows are purged by retention (an index to find them)",
+        """
+        CREATE INDEX IF NOT EXISTS payment_outbox_sent_at
+            ON payment_outbox (sent_at) WHERE sent_at IS NOT NULL;
+        """,
+    ),
 ]
 
 _LOCK_KEY = 0x686F7074  # "hopt": one migrator at a time (services start together)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -40,6 +41,9 @@ CREATE TABLE IF NOT EXISTS processed_events (
 );
 CREATE INDEX IF NOT EXISTS processed_events_correlation_id_idx
     ON processed_events (correlation_id);
+-- retention: a step purges its own old marks
+CREATE INDEX IF NOT EXISTS processed_events_source_at_idx
+    ON processed_events (source, processed_at);
 DO $$ BEGIN
     IF (SELECT i.indnatts FROM pg_index i
         WHERE i.indrelid = 'processed_events'::regclass AND i.indisprimary) = 1 THEN
@@ -54,6 +58,29 @@ MARK_SQL = (
     "INSERT INTO processed_events (event_id, event_type, correlation_id, source, emitted)"
     " VALUES ($1, $2, $3, $4, $5::jsonb)"
 )
+
+
+#: Marks deleted per statement when purging (short transactions, no long lock).
+PURGE_BATCH = 5000
+_PURGE_SQL = """
+DELETE FROM processed_events WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM processed_events
+    WHERE source = $1 AND processed_at < clock_timestamp() - $2::interval
+    LIMIT $3
+))
+"""
+
+
+async def purge_marks(conn: asyncpg.Connection, step_id: str, older_than: timedelta) -> int:
+    """Delete ``step_id``'s processed marks older than ``older_than``, in batches; returns how
+    many. Only this step's marks: other steps (and pipelines) sharing the table keep theirs."""
+    total = 0
+    while True:
+        status = await conn.execute(_PURGE_SQL, step_id, older_than, PURGE_BATCH)
+        n = int(status.rsplit(" ", 1)[-1])
+        total += n
+        if n < PURGE_BATCH:
+            return total
 
 
 class EffectMissing(RetryableError):

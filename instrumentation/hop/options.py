@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 
@@ -25,7 +26,10 @@ class HopOptions:
     leaves a committed record without its step span. Records of different keys are handled
     concurrently, in up to ``max_lanes`` lanes (a key always in the same lane, in offset order;
     each lane with its own connection); a partition with ``lane_buffer`` records waiting is
-    paused until its lanes catch up."""
+    paused until its lanes catch up. ``ledger_retention``: the step's processed marks older than
+    this are purged (at start, then every ``ledger_purge_interval_s``); keep it longer than the
+    consumed topic's retention plus the longest redelivery delay, since a record that can still
+    be redelivered needs its mark (None: never purge)."""
 
     bootstrap: str
     database_url: str
@@ -45,6 +49,8 @@ class HopOptions:
     commit_interval_s: float = 0.2
     max_lanes: int = 8
     lane_buffer: int = 200
+    ledger_retention: timedelta | None = timedelta(days=14)
+    ledger_purge_interval_s: float = 3600.0
 
     def replace(self, **changes: Any) -> HopOptions:
         """A copy with ``changes``."""

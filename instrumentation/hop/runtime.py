@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from hoptrace.contract import Outcome, PipelineSpec
 
@@ -30,9 +33,11 @@ from .commits import OffsetCommits
 from .context import EffectCheck, Handler, HopHooks
 from .dead_letter import DeadLetterWriter
 from .lanes import Lanes
-from .ledger import Ledger, ensure_processed_events
+from .ledger import Ledger, ensure_processed_events, purge_marks
 from .options import HopOptions
 from .record import RecordSteps
+
+log = logging.getLogger(__name__)
 
 
 class _Assigned(ConsumerRebalanceListener):
@@ -179,6 +184,7 @@ class HopRuntime(RecordSteps):
             **dict(o.consumer_opts),
         )
         installed = False
+        purger: asyncio.Task[None] | None = None
         try:
             async with self._pool.acquire() as conn:
                 await ensure_processed_events(conn)
@@ -187,9 +193,15 @@ class HopRuntime(RecordSteps):
             await self._consumer.start()
             if o.commit_after_export:
                 self.commits.start()
+            if o.ledger_retention is not None:
+                purger = asyncio.create_task(self._purge_ledger(o.ledger_retention))
             installed = self._install_signals()
             await self._loop()
         finally:
+            if purger is not None:
+                purger.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await purger
             if installed:
                 self._remove_signals()
             await self.commits.stop()
@@ -203,6 +215,21 @@ class HopRuntime(RecordSteps):
             with contextlib.suppress(Exception):
                 await self._pool.close()
             await self.commits.flush()
+
+    async def _purge_ledger(self, retention: timedelta) -> None:
+        """Retention of the step's processed marks: at start, then every
+        ``ledger_purge_interval_s``; a failure is logged and tried again next time."""
+        assert self._pool is not None
+        while True:
+            try:
+                with suppress_instrumentation():  # bookkeeping: no spans (acquire, reset, purge)
+                    async with self._pool.acquire() as conn:
+                        n = await purge_marks(conn, self.step.id, retention)
+                if n:
+                    log.info("%s: purged %d old processed mark(s)", self.step.id, n)
+            except Exception as exc:  # noqa: BLE001 - housekeeping never stops the hop
+                log.warning("%s: purging old processed marks failed: %s", self.step.id, exc)
+            await asyncio.sleep(self.options.ledger_purge_interval_s)
 
     def _install_signals(self) -> bool:
         if (

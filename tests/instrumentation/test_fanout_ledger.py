@@ -1,16 +1,18 @@
-"""Fan-out: two steps consume one topic under two groups; the idempotency ledger keys its marks
-by step and event, so both handle the same event (keyed by the event alone, the second step took
-it as a duplicate). A ledger made before that is re-keyed in place."""
+"""The idempotency ledger: marks keyed by step and event, so two steps consuming one topic under
+two groups (fan-out) both handle the same event (keyed by the event alone, the second step took
+it as a duplicate); a ledger made before that is re-keyed in place; a step purges its own old
+marks (retention)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
 
 from hoptrace.contract import PipelineSpec, load_spec
 from hoptrace.instrumentation import Emit, Envelope, HopContext, HopProducer
-from hoptrace.instrumentation.hop import ensure_processed_events
+from hoptrace.instrumentation.hop.ledger import PURGE_BATCH, ensure_processed_events, purge_marks
 
 from ..support import create_topics, delete_topics, unique, wait_for
 from .helpers import running, runtime
@@ -117,5 +119,25 @@ async def test_a_ledger_keyed_by_event_alone_is_re_keyed(db_url: str) -> None:
             "WHERE i.indrelid = 'processed_events'::regclass AND i.indisprimary"
         )
         assert keys == ["event_id", "source"]
+    finally:
+        await conn.close()
+
+
+async def test_a_step_purges_its_own_old_marks_only(db_url: str) -> None:
+    conn = await asyncpg.connect(db_url)
+    try:
+        await ensure_processed_events(conn)
+        await conn.executemany(
+            "INSERT INTO processed_events (event_id, event_type, correlation_id, source,"
+            " processed_at) VALUES ($1, 'T', 'c', $2, now() - $3::interval)",
+            [
+                *[(f"old-{i}", "purchase", timedelta(days=20)) for i in range(PURGE_BATCH + 3)],
+                ("new", "purchase", timedelta(days=1)),
+                ("other-step", "receipt", timedelta(days=20)),
+            ],
+        )
+        assert await purge_marks(conn, "purchase", timedelta(days=14)) == PURGE_BATCH + 3
+        left = await conn.fetch("SELECT event_id FROM processed_events ORDER BY event_id")
+        assert [r["event_id"] for r in left] == ["new", "other-step"]
     finally:
         await conn.close()

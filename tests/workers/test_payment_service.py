@@ -220,3 +220,33 @@ def test_a_relayed_payment_is_marked_sent_only_once_its_step_span_is_exported(
         from tests.support import delete_topics
 
         asyncio.run(delete_topics(kafka_bootstrap, load_spec(spec_path).topics))
+
+
+async def test_sent_outbox_rows_are_purged_by_retention_unsent_never(db_url: str) -> None:
+    from datetime import timedelta
+
+    from hoptrace.workers.payment_service import OUTBOX_PURGE_BATCH, purge_sent
+
+    await migrate(db_url)
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    try:
+        await pool.executemany(
+            "INSERT INTO payment_outbox (correlation_id, topic, event, sent_at, created_at)"
+            " VALUES ($1, 't', '\\x00', now() - $2::interval, now() - $3::interval)",
+            [
+                *[
+                    (f"old-{i}", timedelta(days=9), timedelta(days=9))
+                    for i in range(OUTBOX_PURGE_BATCH + 2)
+                ],
+                ("recent", timedelta(days=1), timedelta(days=1)),
+            ],
+        )
+        await pool.execute(
+            "INSERT INTO payment_outbox (correlation_id, topic, event, created_at)"
+            " VALUES ('unsent-old', 't', '\\x00', now() - interval '30 days')"
+        )
+        assert await purge_sent(pool, timedelta(days=7)) == OUTBOX_PURGE_BATCH + 2
+        left = await pool.fetch("SELECT correlation_id FROM payment_outbox ORDER BY 1")
+        assert [r["correlation_id"] for r in left] == ["recent", "unsent-old"]
+    finally:
+        await pool.close()
