@@ -275,7 +275,7 @@ def trace(
 
 @app.command("stalls")
 def stalls(as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False) -> None:
-    """Stalled correlations: step, overdue by, since when."""
+    """Stuck correlations (stalled and failed): state, step, stuck for, since when."""
     from hoptrace.collector.stalls_cli import stalls_cli
 
     stalls_cli(as_json)
