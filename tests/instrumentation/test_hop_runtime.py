@@ -311,8 +311,9 @@ async def test_lost_db_connection_is_retried_on_a_new_one(
 
 
 async def test_concurrent_mark_turns_into_duplicate(spec, topics, tables, spans, kafka_bootstrap):
-    """Another consumer marks the same event while this one is handling it (e.g. after a
-    rebalance): the unique violation rolls this attempt back and the retry sees a duplicate."""
+    """Another consumer of the same step marks the same event while this one is handling it
+    (e.g. after a rebalance): the unique violation rolls this attempt back and the retry sees a
+    duplicate. (Marks are keyed by event and step: the other consumer's mark names this step.)"""
     import asyncpg
 
     db_url = tables
@@ -328,7 +329,7 @@ async def test_concurrent_mark_turns_into_duplicate(spec, topics, tables, spans,
             )
             await other.execute(
                 "INSERT INTO processed_events (event_id, event_type, correlation_id, source)"
-                " VALUES ($1, $2, $3, 'other-consumer')",
+                " VALUES ($1, $2, $3, 'purchase.created')",
                 ctx.envelope.event_id,
                 ctx.envelope.type,
                 ctx.correlation_id,
@@ -342,11 +343,15 @@ async def test_concurrent_mark_turns_into_duplicate(spec, topics, tables, spans,
     async with running(rt):
         await wait_for(lambda: _async(rt.stats["duplicate"] == 1), what="the duplicate outcome")
     assert calls == 1
+    # the one mark is the other consumer's (it recorded no emitted event; this one would have)
     assert (
         await fetchval(
-            db_url, "SELECT source FROM processed_events WHERE event_id = $1", src.event_id
+            db_url,
+            "SELECT count(*) FILTER (WHERE emitted IS NULL) || '/' || count(*)"
+            " FROM processed_events WHERE event_id = $1",
+            src.event_id,
         )
-        == "other-consumer"
+        == "1/1"
     )
     span = next(s for s in spans.get_finished_spans() if s.name == "purchase.created")
     assert span.attributes[c.ATTR_OUTCOME] == "duplicate"
