@@ -40,7 +40,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -50,6 +49,8 @@ from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from common import free_port  # benchmarks/
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "chaos.json"
@@ -124,12 +125,6 @@ class Timeline:
         entry = {"t": round(time.monotonic() - self.t0, 2), "event": what, **info}
         self.events.append(entry)
         print(f"[{entry['t']:7.2f}s] {what} {info if info else ''}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------ webhook receiver

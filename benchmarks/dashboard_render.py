@@ -23,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
+from common import create_database  # benchmarks/
 
 from hoptrace.collector.schema import migrate
 from hoptrace.settings import LOCAL_PG_PORT, PROJECT_ROOT
@@ -139,13 +140,7 @@ async def fill(db_url: str, n: int, per: int) -> dict[str, float]:
 
 
 async def ensure_db(name: str) -> str:
-    conn = await asyncpg.connect(ADMIN_URL)
-    try:
-        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-            await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    return await create_database(ADMIN_URL, name, reuse=True)
 
 
 def time_page(

@@ -20,12 +20,12 @@ import tempfile
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import otlp_fuzz as net  # benchmarks/
+from common import create_database, drop_database, isolated_spec  # benchmarks/
 
-from hoptrace.settings import get_settings  # noqa: E402
-from tests.reliability import fuzz_otlp_net as net  # noqa: E402
-from tests.support import create_database, drop_database, isolated_spec  # noqa: E402
+from hoptrace.settings import PROJECT_ROOT, get_settings
+
+ROOT = PROJECT_ROOT
 
 RESULTS = ROOT / "benchmarks" / "results" / "fuzz_otlp.json"
 
@@ -44,7 +44,7 @@ async def main(http_cases: int, grpc_cases: int, memory_cases: int, seed: int) -
             finally:
                 exit_code = col.stop()
     finally:
-        await drop_database(admin, name)
+        await drop_database(admin, db_url)
     figures = {"seed": seed, "max_body_bytes": net.MAX_BODY, **rep.as_json()}
     figures["collector_exit_code"] = exit_code
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

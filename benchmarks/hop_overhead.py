@@ -31,6 +31,8 @@ import uuid
 from concurrent import futures
 from pathlib import Path
 
+from common import create_database, drop_database, isolated_spec  # benchmarks/
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "hop_overhead.json"
 MODES = ("off", "on", "on_unreachable")
@@ -231,13 +233,7 @@ async def _prepare(admin_url: str, bootstrap: str, tmp: Path, n: int) -> dict:
     from hoptrace.instrumentation import Envelope, HopProducer, load_spec
 
     suffix = uuid.uuid4().hex[:8]
-    db = f"hoptrace_bench_{suffix}"
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{db}"')
-    finally:
-        await conn.close()
-    db_url = admin_url.rpartition("/")[0] + "/" + db
+    db_url = await create_database(admin_url, f"hoptrace_bench_{suffix}")
     conn = await asyncpg.connect(db_url)
     try:
         await conn.execute(
@@ -245,17 +241,7 @@ async def _prepare(admin_url: str, bootstrap: str, tmp: Path, n: int) -> dict:
         )
     finally:
         await conn.close()
-    text = (ROOT / "pipelines" / "payments.toml").read_text()
-    import re
-
-    text = re.sub(
-        r'^(consumes|emits|group)\s*=\s*"([^"]+)"',
-        lambda m: f'{m.group(1)} = "{m.group(2)}-bench-{suffix}"',
-        text,
-        flags=re.M,
-    )
-    spec_path = tmp / f"pipeline-{suffix}.toml"
-    spec_path.write_text(text)
+    spec_path = isolated_spec(tmp, f"bench-{suffix}")
     spec = load_spec(spec_path)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -281,18 +267,13 @@ async def _prepare(admin_url: str, bootstrap: str, tmp: Path, n: int) -> dict:
                 )
             )
         await asyncio.gather(*batch)
-    return {"db": db, "db_url": db_url, "spec": str(spec_path), "topics": spec.topics}
+    return {"db_url": db_url, "spec": str(spec_path), "topics": spec.topics}
 
 
 async def _cleanup(admin_url: str, bootstrap: str, prepared: dict) -> None:
-    import asyncpg
     from aiokafka.admin import AIOKafkaAdminClient
 
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{prepared["db"]}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    await drop_database(admin_url, prepared["db_url"])
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:

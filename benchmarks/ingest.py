@@ -51,17 +51,12 @@ from typing import Any
 
 import asyncpg
 import httpx
+from common import create_database, drop_database, free_port  # benchmarks/
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["payment.confirmed", "purchase.created", "trainer.allocated", "session.created"]
 SERVICES = ["payment-service", "purchase-worker", "allocation-worker", "session-worker"]
 PB = {"content-type": "application/x-protobuf"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- load generator (worker side)
@@ -864,7 +859,7 @@ async def wait_stored(
 
 async def mix_phase(args: argparse.Namespace, admin: str, mix: str) -> dict:
     """Saturation and fixed-rate runs of one span mix against a fresh collector + database."""
-    db_url = await create_db(admin)
+    db_url = await create_database(admin)
     proc, port = start_collector(args, db_url, mix)
     base = f"http://127.0.0.1:{port}"
     result: dict = {"mix": mix}
@@ -974,7 +969,7 @@ async def mix_phase(args: argparse.Namespace, admin: str, mix: str) -> dict:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        await drop_db(admin, db_url)
+        await drop_database(admin, db_url)
     return result
 
 
@@ -1094,21 +1089,6 @@ async def jaeger_phase(args: argparse.Namespace, mix: str) -> dict:
             proc.kill()
 
 
-async def create_db(admin: str) -> str:
-    name = "hoptrace_bench_" + uuid.uuid4().hex[:8]
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    return admin.rpartition("/")[0] + "/" + name
-
-
-async def drop_db(admin: str, db_url: str) -> None:
-    name = db_url.rpartition("/")[2]
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await conn.close()
-
-
 async def scan_phase(db_url: str, n: int, runs: int = 50) -> dict:
     from hoptrace.collector import schema
     from hoptrace.collector.stalls import scan_once
@@ -1214,11 +1194,11 @@ async def main_async(args: argparse.Namespace) -> dict:
             out["hoptrace_to_jaeger_throughput_ratio"] = round(ours / theirs, 2)
         save(out)
     if args.correlations:
-        db_url = await create_db(admin)
+        db_url = await create_database(admin)
         try:
             out["stall_scan"] = await scan_phase(db_url, args.correlations)
         finally:
-            await drop_db(admin, db_url)
+            await drop_database(admin, db_url)
     out["loadavg_after"] = os.getloadavg()
     return out
 

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import uuid
 from pathlib import Path
 
 import asyncpg
+from common import create_database, drop_database, free_port, isolated_spec  # benchmarks/
 
 from hoptrace import devstack
 from hoptrace.contract import load_spec
@@ -42,12 +42,6 @@ HOPTRACE = str(Path(sys.executable).parent / "hoptrace")
 RESULTS = PROJECT_ROOT / "benchmarks" / "results" / "pipeline_e2e.json"
 TABLES = ["payments", "student_course_purchases", "trainer_allocations", "tutoring_sessions"]
 WORKERS = ["purchase-worker", "allocation-worker", "session-worker"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _SINK_CODE = """
@@ -165,24 +159,6 @@ class LightClient:
             if conn:
                 conn[1].close()
         return {"ids": ids, "errors": errors, "seconds": seconds}
-
-
-def isolated_spec(tmp: Path, suffix: str, partitions: int | None = None) -> Path:
-    import re
-
-    text = (PROJECT_ROOT / "pipelines" / "payments.toml").read_text()
-    if partitions:
-        text = re.sub(r"^partitions\s*=.*\n", "", text, flags=re.M)
-        text = text.replace("[pipeline]\n", f"[pipeline]\npartitions = {partitions}\n", 1)
-    text = re.sub(
-        r'^(consumes|emits|group)\s*=\s*"([^"]+)"',
-        lambda m: f'{m.group(1)} = "{m.group(2)}-{suffix}"',
-        text,
-        flags=re.M,
-    )
-    out = tmp / "pipeline.toml"
-    out.write_text(text)
-    return out
 
 
 def start(name: str, env: dict[str, str], tmp: Path, n: int = 0) -> subprocess.Popen:
@@ -361,12 +337,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     cfg = devstack.StackConfig.from_env()
     tmp = Path(tempfile.mkdtemp(prefix="hoptrace-bench-"))
     suffix = uuid.uuid4().hex[:8]
-    db_name = f"hoptrace_e2e_{suffix}"
-    admin = await asyncpg.connect(cfg.database_url)
-    await admin.execute(f'CREATE DATABASE "{db_name}"')
-    await admin.close()
-    db_url = cfg.database_url.rsplit("/", 1)[0] + "/" + db_name
-    spec_path = isolated_spec(tmp, suffix, args.partitions)
+    db_url = await create_database(cfg.database_url, f"hoptrace_e2e_{suffix}")
+    spec_path = isolated_spec(tmp, suffix, partitions=args.partitions)
     spec = load_spec(spec_path)
     await ensure_topics(cfg.kafka_bootstrap, spec)
     sink = SpanSink()
@@ -534,9 +506,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             await ka.delete_topics(spec.topics)
         finally:
             await ka.close()
-        admin = await asyncpg.connect(cfg.database_url)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-        await admin.close()
+        await drop_database(cfg.database_url, db_url)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

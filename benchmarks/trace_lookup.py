@@ -19,9 +19,9 @@ import asyncio
 import json
 import os
 import random
-import re
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from datetime import timedelta
@@ -30,6 +30,7 @@ from pathlib import Path
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from common import create_database, database_url, isolated_spec  # benchmarks/
 
 from hoptrace.collector import schema
 from hoptrace.contract import load_spec
@@ -40,19 +41,6 @@ RESULTS = PROJECT_ROOT / "benchmarks" / "results" / "trace_lookup.json"
 BAR_P99_MS = 50.0
 CHUNK = 100_000
 DLQ_RECORDS = 20_000
-
-
-def isolated_spec(suffix: str) -> Path:
-    text = (PROJECT_ROOT / "pipelines" / "payments.toml").read_text()
-    text = re.sub(
-        r'^(consumes|emits|group)\s*=\s*"([^"]+)"',
-        lambda m: f'{m.group(1)} = "{m.group(2)}-{suffix}"',
-        text,
-        flags=re.M,
-    )
-    path = Path(f"/tmp/hoptrace-bench-{suffix}.toml")
-    path.write_text(text)
-    return path
 
 
 # One correlation c: 4 step spans (k = 0..3) and 6 child spans (k = 4..9, parent = step k % 4).
@@ -320,11 +308,9 @@ async def main() -> int:
     else:
         suffix = uuid.uuid4().hex[:8]
         dbname = f"hoptrace_bench_{suffix}"
-        admin = await asyncpg.connect(base.database_url)
-        await admin.execute(f'CREATE DATABASE "{dbname}"')
-        await admin.close()
-    db_url = base.database_url.rsplit("/", 1)[0] + "/" + dbname
-    spec_path = isolated_spec(suffix)
+        await create_database(base.database_url, dbname)
+    db_url = database_url(base.database_url, dbname)
+    spec_path = isolated_spec(Path(tempfile.gettempdir()), suffix)
     spec = load_spec(spec_path)
     topics = [s.consumes or "" for s in spec.steps if s.consumes]
     groups = [s.group or "" for s in spec.steps if s.group]

@@ -23,11 +23,11 @@ import asyncpg
 import httpx
 import pytest
 
+from benchmarks.otlp_fuzz import CollectorProc
 from hoptrace.collector import schema
 from hoptrace.collector.alerts import AlertDispatcher, Targets
 from hoptrace.collector.lease import Lease
 
-from ..reliability.fuzz_otlp_net import CollectorProc
 from ..support import wait_for
 from .helpers import request, step_span
 from .receiver import Receiver

@@ -21,8 +21,8 @@ import grpc
 import httpx
 import pytest
 
+from benchmarks.otlp_fuzz import EXPORT, CollectorProc
 from tests.collector.helpers import request, step_span
-from tests.reliability.fuzz_otlp_net import EXPORT, CollectorProc
 from tests.support import free_port, wait_for
 
 from .gotools import OTELCOL_CONFIG, clean_env, go_tool, timeout_for

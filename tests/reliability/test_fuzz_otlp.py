@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
+from benchmarks import otlp_fuzz as net
 from hoptrace.collector.decode import (
     COLUMNS,
     DecodeFailure,
@@ -22,8 +23,6 @@ from hoptrace.collector.decode import (
     parse_json,
     parse_protobuf,
 )
-
-from . import fuzz_otlp_net as net
 
 NOW = datetime.now(UTC)
 _SEED_BODIES = [net.valid_request(random.Random(i)) for i in range(4)] + [

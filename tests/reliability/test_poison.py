@@ -16,6 +16,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from benchmarks.otlp_fuzz import CollectorProc
 from hoptrace.contract import PipelineSpec, load_spec
 from hoptrace.instrumentation.envelope import MAX_RECORD_BYTES, Envelope
 from hoptrace.workers.events import PURCHASE_CONFIRMED, PurchaseConfirmedV1, new_event
@@ -29,8 +30,6 @@ from tests.workers.harness import (
     read_topic,
     service_env,
 )
-
-from .fuzz_otlp_net import CollectorProc
 
 
 @dataclass

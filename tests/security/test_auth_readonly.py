@@ -12,8 +12,8 @@ import grpc
 import httpx
 import pytest
 
+from benchmarks.otlp_fuzz import EXPORT, CollectorProc, canary_stored, valid_request
 from hoptrace.settings import get_settings
-from tests.reliability.fuzz_otlp_net import EXPORT, CollectorProc, canary_stored, valid_request
 from tests.support import wait_for
 
 TOKEN = f"tok-{uuid.uuid4().hex}"

@@ -16,7 +16,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.reliability.fuzz_otlp_net import CollectorProc, valid_request
+from benchmarks.otlp_fuzz import CollectorProc, valid_request
 from tests.support import delete_topics, free_port
 from tests.workers.harness import HOPTRACE, Services, service_env
 

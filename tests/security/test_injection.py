@@ -19,9 +19,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
+from benchmarks.otlp_fuzz import CollectorProc, valid_request
 from hoptrace.cli import app as cli_app
 from hoptrace.dashboard.serve import APP
-from tests.reliability.fuzz_otlp_net import CollectorProc, valid_request
 from tests.support import delete_topics
 from tests.workers.harness import HOPTRACE, Services, service_env
 

@@ -8,8 +8,9 @@ Gzip bodies include multi-member ones (several members in a row, as ``cat a.gz b
 whole requests split over members (every member's spans must be stored), members that together
 inflate past the cap (413) and a member followed by junk (400).
 
-Shared by ``tests/reliability/test_fuzz_otlp.py`` (a few hundred cases) and
-``benchmarks/fuzz_otlp.py`` (many more)."""
+Shared by ``benchmarks/fuzz_otlp.py`` (many cases) and the tests (``tests/reliability``: a few
+hundred cases; ``tests/security`` and others start a collector with :class:`CollectorProc`),
+which import it as ``benchmarks.otlp_fuzz``; it imports nothing of the tests."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import gzip
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +35,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from ..support import free_port
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 HOPTRACE = str(Path(sys.executable).parent / "hoptrace")
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
