@@ -28,7 +28,7 @@ from hoptrace.contract import PipelineSpec
 from hoptrace.settings import Settings
 
 from . import api, api_json, api_openapi, listing
-from .api_query import BadQuery, encode_cursor, parse_limit, parse_list_query, parse_time
+from .api_query import BadQuery, parse_limit, parse_time
 from .render import render, to_dict
 
 JSON = "application/json"
@@ -74,7 +74,6 @@ class ReadApi:
         self.settings = settings
         self.spec = spec
         self.authorized = authorized
-        self.services = {s.id: s.service for s in spec.steps}
 
     async def pool(self) -> asyncpg.Pool:
         return await api.sources_for(self.settings).db()
@@ -136,33 +135,11 @@ class ReadApi:
         return _json(doc)
 
     async def correlations(self, request: Request) -> Response:
-        q = parse_list_query(request.query_params, self.spec)
-        rows: list[listing.ListedCorrelation] = []
-        if not q.nothing:
-            pool = await self.pool()
-            rows = await asyncio.wait_for(
-                listing.list_correlations(
-                    pool,
-                    states=q.states,
-                    steps=q.steps,
-                    cause=q.cause,
-                    since=q.since,
-                    until=q.until,
-                    after=q.after,
-                    limit=q.limit + 1,  # one more: is there a next page?
-                ),
-                READ_TIMEOUT,
-            )
-        page = rows[: q.limit]
-        more = len(rows) > q.limit
-        return _json(
-            {
-                "items": [api_json.listed_json(r, self.services) for r in page],
-                "next_cursor": encode_cursor(page[-1].first_seen, page[-1].correlation_id)
-                if more
-                else None,
-            }
+        pool = await self.pool()
+        page = await asyncio.wait_for(
+            listing.page(pool, self.spec, request.query_params), READ_TIMEOUT
         )
+        return _json(page)
 
     async def stalls(self, request: Request) -> Response:
         _only(request, "limit")

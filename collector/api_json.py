@@ -12,7 +12,6 @@ from datetime import datetime
 from typing import Any
 
 from .diagnosis import Diagnosis
-from .listing import ListedCorrelation
 from .store import AlertRow, HopLatency, SpanRecord, StallRow
 
 
@@ -55,26 +54,6 @@ def stall_json(rows: Iterable[StallRow]) -> list[dict[str, Any]]:
         }
         for r in rows
     ]
-
-
-def listed_json(row: ListedCorrelation, services: Mapping[str, str]) -> dict[str, Any]:
-    """One row of ``GET /api/v1/correlations``; ``services``: step id -> service (the spec)."""
-    return {
-        "correlation_id": row.correlation_id,
-        "pipeline": row.pipeline,
-        "state": row.state,
-        "step": row.step,
-        "service": services.get(row.step) if row.step else None,
-        "cause": row.cause,
-        "last_step": row.last_step,
-        "last_step_at": iso(row.last_step_at),
-        "next_deadline": iso(row.next_deadline),
-        "failed_at": iso(row.failed_at),
-        "last_error": row.error,
-        "first_seen": iso(row.first_seen),
-        "updated_at": iso(row.updated_at),
-        "completed_at": iso(row.completed_at),
-    }
 
 
 def alert_json(a: AlertRow) -> dict[str, Any]:

@@ -49,6 +49,14 @@ _TIME_HELP = "ISO 8601 (UTC without an offset) or a duration back from now: 15m,
 _DENIED = {"401": _problem("Missing or wrong bearer token (HOPTRACE_INGEST_TOKEN).")}
 _UNREADABLE = {"503": _problem("The store did not answer in time.")}
 
+#: The trace document's required fields (as keyword names, the way ``render.to_dict`` spells
+#: them: some are also contract words).
+TRACE_REQUIRED = [
+    *dict(version=1, correlation_id=1, pipeline=1, found=1, state=1, stopped_at=1, cause=1,
+          summary=1, evidence=1, next_action=1, missing_evidence=1, checked_at=1, trace_ids=1,
+          jaeger_urls=1, steps=1)
+]  # fmt: skip
+
 SCHEMAS: dict[str, Any] = {
     "Problem": {
         "type": "object",
@@ -59,23 +67,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "description": "The trace document, as `hoptrace trace --format json` prints it. "
         "With `spans=true` it also has `spans` (items: Span).",
-        "required": [
-            "version",
-            "correlation_id",
-            "pipeline",
-            "found",
-            "state",
-            "stopped_at",
-            "cause",
-            "summary",
-            "evidence",
-            "next_action",
-            "missing_evidence",
-            "checked_at",
-            "trace_ids",
-            "jaeger_urls",
-            "steps",
-        ],  # fmt: skip
+        "required": TRACE_REQUIRED,
         "properties": {
             "version": {"const": TRACE_SCHEMA_VERSION},
             "correlation_id": _STR,

@@ -9,13 +9,14 @@ the stall scan's diagnosis gave its latest alert (stalled and failed correlation
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from hoptrace.contract import State
+from hoptrace.contract import PipelineSpec, State
 
+from .api_query import encode_cursor, parse_list_query
 from .store import Pool
 
 
@@ -112,4 +113,56 @@ async def stalled_counts(pool: Pool) -> dict[str, int]:
     return {r["step"]: r["n"] for r in rows}
 
 
-__all__ = ["ListedCorrelation", "list_correlations", "stalled_counts"]
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def listed_json(row: ListedCorrelation, services: Mapping[str, str]) -> dict[str, Any]:
+    """One row of ``GET /api/v1/correlations``; ``services``: step id -> service (the spec)."""
+    return {
+        "correlation_id": row.correlation_id,
+        "pipeline": row.pipeline,
+        "state": row.state,
+        "step": row.step,
+        "service": services.get(row.step) if row.step else None,
+        "cause": row.cause,
+        "last_step": row.last_step,
+        "last_step_at": _iso(row.last_step_at),
+        "next_deadline": _iso(row.next_deadline),
+        "failed_at": _iso(row.failed_at),
+        "last_error": row.error,
+        "first_seen": _iso(row.first_seen),
+        "updated_at": _iso(row.updated_at),
+        "completed_at": _iso(row.completed_at),
+    }
+
+
+async def page(
+    pool: Pool, spec: PipelineSpec, params: Mapping[str, str], now: datetime | None = None
+) -> dict[str, Any]:
+    """``GET /api/v1/correlations``'s answer for its query ``params`` (checked by
+    ``api_query.parse_list_query``: ``BadQuery`` for a bad one): ``items`` and ``next_cursor``
+    (None on the last page)."""
+    q = parse_list_query(params, spec, now)
+    rows: list[ListedCorrelation] = []
+    if not q.nothing:
+        rows = await list_correlations(
+            pool,
+            states=q.states,
+            steps=q.steps,
+            cause=q.cause,
+            since=q.since,
+            until=q.until,
+            after=q.after,
+            limit=q.limit + 1,  # one more: is there a next page?
+        )
+    shown = rows[: q.limit]
+    services = {s.id: s.service for s in spec.steps}
+    last = shown[-1] if len(rows) > q.limit else None
+    return {
+        "items": [listed_json(r, services) for r in shown],
+        "next_cursor": encode_cursor(last.first_seen, last.correlation_id) if last else None,
+    }
+
+
+__all__ = ["ListedCorrelation", "list_correlations", "listed_json", "page", "stalled_counts"]
