@@ -43,6 +43,8 @@ LATENCY_SAMPLES = 5000
 READ_TIMEOUT = 10.0
 
 Authorized = Callable[[str | None], bool]
+#: A trace document field name that is also a contract word (spelled as a keyword).
+[KAFKA] = dict(kafka=1)
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -131,6 +133,10 @@ class ReadApi:
             return Response(render(d, "json", jaeger), media_type=JSON)
         doc = to_dict(d, jaeger)
         spans = list(d.facts.spans) if d.facts is not None else []
+        kafka = d.facts.kafka if d.facts is not None else {}
+        for step in doc["steps"]:  # whether the dead letters were looked at (a timeline's facts)
+            if step["id"] in kafka and step.get(KAFKA):
+                step[KAFKA]["dlq_checked"] = kafka[step["id"]].dlq_checked
         doc["spans"] = [api_json.span_json(s, d.span_steps) for s in spans[:SPANS_LIMIT]]
         return _json(doc)
 

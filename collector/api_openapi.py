@@ -66,7 +66,8 @@ SCHEMAS: dict[str, Any] = {
     "Trace": {
         "type": "object",
         "description": "The trace document, as `hoptrace trace --format json` prints it. "
-        "With `spans=true` it also has `spans` (items: Span).",
+        "With `spans=true` it also has `spans` (items: Span) and, in each step's `kafka`, "
+        "`dlq_checked` (whether its dead-letter topic was scanned).",
         "required": TRACE_REQUIRED,
         "properties": {
             "version": {"const": TRACE_SCHEMA_VERSION},

@@ -59,7 +59,7 @@ def kafka_facts(doc: Mapping[str, Any], dlq_checked: bool) -> KafkaFacts:
         dlq=DlqRecord(dlq["topic"], dlq["partition"], dlq["offset"], dlq.get("reason"))
         if dlq
         else None,
-        dlq_checked=dlq_checked or bool(dlq),
+        dlq_checked=bool(doc.get("dlq_checked", dlq_checked)) or bool(dlq),
     )
 
 
