@@ -63,15 +63,15 @@ def gantt(
         automargin=True,
     )
     for lane in dict.fromkeys(marked):
-        # A band across a stopped step's lane, labelled at its right end inside the plot (never
-        # on the axis labels), so the marker reads without hovering.
+        # A band across a stopped step's lane, labelled at its left end inside the plot (never
+        # on the axis labels; the lane has no bar of its own), so the marker reads without hovering.
         idx = lanes.index(lane)
         fig.add_hrect(y0=idx - 0.5, y1=idx + 0.5, fillcolor=STOP_COLOR, opacity=0.15, line_width=0)
         fig.add_annotation(
             text="⛔ stopped here",
             xref="paper",
-            x=0.99,
-            xanchor="right",
+            x=0.01,
+            xanchor="left",
             yref="y",
             y=lane,
             yanchor="middle",

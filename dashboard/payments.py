@@ -210,19 +210,32 @@ def _body(
     now = datetime.now(UTC)
     since = now - window
     page = source.payments(params)
-    items = page["items"]
 
-    st.markdown("#### Pipeline map")
     stats, _ = frames.latency_frames(source.hop_latencies(since))
     p95 = dict(zip(stats["hop"], stats["p95_s"], strict=True)) if not stats.empty else {}
     stalled = source.stalled_counts()
-    st.graphviz_chart(pipeline_map.dot(pipeline, stalled, p95), width="stretch")
-    st.caption(
-        "Each arrow into a step: its p95 latency over the time window (from the previous step's "
-        "completion) and the payments stalled waiting on it now (green none, orange some, red 10 "
-        "or more)."
-    )
+    graph, listed = st.columns([1, 3])
+    with graph:
+        st.markdown("#### Pipeline map")
+        st.graphviz_chart(pipeline_map.dot(pipeline, stalled, p95), width="content")
+        st.caption(
+            "Each arrow into a step: its p95 latency over the time window (from the previous "
+            "step's completion) and the payments stalled waiting on it now (green none, orange "
+            "some, red 10 or more)."
+        )
+    with listed:
+        _list(source, pipeline, params, page, now, since)
 
+
+def _list(
+    source: Source,
+    pipeline: Mapping[str, Any],
+    params: dict[str, str],
+    page: Mapping[str, Any],
+    now: datetime,
+    since: datetime,
+) -> None:
+    items = page["items"]
     st.markdown(f"#### Payments ({len(items)}{' or more' if page['next_cursor'] else ''})")
     if not items:
         st.info("No payment matches these filters in this time window.")
@@ -233,6 +246,7 @@ def _body(
             table,
             hide_index=True,
             key="payments_table",
+            placeholder=NOTHING,
             column_config={
                 "lookup": st.column_config.LinkColumn("lookup", display_text="open"),
                 "traces": st.column_config.LinkColumn("Jaeger", display_text="search traces"),

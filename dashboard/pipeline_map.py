@@ -46,7 +46,7 @@ def dot(
     steps = list(pipeline.get("steps") or [])
     lines = [
         "digraph pipeline {",
-        "  rankdir=LR; bgcolor=transparent; nodesep=0.35; ranksep=0.45;",
+        "  rankdir=TB; bgcolor=transparent; nodesep=0.3; ranksep=0.25;",
         '  node [fontname="Helvetica", fontsize=11];',
         '  edge [fontname="Helvetica", fontsize=10];',
         '  start [shape=point, width=0.12, label=""];',
