@@ -23,7 +23,7 @@ from hoptrace.contract import PipelineSpec, load_spec, parse_duration
 from hoptrace.readiness import mark_ready
 from hoptrace.settings import Settings, get_settings
 
-from . import metrics, otlp_grpc, otlp_http, schema
+from . import api_http, metrics, otlp_grpc, otlp_http, schema
 from .alerts import AlertDispatcher, Targets
 from .decode import DecodeKeys
 from .ingest import MAX_AHEAD, Ingestor, SpanWindow
@@ -79,6 +79,7 @@ class Collector:
         self._bg: list[asyncio.Task[None]] = []
         self._grpc = None
         self._http: uvicorn.Server | None = None
+        self.read_api: api_http.ReadApi | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -139,6 +140,7 @@ class Collector:
         )
         await self._grpc.start()
         app = otlp_http.build_app(self.ingestor, s.max_body_bytes, ready=self.ready)
+        self.read_api = api_http.mount(app, s, self.spec, self.ingestor.authorized)
         config = uvicorn.Config(
             app,
             host=s.bind_host,
@@ -215,6 +217,8 @@ class Collector:
             await self.scanner.release()
         if self.dispatcher is not None:
             await self.dispatcher.aclose()
+        if self.read_api is not None:
+            await self.read_api.aclose()
         if self.pool is not None:
             await self.pool.close()
         metrics.QUEUE_DEPTH.set(0)

@@ -1,7 +1,10 @@
 """`hoptrace trace ID --format text|json|markdown`: exit 0 when the correlation was found, 2 for
 a malformed or unknown id, 1 for an internal failure (e.g. the span store cannot be read).
 Everything printed is printable: the rendered diagnosis (see ``render``) and the error messages,
-which may quote the typed id or a server's error text (``render.printable``)."""
+which may quote the typed id or a server's error text (``render.printable``).
+
+With ``HOPTRACE_API_URL`` set the lookup runs on the collector (``GET /api/v1/correlations/ID``)
+and is printed as it answers: the same output, no database or Kafka credentials needed here."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ import typer
 
 from hoptrace.settings import get_settings
 
-from . import api
+from . import api, api_json
+from .api_client import ApiError, ReadApiClient, api_url
 from .diagnosis import Diagnosis
 from .render import printable, render
 
@@ -31,6 +35,16 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _through_api(correlation_id: str, fmt: str) -> None:
+    try:
+        with ReadApiClient.from_env() as client:
+            out = client.trace(correlation_id, fmt)
+    except ApiError as exc:
+        # 400 malformed, 404 unknown: bad input; anything else is a failure
+        _fail(exc.detail, 2 if exc.status in (400, 404) else 1)
+    typer.echo(out)
+
+
 def trace_cli(correlation_id: str, fmt: str = "text") -> None:
     if fmt not in FORMATS:
         _fail(f"unknown format {fmt!r}: use text, json or markdown", 2)
@@ -38,6 +52,9 @@ def trace_cli(correlation_id: str, fmt: str = "text") -> None:
         api.validate_id(correlation_id)
     except api.MalformedId as exc:
         _fail(str(exc), 2)
+    if api_url() is not None:
+        _through_api(correlation_id, fmt)
+        return
     try:
         diagnosis = asyncio.run(_lookup(correlation_id))
     except Exception as exc:  # noqa: BLE001 - reported, exit 1
@@ -47,11 +64,6 @@ def trace_cli(correlation_id: str, fmt: str = "text") -> None:
             f"internal failure while diagnosing {correlation_id!r}: {type(exc).__name__}: {exc}", 1
         )
     if not diagnosis.found:
-        if "spans" in diagnosis.missing:
-            _fail(f"the span store could not be read: {diagnosis.missing['spans']}", 1)
-        _fail(
-            f"no payment with id {correlation_id!r} is known: no span, processed_events row or "
-            "effect row carries it (check the id, or whether its spans reached the collector)",
-            2,
-        )
+        status, message = api_json.not_found_reason(diagnosis)
+        _fail(message, 1 if status == 503 else 2)
     typer.echo(render(diagnosis, fmt, get_settings().jaeger_url))

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import streamlit as st
 
-from hoptrace.collector import api
+from hoptrace.collector import api, listing
+from hoptrace.collector.api_query import BadQuery
+from hoptrace.contract import load_spec
 from hoptrace.dashboard import frames
-from hoptrace.dashboard.source import MalformedId, Overview, UnknownId, run
+from hoptrace.dashboard.source import BadFilter, MalformedId, Overview, UnknownId, run
 from hoptrace.settings import get_settings
 
 #: Seconds an overview/alerts read stays cached (the pages' refresh is at least this coarse).
@@ -118,6 +121,27 @@ class ApiSource:
     def jaeger_url(self) -> str:
         return self._jaeger_url
 
+    def payments(self, params: dict[str, str]) -> dict[str, Any]:
+        return _payments(self, tuple(sorted(params.items())))
+
+    def read_payments(self, params: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+        try:
+            return run(listing.page(self.pool(), self.spec(), dict(params)))
+        except BadQuery as exc:
+            raise BadFilter(str(exc)) from exc
+
+    def spec(self) -> Any:
+        return _spec(str(get_settings().pipeline))
+
+    def pipeline(self) -> dict[str, Any]:
+        return self.spec().to_dict()
+
+    def stalled_counts(self) -> dict[str, int]:
+        return _stalled_counts(self)
+
+    def read_stalled_counts(self) -> dict[str, int]:
+        return run(listing.stalled_counts(self.pool()))
+
     def read_overview(self, since: datetime, stalled_limit: int) -> Overview:
         """The overview's reads, uncached (``stalled_limit`` 0: no stalled list)."""
         pool = self.pool()
@@ -143,6 +167,11 @@ class ApiSource:
 _HASH = {ApiSource: lambda s: s.dsn}
 
 
+@functools.lru_cache(maxsize=4)
+def _spec(path: str) -> Any:
+    return load_spec(path)
+
+
 @st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, hash_funcs=_HASH)
 def _overview(source: ApiSource, since: datetime, stalled_limit: int) -> Overview:
     return source.read_overview(since, stalled_limit)
@@ -156,6 +185,16 @@ def _overview_long(source: ApiSource, since: datetime, stalled_limit: int) -> Ov
 @st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, hash_funcs=_HASH)
 def _stalled(source: ApiSource, limit: int) -> list[Any]:
     return source.read_stalled(limit)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, hash_funcs=_HASH)
+def _payments(source: ApiSource, params: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    return source.read_payments(params)
+
+
+@st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, hash_funcs=_HASH)
+def _stalled_counts(source: ApiSource) -> dict[str, int]:
+    return source.read_stalled_counts()
 
 
 @st.cache_data(ttl=CACHE_TTL_S, show_spinner=False, hash_funcs=_HASH)

@@ -12,6 +12,7 @@ st.set_page_config(page_title="hoptrace", page_icon="🛰️", layout="wide")
 page = st.navigation(
     [
         st.Page(HERE / "pages" / "lookup.py", title="Lookup", icon="🔎", default=True),
+        st.Page(HERE / "pages" / "payments.py", title="Payments", icon="💳"),
         st.Page(HERE / "pages" / "overview.py", title="Overview", icon="📊"),
         st.Page(HERE / "pages" / "alerts.py", title="Alerts", icon="🚨"),
     ]

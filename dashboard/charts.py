@@ -44,27 +44,46 @@ def gantt(
                 "<br>%{customdata[3]:.1f} ms<extra>%{fullData.name}</extra>",
             )
         )
-    fig.update_xaxes(type="date")
-    fig.update_yaxes(title=None, categoryorder="array", categoryarray=lanes, autorange="reversed")
-    fig.update_xaxes(title=None)
+    # a date axis at millisecond grain: few, one-line labels (time of day to the millisecond;
+    # the day is in the axis title), so they never run into each other
+    first = spans["start"].min()
+    fig.update_xaxes(
+        type="date",
+        tickformat="%H:%M:%S.%L",
+        nticks=6,
+        tickangle=0,
+        automargin=True,
+        title={"text": f"{first:%Y-%m-%d} (UTC)", "font": {"size": 11}},
+    )
+    fig.update_yaxes(
+        title=None,
+        categoryorder="array",
+        categoryarray=lanes,
+        autorange="reversed",
+        automargin=True,
+    )
     for lane in dict.fromkeys(marked):
-        # A band across a stopped step's lane, labelled, so the marker reads without hovering.
+        # A band across a stopped step's lane, labelled at its left end inside the plot (never
+        # on the axis labels; the lane has no bar of its own), so the marker reads without hovering.
         idx = lanes.index(lane)
-        fig.add_hrect(
-            y0=idx - 0.5,
-            y1=idx + 0.5,
-            fillcolor=STOP_COLOR,
-            opacity=0.15,
-            line_width=0,
-            annotation_text="⛔ stopped here",
-            annotation_position="inside right",
-            annotation_font_color=STOP_COLOR,
+        fig.add_hrect(y0=idx - 0.5, y1=idx + 0.5, fillcolor=STOP_COLOR, opacity=0.15, line_width=0)
+        fig.add_annotation(
+            text="⛔ stopped here",
+            xref="paper",
+            x=0.01,
+            xanchor="left",
+            yref="y",
+            y=lane,
+            yanchor="middle",
+            showarrow=False,
+            font={"color": STOP_COLOR},
         )
-    if stopped_at:
-        if stop_time is not None:
-            fig.add_vline(x=stop_time, line_color=STOP_COLOR, line_dash="dash")
+    if stopped_at and stop_time is not None:
+        fig.add_vline(x=stop_time, line_color=STOP_COLOR, line_dash="dash")
     fig.update_layout(
-        height=120 + 40 * len(lanes), margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend_title=None
+        height=140 + 40 * len(lanes),
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+        legend={"title": None, "orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
     )
     return fig
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from hoptrace.contract import STATES, StepStatus
 from hoptrace.contract.conventions import ATTR_OUTCOME, ATTR_STEP
-from hoptrace.dashboard.words import ITEMS
+from hoptrace.dashboard.words import ITEMS, status_words
 
 if TYPE_CHECKING:
     from hoptrace.collector.api import Evidence
@@ -121,7 +121,7 @@ def steps_frame(diagnosis: Any) -> pd.DataFrame:
             {
                 "step": step_id,
                 "service": get(step, "service", ""),
-                "status": f"{STATUS_ICONS.get(status, '')} {status}".strip(),
+                "status": f"{STATUS_ICONS.get(status, '')} {status_words(status)}".strip(),
                 "started_at": started,
                 "ended_at": ended,
                 "took": human_duration((ended - started).total_seconds())

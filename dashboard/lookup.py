@@ -13,7 +13,7 @@ from hoptrace.dashboard import charts, frames
 from hoptrace.dashboard.frames import STOP_MARKER, first, get
 from hoptrace.dashboard.plain import literal
 from hoptrace.dashboard.source import LookupError_, Source, get_source
-from hoptrace.dashboard.words import cause_words
+from hoptrace.dashboard.words import cause_words, state_words
 
 #: Spans drawn in the timeline at most (the evidence lines still count every span).
 GANTT_MAX_SPANS = 500
@@ -60,7 +60,7 @@ def show(diagnosis: Any, source: Source) -> None:
     if branches:
         where = ", ".join(f"**{h}**" for h in branches)
         st.warning(f"Other branches stopped at {where} (their causes are in their steps).")
-    st.caption(f"state: {state}" if state else "")
+    st.caption(f"state: {state_words(state)}" if state else "")
 
     steps = frames.steps_frame(diagnosis)
     st.markdown("#### Steps")

@@ -1,4 +1,7 @@
-"""The dashboard's only way to data: ``hoptrace.collector.api``, through the read-only role.
+"""The dashboard's only way to data: ``hoptrace.collector.api`` through the read-only role
+(:class:`~hoptrace.dashboard.api_source.ApiSource`), or, with ``HOPTRACE_API_URL`` set, the
+collector's read API over HTTP (:class:`~hoptrace.dashboard.http_source.HttpSource`: no database
+or Kafka credentials here).
 
 Async API functions run on one background event loop per process (database pools are bound to a
 loop). Pages get a :class:`Source`; tests may put their own in ``st.session_state[SOURCE_KEY]``."""
@@ -27,6 +30,10 @@ class UnknownId(LookupError_):
     """A well-formed id the store has never seen."""
 
 
+class BadFilter(LookupError_):
+    """A payments filter the read API refuses (the message says which and why)."""
+
+
 class Overview(NamedTuple):
     """The overview page's reads: counts by state, the funnel and hop latencies since a time, and
     the stalled correlations (at most a limit)."""
@@ -53,6 +60,18 @@ class Source(Protocol):
     def alerts(self, limit: int) -> list[Any]: ...
     def step_order(self) -> list[str]: ...
     def jaeger_url(self) -> str: ...
+    def payments(self, params: dict[str, str]) -> dict[str, Any]:
+        """One page of ``GET /api/v1/correlations`` for its query ``params``: ``items`` (the
+        API's rows) and ``next_cursor``; :class:`BadFilter` for a bad filter."""
+        ...
+
+    def pipeline(self) -> dict[str, Any]:
+        """The pipeline spec as the API's ``/pipeline`` gives it."""
+        ...
+
+    def stalled_counts(self) -> dict[str, int]:
+        """Stalled payments now, by the step they wait on."""
+        ...
 
 
 class _Loop:
@@ -102,6 +121,12 @@ def get_source() -> Source:
     override = st.session_state.get(SOURCE_KEY)
     if override is not None:
         return override
+    from hoptrace.collector.api_client import api_url
+
+    if api_url() is not None:
+        from hoptrace.dashboard.http_source import HttpSource
+
+        return HttpSource.shared()
     from hoptrace.dashboard.api_source import ApiSource
 
     return ApiSource.shared()

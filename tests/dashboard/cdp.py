@@ -104,6 +104,13 @@ class Browser:
             time.sleep(0.25)
         raise AssertionError(f"page never showed {needles!r}; it shows:\n{text[:2000]}")
 
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (returned by value)."""
+        res = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"{expression[:80]}: {res['exceptionDetails']}")
+        return res.get("result", {}).get("value")
+
     def count(self, selector: str) -> int:
         res = self.send(
             "Runtime.evaluate",

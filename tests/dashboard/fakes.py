@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hoptrace.dashboard.source import MalformedId, UnknownId
+from hoptrace.dashboard.source import BadFilter, MalformedId, UnknownId
 
 T0 = datetime(2026, 11, 27, 1, 0, tzinfo=UTC)
 STEPS = ["payment.confirmed", "purchase.created", "trainer.allocated", "session.created"]
@@ -108,6 +108,7 @@ class FakeSource:
     def __init__(self) -> None:
         self.diagnoses = {"pay-stalled-1": stalled_diagnosis(), "pay-fanout-1": fanout_diagnosis()}
         self.calls: list[str] = []
+        self.payment_params: list[dict[str, str]] = []
 
     def diagnose(self, correlation_id: str) -> Any:
         if not correlation_id.startswith("pay-"):
@@ -161,6 +162,41 @@ class FakeSource:
 
     def step_order(self) -> list[str]:
         return list(STEPS)
+
+    def pipeline(self) -> dict[str, Any]:
+        return {
+            "name": "payments",
+            "steps": [
+                {"id": s, "service": svc, "consumes": f"{s}-in" if i else None,
+                 "emits": f"{STEPS[i + 1]}-in" if i + 1 < len(STEPS) else None,
+                 "after": [STEPS[i - 1]] if i else [], "deadline_s": 30.0}
+                for i, (s, svc) in enumerate(zip(STEPS, SERVICES, strict=True))
+            ],
+        }  # fmt: skip
+
+    def stalled_counts(self) -> dict[str, int]:
+        return {STEPS[2]: 3}
+
+    def payments(self, params: dict[str, str]) -> dict[str, Any]:
+        self.payment_params.append(dict(params))
+        if params.get("state") == "bogus":
+            raise BadFilter("unknown state 'bogus'")
+        rows = [
+            {"correlation_id": "pay-s0", "pipeline": "payments", "state": "stalled",
+             "step": STEPS[2], "service": SERVICES[2], "cause": "no_consumer",
+             "last_step": STEPS[1], "last_step_at": T0.isoformat(),
+             "next_deadline": (T0 + timedelta(seconds=30)).isoformat(), "failed_at": None,
+             "last_error": None, "first_seen": T0.isoformat(), "updated_at": T0.isoformat(),
+             "completed_at": None},
+            {"correlation_id": "pay-d0", "pipeline": "payments", "state": "completed",
+             "step": None, "service": None, "cause": None, "last_step": STEPS[3],
+             "last_step_at": T0.isoformat(), "next_deadline": None, "failed_at": None,
+             "last_error": None, "first_seen": (T0 - timedelta(minutes=1)).isoformat(),
+             "updated_at": T0.isoformat(), "completed_at": T0.isoformat()},
+        ]  # fmt: skip
+        if params.get("state"):
+            rows = [r for r in rows if r["state"] in params["state"].split(",")]
+        return {"items": rows, "next_cursor": "c1" if not params.get("cursor") else None}
 
     def jaeger_url(self) -> str:
         return "http://jaeger.test"

@@ -1,4 +1,6 @@
-"""A real `hoptrace dashboard` process, opened by headless Chromium: look up a stalled payment."""
+"""A real `hoptrace dashboard` process, opened by headless Chromium: look up a stalled payment
+(its timeline's labels never overlap), the overview, and the Payments page with its filters in
+the URL. The screenshots are the README's (``docs/screenshots/``)."""
 
 from __future__ import annotations
 
@@ -76,6 +78,7 @@ def test_browser_looks_up_a_stalled_payment(dashboard: str, seeded: Seeded) -> N
         )
         browser.wait_for_selector(".js-plotly-plot .main-svg")  # the Gantt
         browser.wait_for_selector("[data-testid='stDataFrame'] canvas", count=2)  # Kafka, DB
+        overlaps = browser.evaluate(OVERLAPS)
         shot = browser.screenshot(ARTIFACTS / "dashboard-lookup-stalled.png")
         # the overview, reached through the navigation's URL, lists the same payment as stalled
         browser.open(f"{dashboard}/overview")
@@ -84,8 +87,41 @@ def test_browser_looks_up_a_stalled_payment(dashboard: str, seeded: Seeded) -> N
         )
         browser.wait_for_selector(".js-plotly-plot .main-svg", count=2)  # funnel, histogram
         browser.screenshot(ARTIFACTS / "dashboard-overview.png")
+        # the Payments page, its filters in a shareable URL
+        browser.open(f"{dashboard}/payments?state=stalled%2Cfailed&window=1h&refresh=off")
+        payments = browser.wait_for_text("Payments (3)", "Pipeline map", "Download CSV")
+        browser.wait_for_selector("[data-testid='stGraphVizChart'] svg")  # the pipeline map
+        browser.wait_for_selector("[data-testid='stDataFrame'] canvas")
+        graph = browser.evaluate(
+            "document.querySelector(\"[data-testid='stGraphVizChart'] svg\").textContent"
+        )
+        browser.screenshot(ARTIFACTS / "dashboard-payments.png")
     marked = [line for line in text.splitlines() if "⟵ ⛔ STOPPED HERE" in line]
     assert any("trainer.allocated" in line for line in marked), marked
     assert "payment.confirmed" in text and "session.created" in text
     assert shot.stat().st_size > 10_000
     assert f"{cid} — waiting on trainer.allocated" in overview
+    assert overlaps["ticks"] >= 3 and overlaps["overlapping"] == [], overlaps
+    assert "not_reached" not in text and "not reached yet" in text
+    assert "state: stalled" in text
+    assert "trainer.allocated" in graph and f"{len(seeded.stalled)} stalled" in graph
+    assert "p95" in graph
+    assert "Where (step)" in payments and "Download CSV" in payments
+
+
+#: The timeline's axis labels and its stop-marker labels as boxes; the pairs that intersect.
+OVERLAPS = """
+(() => {
+  const plot = document.querySelector('.js-plotly-plot');
+  const boxes = [...plot.querySelectorAll('.xtick text, .ytick text, .annotation-text')]
+    .map(e => [e.textContent, e.getBoundingClientRect()])
+    .filter(([t, r]) => t && r.width > 0);
+  const overlapping = [];
+  for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+    const [a, r] = boxes[i], [b, q] = boxes[j];
+    if (r.left < q.right && q.left < r.right && r.top < q.bottom && q.top < r.bottom)
+      overlapping.push([a, b]);
+  }
+  return {ticks: plot.querySelectorAll('.xtick text').length, overlapping};
+})()
+"""

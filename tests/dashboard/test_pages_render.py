@@ -81,3 +81,61 @@ def test_alerts_page_splits_firing_and_resolved() -> None:
     body = text(at)
     assert "Firing (1)" in body and "Resolved (1)" in body
     assert "pay-s0" in body and "no_consumer" in body and "[lookup](/?id=pay-s0)" in body
+
+
+def test_payments_page_lists_in_people_s_words_with_links_and_a_map() -> None:
+    at = app("payments", state="stalled", window="6h", refresh="off")
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    source = at.session_state[SOURCE_KEY]
+    assert source.payment_params[-1] == {"state": "stalled", "since": "6h", "limit": "50"}
+    [table] = [d.value for d in at.dataframe]
+    row = table.iloc[0]
+    assert (row["payment"], row["state"], row["where"], row["cause"]) == (
+        "pay-s0", "stalled", "trainer.allocated", "no consumer"
+    )  # fmt: skip
+    assert row["lookup"] == "/?id=pay-s0"
+    assert row["traces"].startswith("http://jaeger.test/search?service=payment-service&tags=")
+    assert "%22hoptrace.correlation_id%22%3A%22pay-s0%22" in row["traces"]
+    [chart] = at.get("graphviz_chart")
+    assert "3 stalled" in chart.proto.spec and "#ff7f0e" in chart.proto.spec
+    # the choices stay in the URL (a shareable link)
+    assert at.query_params["state"] in ("stalled", ["stalled"])
+    assert at.query_params["window"] in ("6h", ["6h"])
+
+
+def test_payments_page_people_s_words_for_nothing_and_completed() -> None:
+    at = app("payments")
+    assert not at.exception, at.exception
+    [table] = [d.value for d in at.dataframe]
+    done = table[table["payment"] == "pay-d0"].iloc[0]
+    assert (done["state"], done["where"], done["cause"]) == ("completed", "—", "—")
+    assert "None" not in table.astype(str).to_string()
+    assert "not_reached" not in text(at)
+
+
+def test_payments_page_next_page_keeps_the_cursor_in_the_url() -> None:
+    at = app("payments")
+    at.button(key="payments_next").click().run()
+    assert not at.exception, at.exception
+    assert at.query_params["cursor"] in ("c1", ["c1"])
+    source = at.session_state[SOURCE_KEY]
+    assert source.payment_params[-1]["cursor"] == "c1"
+
+
+def test_payments_page_a_changed_filter_reads_again_and_lands_in_the_url() -> None:
+    at = app("payments")
+    at.multiselect(key="pay_state").select("failed").run()
+    assert not at.exception, at.exception
+    source = at.session_state[SOURCE_KEY]
+    assert source.payment_params[-1]["state"] == "failed"
+    assert at.query_params["state"] in ("failed", ["failed"])
+    assert at.query_params["window"] in ("1h", ["1h"])  # the defaults are in the link too
+
+
+def test_lookup_shows_statuses_in_people_s_words() -> None:
+    at = app(id="pay-stalled-1")
+    steps = next(m.value for m in at.markdown if "payment.confirmed" in m.value)
+    assert "not reached yet — **session.created**" in steps
+    assert "not_reached" not in steps and "None" not in steps
+    assert "state: stalled" in at.caption[0].value

@@ -1,0 +1,5 @@
+"""Payments page (see hoptrace.dashboard.payments)."""
+
+from hoptrace.dashboard import payments
+
+payments.render()
