@@ -1,4 +1,6 @@
-"""The collector's ONE read facade (the dashboard, the CLI and the alerts import only this).
+"""The collector's ONE read facade (the dashboard, the CLI and the alerts import only this): the
+diagnosis, the store's reads, the payments list, and the read API's client for callers that read
+through ``HOPTRACE_API_URL`` instead of the database.
 
 * ``await diagnose(cid, settings=None, pool=None) -> Diagnosis``: where a correlation stopped and
   why, with evidence (spans, Kafka, database; gathered once, kept in ``Diagnosis.facts``),
@@ -22,9 +24,22 @@ from hoptrace.contract import CAUSES, PipelineSpec, load_spec
 from hoptrace.ids import PATTERN, validate_correlation_id
 from hoptrace.settings import Settings, get_settings
 
+from .api_client import ApiError, ReadApiClient, api_url
+from .api_query import BadQuery
 from .diagnosis import Diagnosis, StepResult
 from .evidence import EvidenceSources, gather, lookup
-from .records import Evidence, SpanRecord
+from .listing import page as payments_page
+from .listing import stalled_counts
+from .records import (
+    SOURCE_DEAD_LETTERS,
+    DlqRecord,
+    Evidence,
+    GroupMember,
+    KafkaFacts,
+    ProcessedEvent,
+    RecordRef,
+    SpanRecord,
+)
 from .store import (
     AlertRow,
     CorrelationRow,
@@ -136,6 +151,18 @@ async def cause_for(cid: str) -> tuple[str | None, str | None]:
 
 __all__ = [
     "CAUSES",
+    "SOURCE_DEAD_LETTERS",
+    "ApiError",
+    "BadQuery",
+    "DlqRecord",
+    "GroupMember",
+    "KafkaFacts",
+    "ProcessedEvent",
+    "ReadApiClient",
+    "RecordRef",
+    "api_url",
+    "payments_page",
+    "stalled_counts",
     "AlertRow",
     "CorrelationRow",
     "Diagnosis",

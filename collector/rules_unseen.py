@@ -100,7 +100,7 @@ def unseen(
         )
         lines.append(f"consumer group {kf.group} {state}")
         if kf.record:
-            lines.append(f"record {kf.record} waiting; committed offset {kf.committed_offset}")
+            lines.append(f"record {kf.record} waiting; {_committed(kf.committed_offset)}")
         if kf.other_groups:
             lines.extend(_other_group_lines(kf))
             return (
@@ -119,7 +119,7 @@ def unseen(
     lines.append(f"consumer group {kf.group}: {kf.group_members} member(s)")
     if kf.record is not None:
         lines.append(
-            f"record {kf.record}; committed offset {kf.committed_offset}; "
+            f"record {kf.record}; {_committed(kf.committed_offset)}; "
             f"end offset {kf.end_offset}; lag {kf.lag}"
         )
     else:
@@ -190,3 +190,8 @@ def _not_emitted(prev: StepView, ev: Evidence) -> Verdict:
         f"re-emit {prev.step.emits} for {ev.correlation_id} from {prev.step.service}; "
         f"fix {prev.step.service} so it emits after writing",
     )
+
+
+def _committed(offset: int | None) -> str:
+    """The group's committed offset in words (none yet: the group never committed on it)."""
+    return "no committed offset" if offset is None else f"committed offset {offset}"

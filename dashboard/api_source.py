@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 import streamlit as st
 
-from hoptrace.collector import api, listing
-from hoptrace.collector.api_query import BadQuery
+from hoptrace.collector import api
+from hoptrace.collector.api import BadQuery
 from hoptrace.contract import load_spec
 from hoptrace.dashboard import frames
 from hoptrace.dashboard.source import BadFilter, MalformedId, Overview, UnknownId, run
@@ -126,7 +126,7 @@ class ApiSource:
 
     def read_payments(self, params: tuple[tuple[str, str], ...]) -> dict[str, Any]:
         try:
-            return run(listing.page(self.pool(), self.spec(), dict(params)))
+            return run(api.payments_page(self.pool(), self.spec(), dict(params)))
         except BadQuery as exc:
             raise BadFilter(str(exc)) from exc
 
@@ -140,7 +140,7 @@ class ApiSource:
         return _stalled_counts(self)
 
     def read_stalled_counts(self) -> dict[str, int]:
-        return run(listing.stalled_counts(self.pool()))
+        return run(api.stalled_counts(self.pool()))
 
     def read_overview(self, since: datetime, stalled_limit: int) -> Overview:
         """The overview's reads, uncached (``stalled_limit`` 0: no stalled list)."""

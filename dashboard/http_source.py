@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import streamlit as st
 
-from hoptrace.collector.api_client import ApiError, ReadApiClient
+from hoptrace.collector.api import ApiError, ReadApiClient
 from hoptrace.contract import State
 from hoptrace.dashboard.remote import RemoteLooked, stall_rows
 from hoptrace.dashboard.source import BadFilter, MalformedId, Overview, UnknownId

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from hoptrace.collector.records import (
+from hoptrace.collector.api import (
     SOURCE_DEAD_LETTERS,
     DlqRecord,
     Evidence,
@@ -17,8 +17,8 @@ from hoptrace.collector.records import (
     KafkaFacts,
     ProcessedEvent,
     RecordRef,
+    StallRow,
 )
-from hoptrace.collector.store import StallRow
 from hoptrace.dashboard import frames
 
 #: Trace document field names that are also contract words (spelled as keywords, as

@@ -121,7 +121,7 @@ def get_source() -> Source:
     override = st.session_state.get(SOURCE_KEY)
     if override is not None:
         return override
-    from hoptrace.collector.api_client import api_url
+    from hoptrace.collector.api import api_url
 
     if api_url() is not None:
         from hoptrace.dashboard.http_source import HttpSource
