@@ -130,13 +130,20 @@ NO_TIME = datetime(1, 1, 1, tzinfo=UTC)
 #: Stuck correlations by (state, pipeline, step, cause): the cause is the firing alert's label
 #: (as first sent), else its diagnosis, else $1 once the diagnosis gave none, else '' (pending).
 _STUCK = """
-SELECT c.state, coalesce(c.pipeline, '') AS pipeline,
-       coalesce(CASE WHEN c.state = 'failed' THEN c.failed_step ELSE c.next_step END, '') AS step,
+SELECT c.state, coalesce(c.pipeline, '') AS pipeline, coalesce(c.next_step, '') AS step,
        coalesce(a.labels->>'cause', a.cause, CASE WHEN a.diagnosed THEN $1 END, '') AS cause,
        count(*) AS n
 FROM correlations c
 LEFT JOIN alerts a ON a.correlation_id = c.correlation_id AND a.status = 'firing'
-WHERE c.state IN ('stalled', 'failed')
+WHERE c.state = 'stalled'
+GROUP BY 1, 2, 3, 4
+UNION ALL
+SELECT c.state, coalesce(c.pipeline, '') AS pipeline, coalesce(c.failed_step, '') AS step,
+       coalesce(a.labels->>'cause', a.cause, CASE WHEN a.diagnosed THEN $1 END, '') AS cause,
+       count(*) AS n
+FROM correlations c
+LEFT JOIN alerts a ON a.correlation_id = c.correlation_id AND a.status = 'firing'
+WHERE c.state = 'failed'
 GROUP BY 1, 2, 3, 4
 """
 #: (pipeline, step, cause) -> correlations, per state (stalled, failed).
@@ -150,7 +157,7 @@ def step_services(spec: PipelineSpec | None) -> tuple[list[str], list[str]]:
     return [s.id for s in spec.steps], [s.service for s in spec.steps]
 
 
-async def stuck_counts(conn: asyncpg.Connection) -> Counts:
+async def stuck_counts(conn: asyncpg.Connection | asyncpg.Pool) -> Counts:
     """Stalled and failed correlations by (pipeline, step, cause)."""
     stalled: dict[tuple[str, str, str], int] = {}
     failed: dict[tuple[str, str, str], int] = {}
@@ -245,7 +252,7 @@ class _Pass:
     """What one scan did, applied to the scanner's memory once its transaction committed."""
 
     fired: list[tuple[int, str]]  # (alert id, cid) of the alerts fired
-    counts: Counts | None  # stuck correlations by (pipeline, step, cause), every fifth scan
+    report: bool  # refresh the stuck gauges (every fifth scan, and when alerts fired)
     failed_from: datetime  # the next sweep for failed correlations starts here
     hold_over: bool  # the held window was judged: the hold is over
 
@@ -344,10 +351,21 @@ class StallScanner:
             task = asyncio.create_task(self._diagnose(fired))
             self._diag.add(task)
             task.add_done_callback(self._diag.discard)
-        if done.counts is not None:
-            metrics.set_stuck(metrics.STALLED, done.counts[0])
-            metrics.set_stuck(metrics.FAILED, done.counts[1])
+        if done.report:
+            await self._report_stuck()
         return fired
+
+    async def _report_stuck(self) -> None:
+        """The stuck gauges from the store (after the scan's transaction: the lease row is not
+        held during the GROUP BY); kept as they were when the query fails."""
+        try:
+            stalled, failed = await stuck_counts(self.pool)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            log.warning("stuck-correlation gauges not refreshed: %s", exc)
+            return
+        if self.lease.held:
+            metrics.set_stuck(metrics.STALLED, stalled)
+            metrics.set_stuck(metrics.FAILED, failed)
 
     async def _scan(self, conn: asyncpg.Connection, now: datetime) -> _Pass:
         """The scan proper, in the lease's transaction (see :class:`_Pass`)."""
@@ -371,8 +389,7 @@ class StallScanner:
         # a full batch: the rest are swept from the same point next time
         failed_from = self._failed_from if len(failed) >= self.limit else now - SWEEP_OVERLAP
         fired += failed
-        counts = await stuck_counts(conn) if self.scans % 5 == 0 or fired else None
-        return _Pass(fired, counts, failed_from, hold_over)
+        return _Pass(fired, self.scans % 5 == 0 or bool(fired), failed_from, hold_over)
 
     async def _diagnose(self, fired: list[tuple[int, str]]) -> None:
         """Diagnose the alerts one scan fired (8 at a time) and record their causes together,
