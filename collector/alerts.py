@@ -17,9 +17,12 @@ back). An alert's labels are fixed when it is first sent (``alerts.labels``): Al
 an alert by its labels, so its re-sends and its resolution carry the same ones.
 
 Deliveries are batched per group (``pipeline``, ``step``, ``cause``, :data:`GROUP_BY`), the way
-Alertmanager groups them: the webhook gets one request per group listing that group's alerts
-(``groupLabels``, ``commonLabels``, ``groupKey`` as Alertmanager writes them), Alertmanager one
-``POST /api/v2/alerts`` per group. 500 payments stuck behind one stopped worker are one request.
+Alertmanager groups them: each delivery pass (every ``interval``, up to 500 alerts) sends the
+webhook one request per group listing that group's due alerts (``groupLabels``, ``commonLabels``,
+``groupKey`` as Alertmanager writes them) and Alertmanager one ``POST /api/v2/alerts`` per group.
+The payments that stall together (one scan; their causes are recorded together, see
+:mod:`.stalls`) go out in one request; grouping over minutes is Alertmanager's job
+(``group_wait``, ``group_interval``: ``deploy/alertmanager/route-example.yml``).
 
 Firing alerts wait for their diagnosis (``diagnosed``) for at most ``diagnosis_wait`` seconds.
 
@@ -322,7 +325,7 @@ class AlertDispatcher:
             r = await self.client.post(t.webhook_url, json=webhook_payload(alerts, t))
             r.raise_for_status()
 
-    async def deliver_due(self, limit: int = 100) -> int:
+    async def deliver_due(self, limit: int = 500) -> int:
         """Deliver what is due and not claimed by another dispatcher, one request per group and
         target; returns the number of alerts whose event(s) were delivered."""
         if not self.targets.any:
