@@ -188,12 +188,20 @@ def severity_for(kind: str | None, cause: str | None) -> str:
 
 def alert_labels(a: dict[str, Any]) -> dict[str, str]:
     """The alert's labels: the ones it was first sent with (``a["labels"]``), else from the row
-    now (a label with no value is left out, as Prometheus does)."""
+    now (a label with no value is left out, as Prometheus does). An alert first sent by an older
+    collector, which kept no labels, keeps the ones it had then."""
     frozen = a.get("labels")
     if frozen:
         got = orjson.loads(frozen) if isinstance(frozen, str | bytes) else frozen
         return {str(k): str(v) for k, v in got.items()}
     failed = a.get("kind") == _FAILED
+    if a.get("delivered_firing"):  # sent before labels were kept: the labels of that time
+        return {
+            "alertname": ALERTNAME_FAILED if failed else ALERTNAME,
+            "pipeline": a.get("pipeline") or "",
+            "step": a.get("step") or "",
+            "correlation_id": a["correlation_id"],
+        }
     cause = a.get("cause") or Cause.MISSING_EVIDENCE.value
     labels = {
         "alertname": ALERTNAME_FAILED if failed else ALERTNAME,

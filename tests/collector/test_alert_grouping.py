@@ -18,6 +18,7 @@ and ``hoptrace_stalled_correlations`` had no labels. Now:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +37,15 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from hoptrace.collector import metrics
-from hoptrace.collector.alerts import ALERTNAME, ALERTNAME_FAILED, CRITICAL, WARNING
+from hoptrace.collector import metrics, schema
+from hoptrace.collector.alerts import (
+    ALERTNAME,
+    ALERTNAME_FAILED,
+    CRITICAL,
+    WARNING,
+    AlertDispatcher,
+    Targets,
+)
 from hoptrace.contract import Outcome, load_spec
 from hoptrace.settings import PROJECT_ROOT
 
@@ -191,6 +200,50 @@ async def test_labels_are_kept_when_the_diagnosis_comes_late(
             assert done["alerts"][0]["labels"] == alert["labels"]
         finally:
             await pool.close()
+
+
+async def test_an_alert_sent_before_labels_were_kept_resolves_under_its_old_labels(
+    db_url: str,
+) -> None:
+    """An alert an older collector sent (labels alertname/pipeline/step/correlation_id only,
+    none kept) resolves under those: Alertmanager would otherwise hold the old one until its
+    resolve_timeout and notify a new one. A new alert gets the full set."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        await schema.migrate(conn, timedelta(days=1))
+        await conn.execute(
+            "INSERT INTO alerts (correlation_id, pipeline, step, service, cause, diagnosed, "
+            "status, resolved_at, delivered_firing) VALUES "
+            "('old-1', 'payments', 'purchase.created', 'purchase-worker', 'no_consumer', true, "
+            " 'resolved', now(), true), "
+            "('new-1', 'payments', 'purchase.created', 'purchase-worker', 'no_consumer', true, "
+            " 'firing', NULL, false)"
+        )
+    finally:
+        await conn.close()
+    async with Receiver() as rx:
+        pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+        targets = Targets(None, f"{rx.url}/hook", "http://d", "http://j")
+        d = AlertDispatcher(pool, targets, lambda: True)
+        try:
+            assert await d.deliver_due() == 2
+            kept = dict(await pool.fetch("SELECT correlation_id, labels::text FROM alerts"))
+        finally:
+            await d.aclose()
+            await pool.close()
+    got = {a["labels"]["correlation_id"]: a for p in rx.webhook() for a in p["alerts"]}
+    assert got["old-1"]["status"] == "resolved"
+    assert got["old-1"]["labels"] == {
+        "alertname": ALERTNAME,
+        "pipeline": "payments",
+        "step": "purchase.created",
+        "correlation_id": "old-1",
+    }
+    assert got["new-1"]["labels"]["cause"] == "no_consumer"
+    assert got["new-1"]["labels"]["service"] == "purchase-worker"
+    assert {cid: json.loads(text) for cid, text in kept.items()} == {
+        cid: a["labels"] for cid, a in got.items()
+    }
 
 
 # ------------------------------------------------------------------ the stuck gauges
