@@ -1,4 +1,11 @@
-"""Prometheus metrics of the collector (process-wide, default registry)."""
+"""Prometheus metrics of the collector (process-wide, default registry).
+
+``hoptrace_stalled_correlations`` and ``hoptrace_failed_correlations`` are labelled like the
+alerts (``pipeline``, ``step``, ``cause``) so a Prometheus rule can route on them the way the
+alerts route (``deploy/prometheus/hoptrace-rules.yml``). Only the stall-scan leader computes them;
+every other replica exports no series at all (a replica that loses the lease drops its own), so
+summing or taking the max over replicas never counts a stale value.
+"""
 
 from __future__ import annotations
 
@@ -31,8 +38,20 @@ BATCH_SECONDS = Histogram(
 )
 WRITE_ERRORS = Counter("hoptrace_write_errors", "Failed batch writes (retried).")
 QUEUE_DEPTH = Gauge("hoptrace_queue_depth", "Spans waiting in the write queue.")
-STALLED = Gauge("hoptrace_stalled_correlations", "Correlations currently stalled.")
-FAILED = Gauge("hoptrace_failed_correlations", "Correlations currently failed.")
+#: The labels of the stuck-correlation gauges, in order.
+STUCK_LABELS = ("pipeline", "step", "cause")
+STALLED = Gauge(
+    "hoptrace_stalled_correlations",
+    "Correlations currently stalled, by pipeline, step not done and cause (the firing alert's); "
+    "exported by the stall-scan leader only.",
+    STUCK_LABELS,
+)
+FAILED = Gauge(
+    "hoptrace_failed_correlations",
+    "Correlations currently failed, by pipeline, failed step and cause (the firing alert's); "
+    "exported by the stall-scan leader only.",
+    STUCK_LABELS,
+)
 SCAN_LEADER = Gauge(
     "hoptrace_stall_scan_leader", "1 while this collector holds the stall-scan lease, else 0."
 )
@@ -56,6 +75,27 @@ RUNS_DROPPED = Counter(
     "hoptrace_runs_dropped",
     "Parked step runs dropped: their trace never named a correlation in time.",
 )
+
+
+#: The label sets each stuck gauge exports now (to drop the ones that went away).
+_stuck_series: dict[int, set[tuple[str, str, str]]] = {}
+
+
+def set_stuck(gauge: Gauge, counts: dict[tuple[str, str, str], int]) -> None:
+    """Make ``counts`` ((pipeline, step, cause) -> correlations) the gauge's whole content:
+    new values are set before the series that went away are removed (a scrape in between sees
+    no gap)."""
+    for key, n in counts.items():
+        gauge.labels(*key).set(n)
+    for key in _stuck_series.get(id(gauge), set()) - counts.keys():
+        gauge.remove(*key)
+    _stuck_series[id(gauge)] = set(counts)
+
+
+def clear_stuck() -> None:
+    """No stuck-correlation series at all (this replica does not lead the scan)."""
+    for gauge in (STALLED, FAILED):
+        set_stuck(gauge, {})
 
 
 def render() -> tuple[bytes, str]:

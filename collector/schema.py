@@ -11,7 +11,8 @@ Tables:
   counts (by state, the funnel) index-only scans.
 - ``alerts``: alerts of stalled and of failed correlations (``kind``) and their delivery (outbox)
   state; a dispatcher claims an alert (``claimed_by``/``claimed_until``) before sending it, so two
-  collectors never both send one.
+  collectors never both send one. ``service`` is the alert's step's, ``labels`` the label set the
+  alert was first sent with (kept for every later send).
 - ``stall_scan``: the scan leader's heartbeat (one row) and its lease (``leader``/``lease_until``):
   a leader that stops renewing it (dead, frozen, cut off) is replaced once it expires.
 - ``pending_steps``: step runs of services hoptrace did not write, waiting for their trace to name
@@ -180,6 +181,19 @@ DO $$ BEGIN
 END $$;
 """
 
+# ---------------------------------------------------------------------------------------------
+# Alert routing: the service of the alert's step (from the spec, set by the scan) and the label
+# set as first sent (Alertmanager identifies an alert by its labels: every later send of the
+# alert, re-sends and its resolution, repeats them even if the diagnosis changed meanwhile).
+ALERT_ROUTING_DDL = """
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'alerts'::regclass
+                   AND attname = 'labels' AND NOT attisdropped) THEN
+        ALTER TABLE alerts ADD COLUMN service text, ADD COLUMN labels jsonb;
+    END IF;
+END $$;
+"""
+
 
 def partition_name(day: date) -> str:
     return f"spans_p{day:%Y%m%d}"
@@ -221,6 +235,7 @@ async def migrate(
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
         await conn.execute(DDL)
         await conn.execute(RELIABILITY_DDL)
+        await conn.execute(ALERT_ROUTING_DDL)
         await conn.execute(PENDING_DDL)
         if spec is not None and len(spec.steps) <= MASK_STEPS:
             status = await conn.execute(

@@ -17,7 +17,12 @@ only under a valid lease. A scan, in that transaction:
   takes the lease).
 
 New alerts get a cause from the pluggable ``cause_for(correlation_id) -> (cause, evidence)`` hook
-before delivery.
+before delivery, and the service of their step from the spec (both become alert labels, so an
+Alertmanager groups the payments stuck at one step for one cause into one notification).
+
+The leader also keeps ``hoptrace_stalled_correlations`` / ``hoptrace_failed_correlations``
+``{pipeline, step, cause}`` (a GROUP BY over the stuck correlations joined with their firing
+alert's cause) every fifth scan and whenever it fires; a replica that loses the lease drops them.
 
 A scanner that takes over after a gap (no collector scanned, e.g. the collector was down, so the
 spans the SDKs held are still on their way) holds the deadlines that passed in that blind window
@@ -39,7 +44,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import orjson
 
-from hoptrace.contract import PipelineSpec
+from hoptrace.contract import Cause, PipelineSpec, State
 
 from . import metrics
 from .decode import us_to_dt
@@ -61,8 +66,9 @@ WITH upd AS (
     )) AND state = 'in_progress'
     RETURNING correlation_id, pipeline, next_step
 )
-INSERT INTO alerts (correlation_id, pipeline, step)
-SELECT correlation_id, pipeline, next_step FROM upd
+INSERT INTO alerts (correlation_id, pipeline, step, service)
+SELECT u.correlation_id, u.pipeline, u.next_step, m.service
+FROM upd u LEFT JOIN unnest($4::text[], $5::text[]) AS m(step, service) ON m.step = u.next_step
 ON CONFLICT (correlation_id) WHERE status = 'firing' DO NOTHING
 RETURNING id, correlation_id
 """
@@ -75,9 +81,10 @@ async def no_cause(correlation_id: str) -> tuple[str | None, str | None]:
 
 #: Failed correlations updated since $1 without a firing alert: one alert each.
 _FIRE_FAILED = """
-INSERT INTO alerts (correlation_id, pipeline, step, kind)
-SELECT c.correlation_id, c.pipeline, c.failed_step, 'failed'
-FROM correlations c
+INSERT INTO alerts (correlation_id, pipeline, step, kind, service)
+SELECT c.correlation_id, c.pipeline, c.failed_step, 'failed', m.service
+FROM correlations c LEFT JOIN unnest($3::text[], $4::text[]) AS m(step, service)
+     ON m.step = c.failed_step
 WHERE c.state = 'failed' AND c.updated_at >= $1
   AND NOT EXISTS (SELECT 1 FROM alerts a
                   WHERE a.correlation_id = c.correlation_id AND a.status = 'firing')
@@ -103,28 +110,72 @@ FROM correlations c LEFT JOIN alerts a ON a.correlation_id = c.correlation_id
 WHERE c.updated_at >= $1 AND c.pipeline = $2
 GROUP BY c.correlation_id
 """
+#: The causes of diagnosed alerts ($1 ids, $2 causes, $3 evidence), in one statement.
+_DIAGNOSED = """
+UPDATE alerts a SET cause = u.cause, evidence = u.evidence, diagnosed = true
+FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(id, cause, evidence)
+WHERE a.id = u.id
+"""
 _LATE = """
 INSERT INTO alerts (correlation_id, pipeline, step, status, fired_at, resolved_at, evidence,
-                    diagnosed)
-SELECT u.cid, $1, u.step, 'resolved', u.due, u.done, u.evidence, true
+                    diagnosed, service)
+SELECT u.cid, $1, u.step, 'resolved', u.due, u.done, u.evidence, true, m.service
 FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::text[])
      AS u(cid, step, due, done, evidence)
+LEFT JOIN unnest($7::text[], $8::text[]) AS m(step, service) ON m.step = u.step
 """
 
 #: No deadline is held.
 NO_TIME = datetime(1, 1, 1, tzinfo=UTC)
-_COUNTS = """
-SELECT (SELECT count(*) FROM correlations WHERE state = 'stalled') AS n_stalled,
-       (SELECT count(*) FROM correlations WHERE state = 'failed') AS n_failed
+#: Stuck correlations by (state, pipeline, step, cause): the cause is the firing alert's label
+#: (as first sent), else its diagnosis, else $1 once the diagnosis gave none, else '' (pending).
+_STUCK = """
+SELECT c.state, coalesce(c.pipeline, '') AS pipeline, coalesce(c.next_step, '') AS step,
+       coalesce(a.labels->>'cause', a.cause, CASE WHEN a.diagnosed THEN $1 END, '') AS cause,
+       count(*) AS n
+FROM correlations c
+LEFT JOIN alerts a ON a.correlation_id = c.correlation_id AND a.status = 'firing'
+WHERE c.state = 'stalled'
+GROUP BY 1, 2, 3, 4
+UNION ALL
+SELECT c.state, coalesce(c.pipeline, '') AS pipeline, coalesce(c.failed_step, '') AS step,
+       coalesce(a.labels->>'cause', a.cause, CASE WHEN a.diagnosed THEN $1 END, '') AS cause,
+       count(*) AS n
+FROM correlations c
+LEFT JOIN alerts a ON a.correlation_id = c.correlation_id AND a.status = 'firing'
+WHERE c.state = 'failed'
+GROUP BY 1, 2, 3, 4
 """
+#: (pipeline, step, cause) -> correlations, per state (stalled, failed).
+Counts = tuple[dict[tuple[str, str, str], int], dict[tuple[str, str, str], int]]
+
+
+def step_services(spec: PipelineSpec | None) -> tuple[list[str], list[str]]:
+    """(step ids, their services) of ``spec``: the service label of an alert at a step."""
+    if spec is None:
+        return [], []
+    return [s.id for s in spec.steps], [s.service for s in spec.steps]
+
+
+async def stuck_counts(conn: asyncpg.Connection | asyncpg.Pool) -> Counts:
+    """Stalled and failed correlations by (pipeline, step, cause)."""
+    stalled: dict[tuple[str, str, str], int] = {}
+    failed: dict[tuple[str, str, str], int] = {}
+    for r in await conn.fetch(_STUCK, Cause.MISSING_EVIDENCE.value):
+        into = failed if r["state"] == State.FAILED else stalled
+        into[(r["pipeline"], r["step"], r["cause"])] = r["n"]
+    return stalled, failed
 
 
 async def fire_failed(
-    conn: asyncpg.Connection, since: datetime = NO_TIME, limit: int = 1000
+    conn: asyncpg.Connection,
+    since: datetime = NO_TIME,
+    limit: int = 1000,
+    spec: PipelineSpec | None = None,
 ) -> list[tuple[int, str]]:
-    """One alert per failed correlation updated since ``since`` that has no firing alert;
-    returns (alert id, cid)."""
-    rows = await conn.fetch(_FIRE_FAILED, since, limit)
+    """One alert per failed correlation updated since ``since`` that has no firing alert (its
+    service from ``spec``); returns (alert id, cid)."""
+    rows = await conn.fetch(_FIRE_FAILED, since, limit, *step_services(spec))
     return [(r["id"], r["correlation_id"]) for r in rows]
 
 
@@ -139,10 +190,12 @@ async def scan_once(
     limit: int = 1000,
     hold_from: datetime = NO_TIME,
     hold_to: datetime = NO_TIME,
+    spec: PipelineSpec | None = None,
 ) -> list[tuple[int, str]]:
-    """One scan: mark overdue correlations stalled, fire their alerts; returns (alert id, cid).
-    Deadlines in ``[hold_from, hold_to)`` are held (not judged by this scan)."""
-    rows = await conn.fetch(SCAN_SQL, limit, hold_from, hold_to)
+    """One scan: mark overdue correlations stalled, fire their alerts (with their step's service
+    from ``spec``); returns (alert id, cid). Deadlines in ``[hold_from, hold_to)`` are held (not
+    judged by this scan)."""
+    rows = await conn.fetch(SCAN_SQL, limit, hold_from, hold_to, *step_services(spec))
     return [(r["id"], r["correlation_id"]) for r in rows]
 
 
@@ -190,7 +243,7 @@ async def alert_late(
             ):  # fmt: skip
                 col.append(value)  # type: ignore[arg-type]
     if cids:
-        await conn.execute(_LATE, spec.name, cids, *cols)
+        await conn.execute(_LATE, spec.name, cids, *cols, *step_services(spec))
     return len(cids)
 
 
@@ -199,7 +252,7 @@ class _Pass:
     """What one scan did, applied to the scanner's memory once its transaction committed."""
 
     fired: list[tuple[int, str]]  # (alert id, cid) of the alerts fired
-    counts: tuple[int, int] | None  # (stalled, failed) correlations, every fifth scan
+    report: bool  # refresh the stuck gauges (every fifth scan, and when alerts fired)
     failed_from: datetime  # the next sweep for failed correlations starts here
     hold_over: bool  # the held window was judged: the hold is over
 
@@ -219,6 +272,7 @@ class StallScanner:
         spec: PipelineSpec | None = None,
         grace: float = 0.0,
         lease: float | None = None,
+        diagnosis_flush: float = 1.0,
     ) -> None:
         self.dsn = dsn
         self.pool = pool
@@ -226,6 +280,8 @@ class StallScanner:
         self.cause_for = cause_for
         self.limit = limit
         self.cause_timeout = cause_timeout
+        #: seconds between two writes of the causes of one scan's alerts
+        self.diagnosis_flush = diagnosis_flush
         self.spec = spec
         self.grace = grace
         #: the lease expires this long after the last renewal (a renewal every ``interval``)
@@ -246,6 +302,7 @@ class StallScanner:
             log.warning("stall scan leadership lost (another collector holds the lease)")
         self.lease.lost()
         metrics.SCAN_LEADER.set(0)
+        metrics.clear_stuck()  # the leader reports them; ours would go stale
 
     async def _acquired(self, conn: asyncpg.Connection, beat: asyncpg.Record) -> None:
         """The lease was just taken (not renewed): hold the blind window of a gap, sweep every
@@ -294,10 +351,21 @@ class StallScanner:
             task = asyncio.create_task(self._diagnose(fired))
             self._diag.add(task)
             task.add_done_callback(self._diag.discard)
-        if done.counts is not None:
-            metrics.STALLED.set(done.counts[0])
-            metrics.FAILED.set(done.counts[1])
+        if done.report:
+            await self._report_stuck()
         return fired
+
+    async def _report_stuck(self) -> None:
+        """The stuck gauges from the store (after the scan's transaction: the lease row is not
+        held during the GROUP BY); kept as they were when the query fails."""
+        try:
+            stalled, failed = await stuck_counts(self.pool)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            log.warning("stuck-correlation gauges not refreshed: %s", exc)
+            return
+        if self.lease.held:
+            metrics.set_stuck(metrics.STALLED, stalled)
+            metrics.set_stuck(metrics.FAILED, failed)
 
     async def _scan(self, conn: asyncpg.Connection, now: datetime) -> _Pass:
         """The scan proper, in the lease's transaction (see :class:`_Pass`)."""
@@ -316,19 +384,19 @@ class StallScanner:
                 hold_over = True
         # recovered failures first: a payment redelivered and stalled again may alert again
         await resolve_recovered(conn)
-        fired = await scan_once(conn, self.limit, hold_from, hold_to)
-        failed = await fire_failed(conn, self._failed_from, self.limit)
+        fired = await scan_once(conn, self.limit, hold_from, hold_to, self.spec)
+        failed = await fire_failed(conn, self._failed_from, self.limit, self.spec)
         # a full batch: the rest are swept from the same point next time
         failed_from = self._failed_from if len(failed) >= self.limit else now - SWEEP_OVERLAP
         fired += failed
-        counts = None
-        if self.scans % 5 == 0 or fired:
-            row = await conn.fetchrow(_COUNTS)
-            counts = (row["n_stalled"], row["n_failed"])
-        return _Pass(fired, counts, failed_from, hold_over)
+        return _Pass(fired, self.scans % 5 == 0 or bool(fired), failed_from, hold_over)
 
     async def _diagnose(self, fired: list[tuple[int, str]]) -> None:
+        """Diagnose the alerts one scan fired (8 at a time) and record their causes together,
+        at most ``diagnosis_flush`` seconds apart: the dispatcher then finds the alerts of one
+        step and cause diagnosed at once and sends them as one group."""
         sem = asyncio.Semaphore(8)
+        ready: list[tuple[int, str | None, str | None]] = []
 
         async def one(alert_id: int, cid: str) -> None:
             async with sem:
@@ -339,14 +407,27 @@ class StallScanner:
                 except Exception as exc:  # a broken diagnosis never blocks the alert
                     log.warning("cause_for(%s) failed: %s", cid, exc)
                     cause, evidence = None, None
-                await self.pool.execute(
-                    "UPDATE alerts SET cause = $2, evidence = $3, diagnosed = true WHERE id = $1",
-                    alert_id,
-                    cause,
-                    evidence,
-                )
+                ready.append((alert_id, cause, evidence))
 
-        await asyncio.gather(*(one(a, c) for a, c in fired), return_exceptions=True)
+        pending = {asyncio.create_task(one(a, c)) for a, c in fired}
+        try:
+            while pending or ready:
+                if pending:
+                    _, pending = await asyncio.wait(pending, timeout=self.diagnosis_flush)
+                batch, ready[:] = list(ready), []
+                if batch:
+                    await self._record_causes(batch)
+        finally:
+            for t in pending:
+                t.cancel()
+
+    async def _record_causes(self, batch: list[tuple[int, str | None, str | None]]) -> None:
+        try:
+            await self.pool.execute(
+                _DIAGNOSED, [b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch]
+            )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:  # sent undiagnosed
+            log.warning("causes of %d alert(s) not recorded: %s", len(batch), exc)
 
     async def run(self) -> None:
         while True:
@@ -364,6 +445,7 @@ class StallScanner:
         held = self.lease.held
         self.lease.lost()
         metrics.SCAN_LEADER.set(0)
+        metrics.clear_stuck()
         if held:
             try:
                 await asyncio.wait_for(self.lease.release(self.pool), 2)

@@ -43,11 +43,13 @@ async def _post(c: Collector, spans: list) -> None:  # type: ignore[type-arg]
 
 
 def _events(rx: Receiver, cid: str, status: str | None = None) -> list[dict[str, Any]]:
-    """The webhook's alerts of ``cid`` (optionally of one status), in arrival order."""
+    """The webhook's alerts of ``cid`` (optionally of one status), in arrival order (a request
+    lists one group's alerts: payments stuck at one step for one cause)."""
     return [
-        p["alerts"][0]
-        for p in rx.webhook(status)
-        if p["alerts"][0]["labels"]["correlation_id"] == cid
+        a
+        for p in rx.webhook()
+        for a in p["alerts"]
+        if a["labels"]["correlation_id"] == cid and status in (None, a["status"])
     ]
 
 
@@ -78,15 +80,19 @@ async def test_failed_payment_alerts_with_its_cause_and_resolves_when_it_complet
 
         (dlq,) = await wait_for(lambda: fired("dlq-1", FAILED_ALERT), what="dlq-1 failed alert")
         assert dlq["labels"]["step"] == "purchase.created"
-        assert dlq["annotations"]["cause"] == "downstream_error"
+        assert dlq["labels"]["cause"] == "downstream_error"
+        assert dlq["labels"]["severity"] == "critical"  # failed: it will not move by itself
+        assert dlq["labels"]["service"] == "purchase-worker"
         assert "dead-lettered" in dlq["annotations"]["evidence"]
         assert "failed" in dlq["annotations"]["summary"]
-        await wait_for(lambda: fired("stuck-1", STALLED_ALERT), what="stuck-1 stall alert")
+        (stall,) = await wait_for(lambda: fired("stuck-1", STALLED_ALERT), what="stuck-1 stall")
+        assert stall["labels"]["severity"] == "warning"  # stalled: moves once its step runs
         await _post(c, [step_span("stuck-1", 1, outcome="error", error="dead-lettered")])
         (stuck,) = await wait_for(
             lambda: fired("stuck-1", FAILED_ALERT), what="stuck-1 failed alert after its stall"
         )
-        assert stuck["annotations"]["cause"] == "downstream_error"
+        assert stuck["labels"]["cause"] == "downstream_error"
+        assert stuck["labels"]["severity"] == "critical"
         pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
         try:
             assert (await store.correlation(pool, "stuck-1")).state == "failed"

@@ -52,13 +52,23 @@ async def test_stall_fires_once_resolves_once(make_collector, fast_spec: Path, d
         )
         alert = fired[0]["alerts"][0]
         assert fired[0]["version"] == "4" and fired[0]["status"] == "firing"
+        # routed like a Prometheus alert: the cause and the step's service are labels
         assert alert["labels"] == {
             "alertname": "HoptraceStalledCorrelation",
+            "severity": "warning",
             "pipeline": "payments",
             "step": "purchase.created",
+            "cause": "no_consumer",
+            "service": "purchase-worker",
             "correlation_id": "stall-1",
         }
-        assert alert["annotations"]["cause"] == "no_consumer"
+        assert fired[0]["groupLabels"] == {
+            "pipeline": "payments",
+            "step": "purchase.created",
+            "cause": "no_consumer",
+        }
+        assert "no running members" in alert["annotations"]["description"]
+        assert alert["annotations"]["evidence"] == "group of stall-1 has no members"
         assert alert["annotations"]["dashboard_url"] == "http://dash.example/?id=stall-1"
         assert (
             alert["annotations"]["jaeger_url"]
@@ -78,22 +88,13 @@ async def test_stall_fires_once_resolves_once(make_collector, fast_spec: Path, d
             c.dispatcher.resend_interval = 0.3
             await wait_for(lambda: _true(len(rx.alertmanager()) >= 2), what="alertmanager re-send")
             assert all("endsAt" not in x for x in rx.alertmanager())
-            assert (
-                len(
-                    [
-                        p
-                        for p in rx.webhook("firing")
-                        if p["alerts"][0]["labels"]["correlation_id"] == "stall-1"
-                    ]
-                )
-                == 1
-            )
+            assert [a["labels"]["correlation_id"] for a in _alerts(rx, "firing")] == ["stall-1"]
             # completes late: resolves once
             await _post(c, [step_span("stall-1", i) for i in (1, 2, 3)])
             resolved = await wait_for(
                 lambda: _ready(rx.webhook("resolved")), timeout=15, what="resolved webhook"
             )
-            assert resolved[0]["alerts"][0]["labels"]["correlation_id"] == "stall-1"
+            assert resolved[0]["alerts"][0]["labels"] == alert["labels"]  # the same alert
             assert resolved[0]["alerts"][0]["endsAt"] != "0001-01-01T00:00:00Z"
             scans = c.scanner.scans
             await wait_for(lambda: _true(c.scanner.scans >= scans + 3), what="3 more scans")
@@ -110,6 +111,12 @@ async def test_stall_fires_once_resolves_once(make_collector, fast_spec: Path, d
 
 async def _ready(value):  # type: ignore[no-untyped-def]
     return value or None
+
+
+def _alerts(rx: Receiver, status: str) -> list[dict]:  # type: ignore[type-arg]
+    """Every ``status`` event the webhook got, in arrival order (one request lists a group's
+    alerts, and may mix firing and resolved ones)."""
+    return [a for p in rx.webhook() for a in p["alerts"] if a["status"] == status]
 
 
 async def _true(value: bool) -> bool:
@@ -137,7 +144,7 @@ async def test_two_replicas_no_duplicate_alert_no_lost_span(
             sent += 3
         await asyncio.gather(*tasks)
         await wait_for(
-            lambda: _ready(len(rx.webhook("firing")) >= 2 * n or None),
+            lambda: _ready(len(_alerts(rx, "firing")) >= 2 * n or None),
             timeout=20,
             what="all alerts",
         )
@@ -147,7 +154,7 @@ async def test_two_replicas_no_duplicate_alert_no_lost_span(
         await wait_for(lambda: _true(other.scanner.is_leader), timeout=10, what="failover")
         scans = other.scanner.scans
         await wait_for(lambda: _true(other.scanner.scans >= scans + 3), what="scans after failover")
-        fired = [p["alerts"][0]["labels"]["correlation_id"] for p in rx.webhook("firing")]
+        fired = [a["labels"]["correlation_id"] for a in _alerts(rx, "firing")]
         assert (
             sorted(fired) == sorted({*fired}) and len(fired) == 2 * n
         )  # rep-* and noise-*: once each
@@ -202,7 +209,9 @@ async def test_takeover_after_a_gap_judges_held_deadlines_by_span_times(
             held = await pool.fetchval("SELECT hold_until FROM stall_scan")
             assert held is not None and held.timestamp() > time.time()  # visible while held
             await wait_for(
-                lambda: _ready(len(rx.webhook("resolved")) >= 1 and len(rx.webhook("firing")) >= 2),
+                lambda: _ready(
+                    len(_alerts(rx, "resolved")) >= 1 and len(_alerts(rx, "firing")) >= 2
+                ),
                 timeout=15,
                 what="the late payment's and the stuck payment's alerts",
             )
@@ -223,11 +232,18 @@ async def test_takeover_after_a_gap_judges_held_deadlines_by_span_times(
             held_until = st.fired_at.timestamp()
             started = (await pool.fetchval("SELECT min(first_seen) FROM correlations")).timestamp()
             assert held_until > started
-            hooks = [p["alerts"][0]["labels"]["correlation_id"] for p in rx.webhook("firing")]
-            assert sorted(hooks) == ["held-late", "held-stuck"]
-            assert [p["alerts"][0]["labels"]["correlation_id"] for p in rx.webhook("resolved")] == [
-                "held-late"
+            # each event once, the late one's firing before its resolution
+            events = [
+                (a["labels"]["correlation_id"], a["status"])
+                for p in rx.webhook()
+                for a in p["alerts"]
             ]
+            assert sorted(events) == [
+                ("held-late", "firing"),
+                ("held-late", "resolved"),
+                ("held-stuck", "firing"),
+            ], events
+            assert events.index(("held-late", "firing")) < events.index(("held-late", "resolved"))
         finally:
             await pool.close()
 
