@@ -383,7 +383,7 @@ def alerts_frame(alerts: Iterable[Any], base: str = "") -> pd.DataFrame:
                 "status": status,
                 "correlation_id": str(cid),
                 "step": first(alert, "step", default=None) or labels.get("step", ""),
-                "cause": first(alert, "cause", default=None) or annotations.get("cause", ""),
+                "cause": first(alert, "cause", default=None) or labels.get("cause", ""),
                 "evidence": first(alert, "evidence", "summary", default=None)
                 or annotations.get("evidence", annotations.get("summary", "")),
                 "fired_at": as_datetime(first(alert, "fired_at", "starts_at", "startsAt")),
