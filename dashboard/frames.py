@@ -150,7 +150,10 @@ def steps_frame(diagnosis: Any) -> pd.DataFrame:
 
 def redrives_of(diagnosis: Any) -> list[Any]:
     """The correlation's audited redrives (``Evidence.redrives`` of the diagnosis' facts)."""
-    return list(get(get(diagnosis, "facts"), "redrives", None) or ())
+    try:
+        return list(get(diagnosis, "facts").redrives or ())
+    except AttributeError:  # no facts (a fixture, a read API's diagnosis)
+        return []
 
 
 def redrive_marks(diagnosis: Any) -> list[tuple[datetime, str]]:

@@ -145,9 +145,9 @@ def _redrive_call(cid: str, apply: bool) -> dict[str, Any]:
         res = httpx.post(url, json=body, headers=headers, timeout=60)
         doc = res.json()
     except (httpx.HTTPError, ValueError) as exc:
-        return {"error": f"redrive service unreachable: {exc}"}
+        return {"message": f"redrive service unreachable: {exc}"}
     if res.status_code != 200:
-        return {"error": doc.get("error", f"HTTP {res.status_code}")}
+        return {"message": doc.get("message", f"HTTP {res.status_code}")}
     return doc
 
 
@@ -162,8 +162,8 @@ def redrive_panel(cid: str) -> None:
     plan = st.session_state.get(key)
     if not plan:
         return
-    if "error" in plan:
-        st.error(literal(plan["error"]))
+    if "message" in plan:
+        st.error(literal(plan["message"]))
         return
     acts = [a for p in plan.get("payments", []) for a in p.get("actions", [])]
     st.markdown("\n".join(f"- {literal(a['step'])}: {literal(a['description'])}" for a in acts))
@@ -173,8 +173,8 @@ def redrive_panel(cid: str) -> None:
     if st.button("Confirm: apply the redrive", key="redrive_apply", type="primary"):
         done = _redrive_call(cid, apply=True)
         del st.session_state[key]
-        if "error" in done:
-            st.error(literal(done["error"]))
+        if "message" in done:
+            st.error(literal(done["message"]))
             return
         summary = done.get("summary", {})
         lines = [

@@ -39,28 +39,28 @@ def routes(token: str | None = None) -> list[BaseRoute]:
     async def redrive(request: Request) -> Response:
         if not _authorized(request.headers.get("authorization"), token):
             return JSONResponse(
-                {"error": "missing or invalid bearer token"},
+                {"message": "missing or invalid bearer token"},
                 401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
         try:
             body = await request.json()
         except ValueError:
-            return JSONResponse({"error": "the body must be JSON"}, 400)
+            return JSONResponse({"message": "the body must be JSON"}, 400)
         if not isinstance(body, dict) or not isinstance(body.get("id"), str):
-            return JSONResponse({"error": 'expected {"id": "<payment id>", "apply": bool}'}, 400)
+            return JSONResponse({"message": 'expected {"id": "<payment id>", "apply": bool}'}, 400)
         apply_ = body.get("apply", False)
         who = body.get("who") or "dashboard"
         if not isinstance(apply_, bool) or not isinstance(who, str) or len(who) > 200:
-            return JSONResponse({"error": "'apply' must be true or false, 'who' a name"}, 400)
+            return JSONResponse({"message": "'apply' must be true or false, 'who' a name"}, 400)
         try:
             report = await run(Ask(ids=(body["id"],)), apply_=apply_, who=who, close_api=False)
         except BadInput as exc:
-            return JSONResponse({"error": str(exc)}, 400)
+            return JSONResponse({"message": str(exc)}, 400)
         except Exception as exc:  # noqa: BLE001 - the store or Kafka unreachable
-            return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, 500)
+            return JSONResponse({"message": f"{type(exc).__name__}: {exc}"}, 500)
         if report.payments and not report.payments[0].found:
-            return JSONResponse({"error": f"unknown id {body['id']!r}"}, 404)
+            return JSONResponse({"message": f"unknown id {body['id']!r}"}, 404)
         return JSONResponse(report.to_dict())
 
     return [Route(PATH, redrive, methods=["POST"])]

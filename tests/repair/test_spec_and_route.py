@@ -63,4 +63,4 @@ async def test_the_route_refuses_a_missing_or_wrong_token_and_bad_bodies() -> No
         bad_apply = {"id": "x", "apply": "yes"}
         assert (await c.post(PATH, json=bad_apply, headers=ok)).status_code == 400
         bad = await c.post(PATH, json={"id": "DROP TABLE"}, headers=ok)
-        assert bad.status_code == 400 and "correlation id" in bad.json()["error"]
+        assert bad.status_code == 400 and "correlation id" in bad.json()["message"]
