@@ -39,6 +39,15 @@ def redrive_token() -> Iterator[None]:
             os.environ["HOPTRACE_REDRIVE_TOKEN"] = old
 
 
+async def dry_run(stack: Stack, cid: str) -> tuple[int, dict[str, Any]]:
+    """A dry run in process (the library call ``hoptrace redrive ID`` makes; cheaper than a
+    subprocess): (exit code, report)."""
+    from hoptrace.repair.runner import Ask, run
+
+    report = await run(Ask(ids=(cid,)), settings=stack.settings(), spec=stack.spec)
+    return report.exit_code, report.to_dict()
+
+
 def redrive(stack: Stack, *args: str, apply: bool = True) -> tuple[int, dict[str, Any]]:
     """``hoptrace redrive ARGS [--apply] --format json``: (exit code, report)."""
     cmd = [HOPTRACE, "redrive", *args, "--format", "json", *(["--apply"] if apply else [])]

@@ -34,6 +34,7 @@ from .stack import (
     actions,
     assert_linked,
     assert_one_row_each,
+    dry_run,
     redrive,
     redrive_token,
     second_redrive_sends_nothing,
@@ -115,7 +116,7 @@ async def test_no_consumer_waits_while_the_record_is_in_its_topic_then_reemits(p
     # allocation-worker stored in its ledger
     topic = stack.spec.step("session.created").consumes
     await recreate_empty(stack, topic)
-    code, dry = redrive(stack, cid, apply=False)
+    code, dry = await dry_run(stack, cid)
     (act,) = actions(dry)
     assert act["kind"] == "reemit_stored", dry
     assert act["record_from"] == "processed_events.emitted of trainer.allocated", act
@@ -158,7 +159,7 @@ async def test_downstream_error_republishes_the_dead_lettered_record(pipe: Stack
     cid = stack.pay()
     await stack.wait_cause(cid, "downstream_error", timeout=60)
     ensure_running(stack, "admin-service")
-    code, dry = redrive(stack, cid, apply=False)
+    code, dry = await dry_run(stack, cid)
     (act,) = actions(dry)
     assert act["kind"] == "republish_dead_letter", dry
     assert act["record_from"].startswith(stack.spec.step("trainer.allocated").dlq), act
@@ -184,7 +185,7 @@ async def test_marked_without_effect_removes_the_mark_and_republishes(pipe: Stac
     await stack.wait_cause(cid, "marked_without_effect")
     ensure_running(stack, "admin-service")
     ensure_running(stack, "allocation-worker")
-    code, dry = redrive(stack, cid, apply=False)
+    code, dry = await dry_run(stack, cid)
     (act,) = actions(dry)
     assert act["kind"] == "republish_input" and "processed_events mark" in act["removes_mark"]
     await redriven(stack, cid)
@@ -236,7 +237,7 @@ async def test_not_emitted_reemits_from_the_outbox(pipe: Stack) -> None:
     cid = stack.pay()
     await stack.wait_cause(cid, "not_emitted")
     ensure_running(stack, "payment-service")
-    code, dry = redrive(stack, cid, apply=False)
+    code, dry = await dry_run(stack, cid)
     (act,) = actions(dry)
     assert code == 1 and act["kind"] == "refuse" and "payment_outbox" in act["description"], dry
     event = new_event(
@@ -255,7 +256,7 @@ async def test_not_emitted_reemits_from_the_outbox(pipe: Stack) -> None:
         )
     finally:
         await conn.close()
-    code, dry = redrive(stack, cid, apply=False)
+    code, dry = await dry_run(stack, cid)
     (act,) = actions(dry)
     assert act["kind"] == "reemit_stored" and act["record_from"].startswith("payment_outbox")
     await redriven(stack, cid)
