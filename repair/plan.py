@@ -200,8 +200,7 @@ def decide(
         if f.stored is not None
         else (lambda _why: refuse(f.stored_missing or "no stored event to re-emit"))
     )
-    sending = cause not in (Cause.COMPLETED,)
-    if sending and f.in_flight is not None:
+    if f.in_flight is not None:
         return act(Kind.IN_FLIGHT, f"nothing sent: {f.in_flight}")
 
     if cause in (Cause.NO_CONSUMER, Cause.TOPIC_MISSING, Cause.CONSUMER_LAG, Cause.IN_PROGRESS):

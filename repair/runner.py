@@ -227,7 +227,7 @@ async def _one(
                 rep.error = f"no span, processed mark or effect row carries {cid}"
                 return rep
             found = {}
-            if d.stopped_at and d.cause != Cause.COMPLETED:
+            if d.stopped_at and d.cause not in (Cause.COMPLETED, Cause.MISSING_EVIDENCE):
                 for sid in d.stopped_at_all or (d.stopped_at,):
                     found[sid] = await sources.find(d, sid)
             rep.actions = plan(spec, d, found)

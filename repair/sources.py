@@ -82,14 +82,9 @@ class Sources:
         self.consumer: AIOKafkaConsumer | None = None
         self.admin: AIOKafkaAdminClient | None = None
         self._lock = asyncio.Lock()
+        self._start_lock = asyncio.Lock()
 
     async def __aenter__(self) -> Sources:
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None
-        )
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await self.consumer.start()
-        await self.admin.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -100,9 +95,27 @@ class Sources:
 
     # ------------------------------------------------------------------------------- kafka
 
+    async def _kafka(self) -> tuple[AIOKafkaConsumer, AIOKafkaAdminClient]:
+        """The Kafka clients, started on first use (a run with nothing to read needs none)."""
+        async with self._start_lock:
+            if self.consumer is None or self.admin is None:
+                consumer = AIOKafkaConsumer(
+                    bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None
+                )
+                admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+                try:
+                    await consumer.start()
+                    await admin.start()
+                except BaseException:
+                    await consumer.stop()
+                    await admin.close()
+                    raise
+                self.consumer, self.admin = consumer, admin
+        return self.consumer, self.admin
+
     async def topics(self) -> set[str]:
-        assert self.admin is not None
-        return set(await self.admin.list_topics())
+        _, admin = await self._kafka()
+        return set(await admin.list_topics())
 
     async def _bounds(self, tp: TopicPartition) -> tuple[int, int]:
         assert self.consumer is not None
@@ -112,6 +125,7 @@ class Sources:
 
     async def in_topic(self, topic: str, partition: int, offset: int) -> bool:
         """Is ``offset`` still held by the partition (between its first and end offsets)?"""
+        await self._kafka()
         async with self._lock:
             try:
                 begin, end = await self._bounds(TopicPartition(topic, partition))
@@ -126,6 +140,7 @@ class Sources:
         correlation's, else None."""
         if partition is None or offset is None:
             return None
+        await self._kafka()
         assert self.consumer is not None
         tp = TopicPartition(topic, partition)
         async with self._lock:
@@ -159,9 +174,9 @@ class Sources:
 
     async def consumed(self, group: str, topic: str, partition: int, offset: int) -> bool:
         """Has ``group`` committed past ``offset`` on ``topic[partition]``?"""
-        assert self.admin is not None
+        _, admin = await self._kafka()
         tp = TopicPartition(topic, partition)
-        got = await self.admin.list_consumer_group_offsets(group, partitions=[tp])
+        got = await admin.list_consumer_group_offsets(group, partitions=[tp])
         om = got.get(tp)
         return om is not None and om.offset > offset
 

@@ -48,18 +48,29 @@ async def dry_run(stack: Stack, cid: str) -> tuple[int, dict[str, Any]]:
     return report.exit_code, report.to_dict()
 
 
-def redrive(stack: Stack, *args: str, apply: bool = True) -> tuple[int, dict[str, Any]]:
+def redrive(
+    stack: Stack, *args: str, apply: bool = True, env: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
     """``hoptrace redrive ARGS [--apply] --format json``: (exit code, report)."""
     cmd = [HOPTRACE, "redrive", *args, "--format", "json", *(["--apply"] if apply else [])]
     res = subprocess.run(
         cmd,
-        env={**stack.env, "HOPTRACE_REDRIVE_WHO": "test"},
+        env={**stack.env, "HOPTRACE_REDRIVE_WHO": "test", **(env or {})},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert res.returncode in (0, 1), (res.returncode, res.stderr)
     return res.returncode, json.loads(res.stdout)
+
+
+def trace_text(stack: Stack, cid: str) -> str:
+    """``hoptrace trace ID`` (text)."""
+    res = subprocess.run(
+        [HOPTRACE, "trace", cid], env=stack.env, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout
 
 
 def actions(report: dict[str, Any]) -> list[dict[str, Any]]:

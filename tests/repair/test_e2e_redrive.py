@@ -27,7 +27,7 @@ from tests.diagnosis.test_e2e_causes import (
     make_stack,
     teardown,
 )
-from tests.support import create_topics, delete_topics, wait_for
+from tests.support import create_topics, delete_topics, free_port, wait_for
 
 from .stack import (
     TOKEN,
@@ -39,6 +39,7 @@ from .stack import (
     redrive_token,
     second_redrive_sends_nothing,
     sent_actions,
+    trace_text,
 )
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -112,6 +113,13 @@ async def test_no_consumer_waits_while_the_record_is_in_its_topic_then_reemits(p
     code, dry = redrive(stack, cid, apply=False)
     (act,) = actions(dry)
     assert code == 0 and act["kind"] == "wait" and "will flow once" in act["description"], dry
+    # Kafka unreadable: the diagnosis says missing_evidence, and redrive refuses to guess
+    blind = {"HOPTRACE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+    code, refused = redrive(stack, cid, env=blind)
+    (act,) = actions(refused)
+    assert code == 1 and refused["payments"][0]["cause"] == "missing_evidence", refused
+    assert act["kind"] == "refuse" and "does not act on a guess" in act["description"], act
+    assert refused["summary"]["sent"] == 0
     # the record leaves its topic (deleted and recreated empty): re-emitted from the event
     # allocation-worker stored in its ledger
     topic = stack.spec.step("session.created").consumes
@@ -132,6 +140,33 @@ async def test_no_consumer_waits_while_the_record_is_in_its_topic_then_reemits(p
     await assert_one_row_each(stack, cid)
     await assert_linked(stack, cid, sent_actions(report)[0], origin)
     await second_redrive_sends_nothing(stack, cid)
+    # `hoptrace trace` lists the redrives under their step
+    out = trace_text(stack, cid)
+    audit_id = sent_actions(report)[0]["audit_id"]
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if "session.created" in line and "done" in line)
+    below = "\n".join(lines[at + 1 : at + 6])
+    assert f"redrive #{audit_id} by test" in below and "reemit_stored (no_consumer)" in below, out
+
+
+async def test_in_progress_sends_nothing_and_the_payment_flows_on(pipe: Stack) -> None:
+    stack = pipe
+    healthy(stack)
+    stack.services.env["HOPTRACE_SLOW_DELAY_S"] = str(DEADLINE_S * 2)
+    try:
+        ensure_running(stack, "allocation-worker", "slow")
+    finally:
+        stack.services.env.pop("HOPTRACE_SLOW_DELAY_S")
+    cid = stack.pay()
+    await stack.wait_cause(cid, "in_progress", timeout=DEADLINE_S * 2, at="trainer.allocated")
+    code, report = redrive(stack, cid)
+    (act,) = actions(report)
+    assert code == 0 and act["kind"] == "wait" and report["summary"]["sent"] == 0, report
+    assert act["result"] == "waiting"  # audited, nothing sent
+    await stack.wait_cause(cid, "completed", timeout=DEADLINE_S * 6)
+    await assert_one_row_each(stack, cid)
+    await second_redrive_sends_nothing(stack, cid)
+    ensure_running(stack, "allocation-worker")
 
 
 async def test_topic_missing_refuses_until_it_exists_then_reemits(pipe: Stack) -> None:
