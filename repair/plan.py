@@ -11,7 +11,7 @@ branches are redriven each on its own; two branches served by one record send it
 * ``marked_without_effect``: remove the step's processed mark, re-publish its input record;
 * ``not_emitted``: re-emit the producer's stored event (its outbox, or hoptrace's ledger);
 * ``consumed_without_trace``: re-publish the input record;
-* ``completed``: nothing to do; ``missing_evidence``: refuse.
+* ``completed``: nothing to do; ``missing_evidence``, or any source unreadable: refuse.
 
 A step whose previous redrive is still in flight sends nothing.
 """
@@ -136,6 +136,11 @@ def plan(spec: PipelineSpec, diagnosis: Any, found: Mapping[str, Found]) -> list
             return [_refuse(cid, "-", diagnosis.cause, _missing(diagnosis), traces)]
         return [Action(cid, "-", str(diagnosis.cause), Kind.NOTHING, why, origin_traces=traces)]
     heads = list(diagnosis.stopped_at_all) or [diagnosis.stopped_at]
+    if diagnosis.missing:  # a source was unreadable: whatever the cause, do not act on it
+        return [
+            _refuse(cid, sid, _cause_of(diagnosis, sid), _missing(diagnosis), traces)
+            for sid in heads
+        ]
     out: list[Action] = []
     sent: set[tuple[str | None, str | None]] = set()
     for sid in heads:

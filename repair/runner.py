@@ -198,6 +198,28 @@ async def _stuck(pool: asyncpg.Pool, ask: Ask) -> list[str]:
     return out[: ask.limit] if not ask.cause else out
 
 
+class LazyProducer:
+    """The producer, started when the first record is sent (a run that sends nothing, e.g.
+    with Kafka unreadable and every payment refused, needs none)."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self._producer: HopProducer | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> HopProducer:
+        async with self._lock:
+            if self._producer is None:
+                producer = HopProducer(self.bootstrap)
+                await producer.start()
+                self._producer = producer
+        return self._producer
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+
+
 async def _one(
     cid: str,
     ask: Ask,
@@ -205,7 +227,7 @@ async def _one(
     settings: Settings,
     pool: asyncpg.Pool,
     sources: Sources,
-    producer: HopProducer | None,
+    producer: LazyProducer | None,
     who: str,
 ) -> PaymentReport | None:
     """Diagnose, plan and (with a producer) apply for one correlation, under its lock. None:
@@ -227,14 +249,15 @@ async def _one(
                 rep.error = f"no span, processed mark or effect row carries {cid}"
                 return rep
             found = {}
-            if d.stopped_at and d.cause not in (Cause.COMPLETED, Cause.MISSING_EVIDENCE):
+            if d.stopped_at and d.cause != Cause.COMPLETED and not d.missing:
                 for sid in d.stopped_at_all or (d.stopped_at,):
                     found[sid] = await sources.find(d, sid)
             rep.actions = plan(spec, d, found)
             if producer is not None:
                 for a in rep.actions:
                     if a.kind.sends:
-                        rep.applied.append(await apply.send(pool, producer, a, who))
+                        sender = await producer.get()
+                        rep.applied.append(await apply.send(pool, sender, a, who))
                     else:
                         rep.applied.append(await apply.record_only(pool, a, who))
         except Exception as exc:  # noqa: BLE001 - reported per payment, the others go on
@@ -272,9 +295,7 @@ async def run(
                 configure_tracing(SERVICE_NAME, instrument=False)
         ids = list(ask.ids) if ask.ids else await _stuck(pool, ask)
         async with Sources(spec, pool, settings.kafka_bootstrap) as sources:
-            producer = HopProducer(settings.kafka_bootstrap) if apply_ else None
-            if producer is not None:
-                await producer.start()
+            producer = LazyProducer(settings.kafka_bootstrap) if apply_ else None
             try:
                 sem = asyncio.Semaphore(CONCURRENCY)
 

@@ -56,6 +56,13 @@ def test_missing_evidence_refuses() -> None:
     assert act.kind == Kind.REFUSE and "kafka: timed out" in act.reason
 
 
+def test_any_unreadable_source_refuses_whatever_the_cause() -> None:
+    d = Diag(Cause.IN_PROGRESS.value, "trainer.allocated", missing={"kafka": "timed out"})
+    found = Found("trainer.allocated", input_ref="t[0]@1", stored=STORED)
+    (act,) = plan(SPEC, d, {"trainer.allocated": found})
+    assert act.kind == Kind.REFUSE and "does not act on a guess" in act.reason
+
+
 @pytest.mark.parametrize(
     "cause", [Cause.NO_CONSUMER, Cause.CONSUMER_LAG, Cause.IN_PROGRESS, Cause.TOPIC_MISSING]
 )
