@@ -17,8 +17,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .runner import Ask, BadInput, run
-
 #: The token a caller must present; unset: no route.
 TOKEN_ENV = "HOPTRACE_REDRIVE_TOKEN"
 PATH = "/redrive"
@@ -35,6 +33,7 @@ def routes(token: str | None = None) -> list[BaseRoute]:
     token = token if token is not None else os.environ.get(TOKEN_ENV, "")
     if not token:
         return []
+    from .runner import Ask, BadInput, run  # the collector loads the redrive side only here
 
     async def redrive(request: Request) -> Response:
         if not _authorized(request.headers.get("authorization"), token):
