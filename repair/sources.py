@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -33,6 +33,8 @@ from .plan import Found, Mark, StoredRecord
 
 #: Seconds a record read may take.
 READ_TIMEOUT_S = 5.0
+#: A redrive still ``sending`` after this long died before the broker's ack (not in flight).
+SENDING_TIMEOUT = timedelta(seconds=60)
 
 
 def quote(name: str) -> str:
@@ -287,10 +289,13 @@ class Sources:
         last = await audit.latest_sent(self.pool, cid, step.id)
         if last is None:
             return None
-        if last.topic is None or last.partition is None or last.offset is None:
-            return f"redrive #{last.id} at {last.at:%H:%M:%S} is still sending"
-        sent = f"redrive #{last.id} sent {last.topic}[{last.partition}]@{last.offset}"
         now = now or datetime.now(UTC)
+        if last.topic is None or last.partition is None or last.offset is None:
+            if now - last.at < SENDING_TIMEOUT:
+                return f"redrive #{last.id} at {last.at:%H:%M:%S} is still sending"
+            return None  # its process died before the broker's ack: not in flight
+
+        sent = f"redrive #{last.id} sent {last.topic}[{last.partition}]@{last.offset}"
         if step.group and not await self.consumed(
             step.group, last.topic, last.partition, last.offset
         ):

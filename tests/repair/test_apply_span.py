@@ -143,3 +143,42 @@ def test_send_to_a_topic_that_is_gone_fails_and_says_so(
 
     done, result = asyncio.run(scenario())
     assert done.result == "failed" and not done.ok and result == "failed"
+
+
+def test_a_redrive_still_sending_is_in_flight_until_its_process_is_known_dead(
+    db_url: str, kafka_bootstrap: str
+) -> None:
+    from datetime import timedelta
+
+    from hoptrace.contract import load_spec
+    from hoptrace.repair.sources import SENDING_TIMEOUT, Sources
+    from tests.support import REFERENCE_SPEC
+
+    spec = load_spec(REFERENCE_SPEC)
+    step = spec.step("trainer.allocated")
+
+    async def scenario() -> tuple[str | None, str | None, str | None]:
+        pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+        try:
+            async with Sources(spec, pool, kafka_bootstrap) as sources:
+                none = await sources.in_flight(step, CID)
+                await audit.ensure(pool)
+                await audit.begin(
+                    pool,
+                    cid=CID,
+                    step=step.id,
+                    cause="downstream_error",
+                    action="republish_dead_letter",
+                    result="sending",
+                    who="t",
+                )
+                at = await pool.fetchval("SELECT at FROM redrives")
+                fresh = await sources.in_flight(step, CID, now=at + timedelta(seconds=1))
+                dead = await sources.in_flight(step, CID, now=at + SENDING_TIMEOUT * 2)
+                return none, fresh, dead
+        finally:
+            await pool.close()
+
+    none, fresh, dead = asyncio.run(scenario())
+    assert none is None and dead is None
+    assert fresh is not None and "still sending" in fresh
