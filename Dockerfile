@@ -33,6 +33,7 @@ COPY instrumentation ./instrumentation
 COPY workers ./workers
 COPY collector ./collector
 COPY dashboard ./dashboard
+COPY repair ./repair
 RUN /opt/hoptrace/bin/pip install -c constraints.txt . /wheels/*.whl \
     && /opt/hoptrace/bin/python -c "import hoptrace_native" \
     && /opt/hoptrace/bin/hoptrace --help >/dev/null

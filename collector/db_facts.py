@@ -1,6 +1,7 @@
 """Database evidence of one correlation: its processed marks (each processed table of the spec,
 ``spec.processed_for(step)``) and, per step with an effect table, whether its row exists; all in
-one round trip. Table and column names come from the spec (tables quoted, columns plain
+one round trip. Then, when asked and the table exists, its audited redrives (``redrives``, written
+by ``hoptrace redrive``): a table the role may not read leaves them out, never the rest. Table and column names come from the spec (tables quoted, columns plain
 identifiers the spec loader checked); the id is a bind parameter.
 """
 
@@ -10,10 +11,18 @@ import json
 from datetime import datetime
 from math import inf
 
+import asyncpg
+
 from hoptrace.contract import DEFAULT_CORRELATION_COLUMN, PipelineSpec, ProcessedTable
+from hoptrace.contract.conventions import REDRIVES_TABLE
 
 from .evidence_clients import EvidenceSources, quote
-from .records import SOURCE_DATABASE, ProcessedEvent
+from .records import SOURCE_DATABASE, ProcessedEvent, RedriveRecord
+
+REDRIVES_SQL = (
+    "SELECT id, step, cause, action, result, who, at, source, sent, detail, trace_id "  # noqa: S608
+    f"FROM {REDRIVES_TABLE} WHERE correlation_id = $1 ORDER BY at, id LIMIT 100"
+)
 
 
 def effect_sql(table: str, column: str = DEFAULT_CORRELATION_COLUMN) -> str:
@@ -67,12 +76,28 @@ def _marks(raw: str, table: str) -> list[ProcessedEvent]:
     ]
 
 
+async def redrive_records(pool: asyncpg.Pool, cid: str) -> list[RedriveRecord]:
+    """The correlation's audited redrives, oldest first (none when the table is not readable)."""
+    try:
+        rows = await pool.fetch(REDRIVES_SQL, cid)
+    except (asyncpg.UndefinedTableError, asyncpg.InsufficientPrivilegeError):
+        return []
+    return [RedriveRecord(**dict(r)) for r in rows]
+
+
 async def database_facts(
-    sources: EvidenceSources, spec: PipelineSpec, cid: str, missing: dict[str, str]
+    sources: EvidenceSources,
+    spec: PipelineSpec,
+    cid: str,
+    missing: dict[str, str],
+    redrives: list[RedriveRecord] | None = None,
 ) -> tuple[tuple[ProcessedEvent, ...], dict[str, bool | None]]:
     """The processed marks and one EXISTS per step table, in one round trip. A step table that
-    does not exist is missing evidence; a processed table that does not exist holds no marks."""
+    does not exist is missing evidence; a processed table that does not exist holds no marks.
+    ``redrives``: a list to fill with the correlation's redrives (when the table exists)."""
     pool = await sources.db()
+    if redrives is not None and await sources.table_exists(pool, REDRIVES_TABLE):
+        redrives.extend(await redrive_records(pool, cid))
     marks = [p for p in processed_tables(spec) if await sources.table_exists(pool, p.table)]
     effects: dict[str, bool | None] = {}
     exprs: list[tuple[str, str]] = []

@@ -39,6 +39,7 @@ from .records import (
     SOURCE_SPANS,
     Evidence,
     KafkaFacts,
+    RedriveRecord,
     SpanRecord,
 )
 from .spanfacts import step_runs
@@ -152,11 +153,12 @@ async def lookup(
     missing: dict[str, str] = {}
     timings: dict[str, float] = {}
     queries = _queries(spec)
+    redrives: list[RedriveRecord] = []
     spans, db, base = await asyncio.gather(
         bounded(SOURCE_SPANS, lambda: _spans(sources, cid), timeout, missing, timings),
         bounded(
             SOURCE_DATABASE,
-            lambda: database_facts(sources, spec, cid, missing),
+            lambda: database_facts(sources, spec, cid, missing, redrives),
             timeout,
             missing,
             timings,
@@ -174,6 +176,7 @@ async def lookup(
         effects=effects,
         missing=missing,
         queries=tuple(queries),
+        redrives=tuple(redrives),
     )
     first = diagnose(spec, ev, now)
     extra = await _second_pass(

@@ -14,7 +14,7 @@ the cap applies to their sum, and bytes after a member that are no gzip member m
 from __future__ import annotations
 
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from google.protobuf import json_format
 from google.rpc.status_pb2 import Status
@@ -22,7 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from . import metrics
 from .ingest import Ingestor
@@ -97,7 +97,11 @@ def build_app(
     max_body_bytes: int,
     healthy: Callable[[], bool] = lambda: True,
     ready: ReadyFn = _always_ready,
+    extra_routes: Sequence[BaseRoute] = (),
 ) -> Starlette:
+    """The receiver's app; ``extra_routes`` are mounted beside its own (e.g. the redrive route
+    the command line passes in: the collector itself only reads)."""
+
     async def traces(request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         json_in = ctype == JSON
@@ -171,5 +175,6 @@ def build_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            *extra_routes,
         ]
     )

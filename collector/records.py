@@ -154,6 +154,37 @@ class ProcessedEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class RedriveRecord:
+    """One audited ``hoptrace redrive`` action on the correlation (its ``redrives`` row): who,
+    when, at which step, what it did (``action``, the record ``sent``, from ``source``) and how it
+    ended (``result``), with the new attempt's trace."""
+
+    id: int
+    step: str
+    cause: str
+    action: str
+    result: str
+    who: str
+    at: datetime
+    source: str | None = None
+    sent: str | None = None
+    detail: str | None = None
+    trace_id: str | None = None
+
+    def line(self) -> str:
+        """One evidence line (``redrive #3 by alice at ...: ...``)."""
+        what = f"{self.action} ({self.cause})"
+        if self.sent:
+            what += f" -> {self.sent}"
+        if self.source:
+            what += f" from {self.source}"
+        tail = f"; {self.detail}" if self.detail else ""
+        trace = f" (trace {self.trace_id[:16]})" if self.trace_id else ""
+        when = self.at.isoformat(timespec="milliseconds")
+        return f"redrive #{self.id} by {self.who} at {when}: {what}: {self.result}{tail}{trace}"
+
+
+@dataclass(frozen=True, slots=True)
 class Evidence:
     """Everything gathered for one correlation. Sources that could not be read are in ``missing``
     (source -> reason), e.g. ``{"kafka": "timed out after 2.0s"}``."""
@@ -167,6 +198,8 @@ class Evidence:
     queries: tuple[str, ...] = ()
     gathered_in_ms: float | None = None
     timings_ms: Mapping[str, float] = field(default_factory=dict)  # per source
+    #: the correlation's audited redrives, oldest first (``hoptrace redrive``)
+    redrives: tuple[RedriveRecord, ...] = ()
 
 
 __all__ = [
@@ -181,5 +214,6 @@ __all__ = [
     "KafkaFacts",
     "ProcessedEvent",
     "RecordRef",
+    "RedriveRecord",
     "SpanRecord",
 ]

@@ -19,6 +19,7 @@ from hoptrace.contract import TRACE_SCHEMA_VERSION, StepStatus
 
 from .diagnosis import Diagnosis, StepResult
 from .records import KafkaFacts, RecordRef
+from .stepview import redrive_lines
 
 SCHEMA_VERSION = TRACE_SCHEMA_VERSION
 
@@ -110,7 +111,7 @@ def _step_json(s: StepResult, d: Diagnosis, jaeger_url: str | None) -> dict[str,
         ended_at=_iso(s.ended_at),
         runs=s.runs,
         outcomes=list(s.outcomes),
-        evidence=list(s.evidence),
+        evidence=[*s.evidence, *redrive_lines(facts, s.id)],
         trace_ids=list(s.trace_ids),
         jaeger_urls=_links(jaeger_url, s.trace_ids),
         consumed=_record(s.consumed),
@@ -183,6 +184,8 @@ def to_text(d: Diagnosis, jaeger_url: str | None = None) -> str:
         if s.id in d.stopped_at_all or s.id == d.stopped_at or s.status == StepStatus.FAILED:
             for e in s.evidence:
                 lines.append(f"      {e}")
+        for e in redrive_lines(d.facts, s.id):  # redrives show on every step
+            lines.append(f"      {e}")
     lines.append("")
     where = f" at {d.stopped_at}" if d.stopped_at else ""
     lines.append(f"cause: {d.cause}{where}")
@@ -247,7 +250,8 @@ def to_markdown(d: Diagnosis, jaeger_url: str | None = None) -> str:
     ]
     for s in d.steps:
         mark = _pointer(d, s.id, MARK.get(s.status, ""))
-        ev = "<br>".join(_md_escape(e) for e in s.evidence) or "-"
+        shown = [*s.evidence, *redrive_lines(facts, s.id)]
+        ev = "<br>".join(_md_escape(e) for e in shown) or "-"
         out.append(
             f"| {mark} | `{s.id}` | {s.service} | {s.status} | {_iso(s.started_at) or '-'} "
             f"| {_iso(s.ended_at) or '-'} | {ev} |"

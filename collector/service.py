@@ -14,10 +14,12 @@ import contextlib
 import importlib
 import logging
 import signal
+from collections.abc import Sequence
 from datetime import timedelta
 
 import asyncpg
 import uvicorn
+from starlette.routing import BaseRoute
 
 from hoptrace.contract import PipelineSpec, load_spec, parse_duration
 from hoptrace.readiness import mark_ready
@@ -58,12 +60,15 @@ class Collector:
         spec: PipelineSpec | None = None,
         cause_for: CauseFn | None = None,
         receivers: bool = True,
+        extra_routes: Sequence[BaseRoute] = (),
     ) -> None:
         self.settings = s = settings or get_settings()
         self.spec = spec or load_spec(s.pipeline)
         self.retention: timedelta = parse_duration(s.retention)
         self.cause_for = cause_for or no_cause
         self.receivers = receivers
+        #: HTTP routes mounted beside the receiver's (the command line's redrive route)
+        self.extra_routes = tuple(extra_routes)
         self.queue = SpanQueue(s.queue_max_spans)
         self.keys = DecodeKeys.for_spec(self.spec)
         self.window = SpanWindow(max_age=self.retention, max_ahead=MAX_AHEAD)
@@ -139,7 +144,9 @@ class Collector:
             self.ingestor, s.bind_host, self.grpc_port, s.max_body_bytes
         )
         await self._grpc.start()
-        app = otlp_http.build_app(self.ingestor, s.max_body_bytes, ready=self.ready)
+        app = otlp_http.build_app(
+            self.ingestor, s.max_body_bytes, ready=self.ready, extra_routes=self.extra_routes
+        )
         self.read_api = api_http.mount(app, s, self.spec, self.ingestor.authorized)
         config = uvicorn.Config(
             app,
@@ -234,9 +241,9 @@ def _cause_hook() -> CauseFn | None:
     return hook if callable(hook) else None
 
 
-async def _serve() -> None:
+async def _serve(extra_routes: Sequence[BaseRoute] = ()) -> None:
     hook = _cause_hook()
-    collector = Collector(cause_for=hook)
+    collector = Collector(cause_for=hook, extra_routes=extra_routes)
     await collector.start()
     log.info(
         "collector listening: OTLP gRPC %s:%d, HTTP %s:%d",
@@ -256,14 +263,15 @@ async def _serve() -> None:
         await importlib.import_module("hoptrace.collector.api").close()
 
 
-def main() -> None:
+def main(extra_routes: Sequence[BaseRoute] = ()) -> None:
+    """Run one replica until SIGINT/SIGTERM; ``extra_routes`` go on its HTTP port."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:  # uvloop when installed: less CPU per request
         import uvloop
     except ImportError:
-        asyncio.run(_serve())
+        asyncio.run(_serve(extra_routes))
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve())
+        runner.run(_serve(extra_routes))

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from hoptrace.contract import Outcome, PipelineSpec, Step, StepStatus
 from hoptrace.contract.conventions import STATUS_ERROR
 
-from .records import KafkaFacts, ProcessedEvent, RecordRef, SpanRecord
+from .records import Evidence, KafkaFacts, ProcessedEvent, RecordRef, SpanRecord
 from .spanfacts import consumed_record, consumer_group, outcome, run_error_text, ts
 
 
@@ -138,3 +138,10 @@ def dlq_line(kf: KafkaFacts | None) -> str | None:
         return None
     d = kf.dlq
     return f"record in {d.topic}[{d.partition}]@{d.offset}: {d.reason or 'no reason header'}"
+
+
+def redrive_lines(evidence: Evidence | None, step_id: str) -> list[str]:
+    """The evidence lines of the step's audited redrives (``hoptrace redrive``), oldest first."""
+    if evidence is None:
+        return []
+    return [r.line() for r in evidence.redrives if r.step == step_id]

@@ -149,8 +149,9 @@ def dev_start(
 def collector(dev_name: DevName = None) -> None:
     """Run the collector: OTLP gRPC 4317 / HTTP 4318, span store, stall detection, alerts."""
     from hoptrace.collector.service import main
+    from hoptrace.repair.http import routes
 
-    main()
+    main(extra_routes=routes())  # POST /redrive, only with HOPTRACE_REDRIVE_TOKEN set
 
 
 class _WorkerCommand(TyperCommand):
@@ -208,6 +209,7 @@ def migrate() -> None:
 
     from hoptrace.collector.schema import migrate as migrate_store
     from hoptrace.contract import parse_duration
+    from hoptrace.repair.audit import ensure as ensure_redrives
     from hoptrace.settings import get_settings
     from hoptrace.workers.schema import migrate_cli
 
@@ -217,6 +219,7 @@ def migrate() -> None:
         conn = await asyncpg.connect(settings.database_url)
         try:
             await migrate_store(conn, parse_duration(settings.retention))
+            await ensure_redrives(conn)
         finally:
             await conn.close()
 
@@ -271,6 +274,37 @@ def trace(
     from hoptrace.collector.trace_cli import trace_cli
 
     trace_cli(correlation_id, fmt.value)
+
+
+class RedriveFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+@app.command("redrive")
+def redrive(
+    correlation_id: Annotated[
+        str | None, typer.Argument(metavar="[ID]", help="Payment (correlation) id.")
+    ] = None,
+    stuck: Annotated[bool, typer.Option("--stuck", help="Every stuck payment.")] = False,
+    step: Annotated[str | None, typer.Option("--step", help="With --stuck: stuck at S.")] = None,
+    cause: Annotated[
+        str | None, typer.Option("--cause", help="Only payments with cause C.")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="With --stuck: stuck within, e.g. 1h.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="At most N payments.")] = 100,
+    apply_: Annotated[bool, typer.Option("--apply", help="Do it (default: dry run).")] = False,
+    fmt: Annotated[
+        RedriveFormat, typer.Option("--format", help="text or json.")
+    ] = RedriveFormat.text,
+    who: Annotated[str | None, typer.Option("--who", help="Recorded in the audit.")] = None,
+) -> None:
+    """Send stuck payments on from where they stopped (dry run unless --apply)."""
+    from hoptrace.repair.cli import redrive_cli
+
+    redrive_cli(correlation_id, stuck, step, cause, since, limit, apply_, fmt.value, who)
 
 
 @app.command("stalls")

@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 from hoptrace.dashboard.words import ITEMS
 
 STOP_COLOR = "#d62728"
+REDRIVE_COLOR = "#1f77b4"
 
 
 def gantt(
@@ -19,8 +20,11 @@ def gantt(
     stopped_at: str | None = None,
     stop_time: datetime | None = None,
     branches: list[str] | None = None,
+    marks: list[tuple[datetime, str]] | None = None,
 ) -> go.Figure:
     """Spans as bars, one lane per step (then other span names), coloured by service.
+
+    ``marks``: (when, label) of each redrive, drawn as a dotted vertical line.
 
     The stop marker is a red lane highlight on ``stopped_at`` (and on each other step where a
     branch stopped, ``branches``) plus a vertical line at ``stop_time`` (when the last thing
@@ -80,6 +84,11 @@ def gantt(
         )
     if stopped_at and stop_time is not None:
         fig.add_vline(x=stop_time, line_color=STOP_COLOR, line_dash="dash")
+    for at, label in marks or ():  # redrives: a dotted line with its label
+        fig.add_vline(x=at, line_color=REDRIVE_COLOR, line_dash="dot")
+        fig.add_annotation(
+            x=at, y=1, yref="paper", text=label, showarrow=False, font_color=REDRIVE_COLOR
+        )
     fig.update_layout(
         height=140 + 40 * len(lanes),
         margin={"l": 10, "r": 10, "t": 30, "b": 10},

@@ -111,9 +111,11 @@ def steps_frame(diagnosis: Any) -> pd.DataFrame:
     (and on each other step where an unfinished branch stopped)."""
     stopped_at = get(diagnosis, "stopped_at")
     stops = {stopped_at, *(get(diagnosis, "stopped_at_all", None) or ())} - {None}
+    redrives = redrives_of(diagnosis)
     rows = []
     for step in get(diagnosis, "steps", []) or []:
         step_id = first(step, "id", "step")
+        done_again = [r.line() for r in redrives if r.step == step_id]
         status = str(get(step, "status", ""))
         started = as_datetime(get(step, "started_at"))
         ended = as_datetime(get(step, "ended_at"))
@@ -128,7 +130,7 @@ def steps_frame(diagnosis: Any) -> pd.DataFrame:
                 if started and ended
                 else "—",
                 "marker": STOP_MARKER if step_id in stops else "",
-                "evidence": list(get(step, "evidence", []) or []),
+                "evidence": list(get(step, "evidence", []) or []) + done_again,
             }
         )
     return pd.DataFrame(
@@ -144,6 +146,19 @@ def steps_frame(diagnosis: Any) -> pd.DataFrame:
             "evidence",
         ],
     )
+
+
+def redrives_of(diagnosis: Any) -> list[Any]:
+    """The correlation's audited redrives (``Evidence.redrives`` of the diagnosis' facts)."""
+    try:
+        return list(get(diagnosis, "facts").redrives or ())
+    except AttributeError:  # no facts (a fixture, a read API's diagnosis)
+        return []
+
+
+def redrive_marks(diagnosis: Any) -> list[tuple[datetime, str]]:
+    """The timeline's redrive marks: (when, "redrive #N <step>: <result>")."""
+    return [(r.at, f"redrive #{r.id} {r.step}: {r.result}") for r in redrives_of(diagnosis)]
 
 
 def spans_frame(

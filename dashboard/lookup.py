@@ -1,11 +1,17 @@
 """Lookup page: one payment's steps, the stop markers (one per unfinished branch), the timeline,
 the cause and the evidence. Text that comes from the user or from spans (the typed id, error
-messages, evidence lines, next actions) is shown as text (``plain.literal``), never as Markdown."""
+messages, evidence lines, next actions) is shown as text (``plain.literal``), never as Markdown.
+
+With ``HOPTRACE_REDRIVE_URL`` (the collector's HTTP base) and ``HOPTRACE_REDRIVE_TOKEN`` set, a
+"redrive" button asks the collector's ``POST /redrive`` for the dry run, shows it, and applies on
+confirmation; the dashboard itself never writes (without both settings there is no button)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import httpx
 import streamlit as st
 
 from hoptrace.contract import Cause
@@ -96,11 +102,14 @@ def show(diagnosis: Any, source: Source) -> None:
         stop_time = None
         if stopped_at:
             stop_time = spans["end"].max()
+        marks = frames.redrive_marks(diagnosis)
         st.plotly_chart(
-            charts.gantt(spans, steps["step"].tolist(), stopped_at, stop_time, branches),
+            charts.gantt(spans, steps["step"].tolist(), stopped_at, stop_time, branches, marks),
             key="gantt",
             config={"displayModeBar": False},
         )
+
+    redrive_panel(cid)
 
     kafka = get(diagnosis, "kafka_facts")
     db = get(diagnosis, "db_facts")
@@ -125,3 +134,53 @@ def _facts(facts: Any, empty: str) -> None:
         st.caption(empty)
     else:
         st.dataframe(frame.astype(str), hide_index=True)
+
+
+def _redrive_call(cid: str, apply: bool) -> dict[str, Any]:
+    """POST the collector's redrive route with the redrive token; its report (or an error)."""
+    url = os.environ["HOPTRACE_REDRIVE_URL"].rstrip("/") + "/redrive"
+    headers = {"Authorization": f"Bearer {os.environ['HOPTRACE_REDRIVE_TOKEN']}"}
+    body = {"id": cid, "apply": apply, "who": os.environ.get("HOPTRACE_REDRIVE_WHO", "dashboard")}
+    try:
+        res = httpx.post(url, json=body, headers=headers, timeout=60)
+        doc = res.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"message": f"redrive service unreachable: {exc}"}
+    if res.status_code != 200:
+        return {"message": doc.get("message", f"HTTP {res.status_code}")}
+    return doc
+
+
+def redrive_panel(cid: str) -> None:
+    """The redrive button: the dry run first, applied on confirmation (only when configured)."""
+    if not (os.environ.get("HOPTRACE_REDRIVE_URL") and os.environ.get("HOPTRACE_REDRIVE_TOKEN")):
+        return
+    st.markdown("#### Redrive")
+    key = f"redrive_plan:{cid}"
+    if st.button("Redrive… (dry run first)", key="redrive_dry"):
+        st.session_state[key] = _redrive_call(cid, apply=False)
+    plan = st.session_state.get(key)
+    if not plan:
+        return
+    if "message" in plan:
+        st.error(literal(plan["message"]))
+        return
+    acts = [a for p in plan.get("payments", []) for a in p.get("actions", [])]
+    st.markdown("\n".join(f"- {literal(a['step'])}: {literal(a['description'])}" for a in acts))
+    if not any(a.get("sends") for a in acts):
+        st.caption("Nothing to send.")
+        return
+    if st.button("Confirm: apply the redrive", key="redrive_apply", type="primary"):
+        done = _redrive_call(cid, apply=True)
+        del st.session_state[key]
+        if "message" in done:
+            st.error(literal(done["message"]))
+            return
+        summary = done.get("summary", {})
+        lines = [
+            f"- {literal(a['step'])}: {literal(a['result'] or a['kind'])} — {literal(a['description'])}"
+            for p in done.get("payments", [])
+            for a in p.get("actions", [])
+        ]
+        st.success(f"Redrive applied: {summary.get('sent', 0)} record(s) sent.")
+        st.markdown("\n".join(lines))

@@ -146,3 +146,16 @@ DLQ_TRUNCATED_HEADER = "x-dlq-truncated-from"
 def dlq_topic(topic: str) -> str:
     """The dead-letter topic of records consumed from ``topic``."""
     return f"{topic}{DLQ_SUFFIX}"
+
+
+# ------------------------------------------------------------------------ redrives
+
+#: The audit table of ``hoptrace redrive``: one row per applied action (who, when, what, result).
+REDRIVES_TABLE = "redrives"
+#: On a redrive's span (a new trace, linked to the original): the trace it resumes, and the
+#: audit row it belongs to. The span link carries the same trace; the attribute keeps it where a
+#: store does not keep links.
+ATTR_REDRIVE_ORIGIN_TRACE = "hoptrace.redrive.origin_trace_id"
+ATTR_REDRIVE_ACTION = "hoptrace.redrive.action"
+#: On a re-published record: the redrive that sent it.
+REDRIVE_HEADER = "x-hoptrace-redrive"

@@ -54,6 +54,18 @@ class ProcessedTable:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxTable:
+    """Where a producer keeps the events it emits (a transactional outbox): one row per
+    correlation holding the emitted event. ``hoptrace redrive`` re-emits a step's event from
+    here when it was never emitted (``not_emitted``) or has left its topic."""
+
+    table: str
+    correlation_column: str = "correlation_id"
+    #: the column holding the event as it is sent (bytes, text or JSON)
+    event_column: str = "event"
+
+
+@dataclass(frozen=True, slots=True)
 class CorrelationCarriers:
     """Where spans carry the correlation id, in order of preference: the baggage attribute
     (``hoptrace.correlation_id``, copied from W3C baggage by a baggage span processor), named
@@ -88,6 +100,9 @@ class Step:
     after: tuple[str, ...] = ()
     #: where this step's processed marks are (None: the pipeline's)
     processed: ProcessedTable | None = None
+    #: where this step keeps the events it emits (None: hoptrace's ledger for a consuming
+    #: step, nowhere for a first step)
+    outbox: OutboxTable | None = None
 
     @property
     def dlq(self) -> str | None:
@@ -245,6 +260,7 @@ class PipelineSpec:
                     "deadline_s": s.deadline.total_seconds(),
                     "dlq": s.dlq,
                     "processed": _processed_dict(s.processed) if s.processed else None,
+                    "outbox": _outbox_dict(s.outbox) if s.outbox else None,
                 }
                 for s in self.steps
             ],
@@ -259,4 +275,12 @@ def _processed_dict(p: ProcessedTable) -> dict[str, Any]:
         "correlation_column": p.correlation_column,
         "source_column": p.source_column,
         "processed_at_column": p.processed_at_column,
+    }
+
+
+def _outbox_dict(o: OutboxTable) -> dict[str, Any]:
+    return {
+        "table": o.table,
+        "correlation_column": o.correlation_column,
+        "event_column": o.event_column,
     }

@@ -16,6 +16,7 @@ from typing import Any
 from .spec import (
     DEFAULT_CORRELATION_COLUMN,
     CorrelationCarriers,
+    OutboxTable,
     PipelineSpec,
     ProcessedTable,
     SpecError,
@@ -38,6 +39,7 @@ _STEP_KEYS = {
     "calls",
     "after",
     "processed",
+    "outbox",
 }
 _PIPELINE_KEYS = {
     "name",
@@ -47,6 +49,7 @@ _PIPELINE_KEYS = {
     "correlation",
     "processed",
 }
+_OUTBOX_KEYS = {"table", "correlation_column", "event_column"}
 _CORRELATION_KEYS = {"baggage", "attribute", "attributes", "message_key"}
 _PROCESSED_KEYS = {
     "table",
@@ -109,6 +112,18 @@ def _processed(raw: Any, fail: _Fail, fld: str, step: str | None = None) -> Proc
             else:
                 values[key] = _ident(value, fail, f"{fld}.{key}", step)
     return ProcessedTable(**values)
+
+
+def _outbox(raw: Any, fail: _Fail, step: str) -> OutboxTable:
+    if not isinstance(raw, dict):
+        raise fail('must be a table (e.g. { table = "outbox" })', step, "outbox")
+    unknown = set(raw) - _OUTBOX_KEYS
+    if unknown:
+        raise fail(f"unknown key(s) {sorted(unknown)}", step, "outbox")
+    if "table" not in raw:
+        raise fail("needs a 'table'", step, "outbox")
+    values = {key: _ident(raw[key], fail, f"outbox.{key}", step) for key in _OUTBOX_KEYS & set(raw)}
+    return OutboxTable(**values)
 
 
 def _carriers(raw: Any, fail: _Fail) -> CorrelationCarriers:
@@ -245,6 +260,9 @@ def _step(n: int, item: Any, seen: dict[str, Step], earlier: list[Step], fail: _
     processed = (
         _processed(item["processed"], fail, "processed", sid) if "processed" in item else None
     )
+    outbox = _outbox(item["outbox"], fail, sid) if "outbox" in item else None
+    if outbox is not None and not values["emits"]:
+        raise fail("an outbox holds emitted events: the step needs 'emits'", sid, "outbox")
     return Step(
         id=sid,
         service=service,
@@ -252,6 +270,7 @@ def _step(n: int, item: Any, seen: dict[str, Step], earlier: list[Step], fail: _
         correlation_column=column,
         after=after,
         processed=processed,
+        outbox=outbox,
         **values,
     )
 
