@@ -231,6 +231,7 @@ async def stopped_failing_fixed(m: Mixed, name: str, sid: str, service: str) -> 
     assert step_of(doc, sid)["effect_row"] is False
     row = await m.wait_state(cid, "failed")
     assert row.failed_step == sid
+    assert "no_such_column" in (row.error or ""), row.error  # why, as `hoptrace stalls` says
     stuck = [s for s in m.stalls() if s["correlation_id"] == cid]
     assert [(s["state"], s["step"]) for s in stuck] == [("failed", sid)], stuck
 
