@@ -39,9 +39,9 @@ NODE_SERVICE = "node-purchase-worker"
 JAVA_SERVICE = "java-session-worker"
 NODE_STEP = "purchase.created"
 JAVA_STEP = "session.created"
-#: The reference services that keep running as they are (registry order).
-PYTHON_SERVICES = tuple(s for s in ORDER if s in ("admin-service", "payment-service",
-                                                   "allocation-worker"))  # fmt: skip
+#: The reference services that keep running as they are (registry order): all but the two
+#: workers the interop services replace.
+PYTHON_SERVICES = tuple(s for s in ORDER if s not in ("purchase-worker", "session-worker"))
 #: interop service -> the step it runs
 STEP_OF = {"node": NODE_STEP, "java": JAVA_STEP}
 #: Where the Node worker and the Java consumer keep their processed marks (each creates its table
@@ -242,7 +242,7 @@ class Mixed:
         )
 
     def start_interop(self, *names: str, fault: str | None = None) -> None:
-        """Start the named interop services together and wait until each is READY."""
+        """Start the named interop services (all at once) and wait until each is READY."""
         started = []
         for name in names:
             assert name not in self.interop, f"{name} is running"
@@ -288,21 +288,27 @@ class Mixed:
     # ------------------------------------------------------------------ life cycle
 
     def close(self, admin_db_url: str) -> None:
-        for name in list(self.interop):
+        """Stop everything, then delete the topics and drop the database (also when a stop
+        fails)."""
+        try:
+            for name in list(self.interop):
+                try:
+                    self.stop_interop(name)
+                except AssertionError:
+                    pass  # killed; its log is kept
+            self.python.stop_all()
+            if self.collector is not None:
+                self.collector.terminate()
+                try:
+                    self.collector.wait(20)
+                except subprocess.TimeoutExpired:
+                    self.collector.kill()
+                    self.collector.wait()
+        finally:
             try:
-                self.stop_interop(name)
-            except AssertionError:
-                pass  # killed; its log is kept
-        self.python.stop_all()
-        if self.collector is not None:
-            self.collector.terminate()
-            try:
-                self.collector.wait(20)
-            except subprocess.TimeoutExpired:
-                self.collector.kill()
-                self.collector.wait()
-        asyncio.run(delete_topics(self.bootstrap, self.spec.topics))
-        asyncio.run(drop_database(admin_db_url, self.db_name))
+                asyncio.run(delete_topics(self.bootstrap, self.spec.topics))
+            finally:
+                asyncio.run(drop_database(admin_db_url, self.db_name))
 
 
 def open_mixed(
@@ -319,14 +325,15 @@ def open_mixed(
     python_extra: dict[str, str] | None = None,
     interop_extra: dict[str, str] | None = None,
 ) -> Mixed:
-    """Database, spec, topics (``hoptrace topics ensure``), collector, and every service running
-    and ready. The caller closes it (``Mixed.close``) also when this raises after the database
-    exists: the returned object is built first, then started (see ``start``)."""
+    """The pipeline's spec, database and environment, nothing started yet (``start`` does); the
+    caller closes it (``Mixed.close``), also when ``start`` fails."""
     build()
-    db_name = f"hoptrace_i_{suffix}"
-    db_url = asyncio.run(create_database(admin_db_url, db_name))
+    for old_log in ARTIFACTS.glob(f"interop-pipeline-{label}-*.log"):
+        old_log.unlink()  # the previous run's
     spec_path = mixed_spec(workdir, suffix, key_only=key_only)
     spec = load_spec(spec_path)
+    db_name = f"hoptrace_i_{suffix}"
+    db_url = asyncio.run(create_database(admin_db_url, db_name))
     grpc, http = free_port(), free_port()
     env = service_env(db_url, bootstrap, spec_path, None)
     env.pop("OTEL_TRACES_EXPORTER", None)

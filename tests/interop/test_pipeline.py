@@ -7,8 +7,9 @@ by its service, with timing; stopped, ``no_consumer`` at its step; failing its d
 ``processing_error`` at its step. And one pipeline whose correlation id travels only as the Kafka
 message key (no baggage anywhere). The dashboard's lookup draws the foreign services' spans.
 
-One pipeline is shared by the module's tests (each leaves every service running healthy); the
-key-only pipeline has its own."""
+One pipeline is shared by the module's tests (the ``healthy`` fixture restarts an interop service
+only when a test left it stopped or faulty: a JVM start is the costliest step); the key-only
+pipeline has its own. The services' logs go to ``tests/artifacts/interop-pipeline-*.log``."""
 
 from __future__ import annotations
 
