@@ -19,10 +19,13 @@ are already inserted when this runs, so the batch's own spans count too).
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from datetime import timedelta
 
 import asyncpg
+
+from hoptrace.contract.conventions import EXCEPTION_EVENT, EXCEPTION_MESSAGE, EXCEPTION_TYPE
 
 from . import metrics
 from .state import Run, StepObs
@@ -44,8 +47,13 @@ CREATE TABLE IF NOT EXISTS pending_steps (
 );
 """
 
+#: The failed spans right below runs, with their first exception event's attributes (an agent
+#: may leave the status message empty and say why only there: the Java agent's JDBC spans).
 _FAILED_BELOW = """
-SELECT trace_id, parent_span_id, name, status_message FROM spans
+SELECT trace_id, parent_span_id, name, status_message,
+       (SELECT e->'attributes' FROM jsonb_array_elements(events) AS e
+        WHERE e->>'name' = $3 LIMIT 1) AS exc_attrs
+FROM spans
 WHERE trace_id = ANY($1::text[]) AND status_code = 2 AND parent_span_id = ANY($2::text[])
 """
 _TRACE_CIDS = """
@@ -91,14 +99,16 @@ def _by_cid(pairs: list[tuple[str, StepObs]]) -> dict[str, list[StepObs]]:
 
 
 async def settle(conn: asyncpg.Connection, runs: list[Run]) -> dict[str, list[StepObs]]:
-    """The runs' observations by correlation id, each with the failures stored below it and its
-    correlation id found through its trace; runs whose trace names none yet are parked."""
-    ok_runs = [r for r in runs if not r.failed]
-    if ok_runs:
+    """The runs' observations by correlation id, each with the failures stored below it (the
+    batch's own spans included) and its correlation id found through its trace; runs whose trace
+    names none yet are parked."""
+    below = [r for r in runs if not r.failed or r.failed_below]
+    if below:
         rows = await conn.fetch(
             _FAILED_BELOW,
-            list({r.trace_id for r in ok_runs}),
-            list({r.span_id for r in ok_runs}),
+            list({r.trace_id for r in below}),
+            list({r.span_id for r in below}),
+            EXCEPTION_EVENT,
         )
         failed = {(r["trace_id"], r["parent_span_id"]): r for r in rows}
         if failed:
@@ -131,12 +141,28 @@ async def settle(conn: asyncpg.Connection, runs: list[Run]) -> dict[str, list[St
 
 
 def _with_failure(run: Run, failed: asyncpg.Record | None) -> Run:
-    if failed is None or run.failed:
+    """``run`` failed through the stored span ``failed`` below it, said as ``name: why`` (its
+    status message, else its exception's type and message). A run that failed through a span of
+    its batch keeps that row's text unless the stored span says why."""
+    if failed is None or (run.failed and not run.failed_below):
         return run
-    what = failed["name"]
-    if failed["status_message"]:
-        what = f"{what}: {failed['status_message']}"
-    return run._replace(failed=True, error=what)
+    why = failed["status_message"] or _exception_text(failed["exc_attrs"])
+    if run.failed and not why:
+        return run
+    what = f"{failed['name']}: {why}" if why else failed["name"]
+    return run._replace(failed=True, error=what, failed_below=True)
+
+
+def _exception_text(raw: str | dict[str, object] | None) -> str | None:
+    """``type: message`` of an exception event's attributes (jsonb, as text or decoded), or
+    None."""
+    attrs = json.loads(raw) if isinstance(raw, str) else raw
+    if not isinstance(attrs, dict):
+        return None
+    etype, message = attrs.get(EXCEPTION_TYPE), attrs.get(EXCEPTION_MESSAGE)
+    if not etype and not message:
+        return None
+    return f"{etype}: {message}" if etype and message else str(etype or message)
 
 
 async def unpark(conn: asyncpg.Connection) -> dict[str, list[StepObs]]:

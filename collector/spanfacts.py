@@ -38,8 +38,6 @@ from hoptrace.contract.conventions import (
     EXCEPTION_TYPE,
     GROUP_KEYS,
     HTTP_STATUS_KEYS,
-    OFFSET_KEYS,
-    PARTITION_KEYS,
     PEER_KEYS,
     RESOURCE_DISTRO_NAME,
     SERVER_ADDRESS,
@@ -256,19 +254,13 @@ def emitted_record(
 
 
 def consumed_record(span: SpanRecord) -> RecordRef | None:
-    """The record a consuming step span handled (its messaging attributes, any spelling)."""
-    attrs = span.attributes
-    if span.matched:  # a run hoptrace did not make: whatever its SDK's spelling
-        m = Messaging.of(attrs)
-        if not m.destination or is_produce(kind_of(span), m.operation):
-            return None  # (a producer-only step's run consumed nothing)
-        return _record(m.destination, m)
-    topic = first_attr(attrs, DESTINATION_KEYS)
-    if not isinstance(topic, str) or not topic:
+    """The record a consuming step span handled (its messaging attributes, any spelling). A
+    producer-only step's span consumed nothing: its messaging attributes name the record it
+    emitted (hoptrace's step span of such a step, or a matched producer span)."""
+    m = Messaging.of(span.attributes)
+    if not m.destination or is_produce(kind_of(span), m.operation):
         return None
-    return RecordRef(
-        topic, as_int(first_attr(attrs, PARTITION_KEYS)), as_int(first_attr(attrs, OFFSET_KEYS))
-    )
+    return _record(m.destination, m)
 
 
 def consumer_group(span: SpanRecord) -> str | None:

@@ -80,7 +80,8 @@ class StepObs(NamedTuple):
 class Run(NamedTuple):
     """A step run of a service hoptrace did not write: its span, and what is known so far.
     ``correlation_id`` None: to be found through the trace; ``failed`` also becomes True when a
-    stored span below it failed."""
+    stored span below it failed. ``failed_below``: it failed only through a span below it (whose
+    stored exception may say more than the batch's row: see ``runs.settle``)."""
 
     trace_id: str
     span_id: str
@@ -90,6 +91,7 @@ class Run(NamedTuple):
     failed: bool
     error: str | None
     correlation_id: str | None
+    failed_below: bool = False
 
     def obs(self, correlation_id: str) -> StepObs:
         return StepObs(
@@ -155,7 +157,7 @@ def foreign_runs(candidates: list[SpanRow], matcher: StepMatcher) -> list[Run]:
         error = (c[C_STATUS_MSG] or "status ERROR") if own else below.get(key)
         runs.append(
             Run(c[C_TRACE], c[C_SPAN], step, c[C_START], c[C_END], own or key in below, error,
-                c[C_CID])
+                c[C_CID], not own and key in below)
         )  # fmt: skip
     return runs
 
