@@ -101,8 +101,11 @@ WITH known AS (
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING payment_id
 ), outbox AS (
-    INSERT INTO payment_outbox (correlation_id, topic, event, trace_carrier)
-    SELECT payment_id, $6, $7, $8::jsonb FROM payment WHERE $5::boolean
+    -- the event is always kept; with emit off (the skip-emit fault) the row is written as sent
+    -- and never relayed: the service believes it emitted (the incident), redrive can re-emit it
+    INSERT INTO payment_outbox (correlation_id, topic, event, trace_carrier, sent_at)
+    SELECT payment_id, $6, $7, $8::jsonb, CASE WHEN $5::boolean THEN NULL ELSE now() END
+    FROM payment
 )
 SELECT student, course, EXISTS (SELECT 1 FROM payment) AS created FROM known
 """
