@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS pending_steps (
     end_us     bigint NOT NULL,
     run_failed boolean NOT NULL,
     run_error  text,
+    run_outcome text,  -- one of hoptrace's own runs: the outcome it reported
     parked_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (trace_id, span_id)
 );
@@ -62,9 +63,10 @@ WHERE trace_id = ANY($1::text[]) AND correlation_id IS NOT NULL
 ORDER BY trace_id, start_time
 """
 _PARK = """
-INSERT INTO pending_steps (trace_id, span_id, step, start_us, end_us, run_failed, run_error)
+INSERT INTO pending_steps (trace_id, span_id, step, start_us, end_us, run_failed, run_error,
+                           run_outcome)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
-                     $6::boolean[], $7::text[])
+                     $6::boolean[], $7::text[], $8::text[])
 ON CONFLICT (trace_id, span_id) DO NOTHING
 """
 _ANY_PARKED = "SELECT EXISTS (SELECT 1 FROM pending_steps)"
@@ -84,7 +86,7 @@ WITH found AS (
 DELETE FROM pending_steps p USING found f
 WHERE p.trace_id = f.trace_id AND p.span_id = f.span_id
 RETURNING p.trace_id, p.span_id, p.step, p.start_us, p.end_us, p.run_failed, p.run_error,
-          f.correlation_id
+          p.run_outcome, f.correlation_id
 """
 _EXPIRE = "DELETE FROM pending_steps WHERE parked_at < now() - $1::interval"
 #: Parked runs folded per batch at most.
@@ -102,7 +104,8 @@ async def settle(conn: asyncpg.Connection, runs: list[Run]) -> dict[str, list[St
     """The runs' observations by correlation id, each with the failures stored below it (the
     batch's own spans included) and its correlation id found through its trace; runs whose trace
     names none yet are parked."""
-    below = [r for r in runs if not r.failed or r.failed_below]
+    # hoptrace's own runs report their outcome: a span below them does not change it
+    below = [r for r in runs if r.outcome is None and (not r.failed or r.failed_below)]
     if below:
         rows = await conn.fetch(
             _FAILED_BELOW,
@@ -135,6 +138,7 @@ async def settle(conn: asyncpg.Connection, runs: list[Run]) -> dict[str, list[St
             [r.end_us for r in parked],
             [r.failed for r in parked],
             [r.error for r in parked],
+            [r.outcome for r in parked],
         )
         metrics.RUNS_PARKED.inc(len(parked))
     return _by_cid(out)
@@ -187,6 +191,7 @@ async def unpark(conn: asyncpg.Connection) -> dict[str, list[StepObs]]:
                 r["run_failed"],
                 r["run_error"],
                 r["correlation_id"],
+                outcome=r["run_outcome"],
             ).obs(r["correlation_id"]),
         )
         for r in rows

@@ -50,10 +50,12 @@ from .decode import (
     I_NAME,
     I_OUTCOME,
     I_PIPELINE,
+    I_SPAN,
     I_START,
     I_STATUS,
     I_STATUS_MSG,
     I_STEP,
+    I_TRACE,
     SpanRow,
     us_to_dt,
 )
@@ -92,26 +94,33 @@ class Run(NamedTuple):
     error: str | None
     correlation_id: str | None
     failed_below: bool = False
+    #: one of hoptrace's own step runs (its span carried no id under the spec's carriers): the
+    #: outcome it reported, which no span below changes
+    outcome: str | None = None
 
     def obs(self, correlation_id: str) -> StepObs:
+        outcome = self.outcome or (_ERROR if self.failed else _OK)
         return StepObs(
             correlation_id,
             self.step,
             self.start_us,
             self.end_us,
-            _ERROR if self.failed else _OK,
-            self.error if self.failed else None,
+            outcome,
+            self.error if outcome == _ERROR else None,
         )
 
 
-def observations(rows: Iterable[SpanRow], matcher: StepMatcher) -> dict[str, list[StepObs]]:
-    """hoptrace's own step runs in a batch of step rows, grouped by correlation id. A span counts
-    when it carries a correlation id and is the step span of a step of the spec."""
+def observations(
+    rows: Iterable[SpanRow], matcher: StepMatcher, unresolved: list[Run] | None = None
+) -> dict[str, list[StepObs]]:
+    """hoptrace's own step runs in a batch of step rows, grouped by correlation id: the step
+    spans of steps of the spec. A run whose span carries no id under the spec's carriers (e.g. a
+    pipeline correlated by a custom attribute only) goes to ``unresolved``, to get its trace's."""
     own_step = matcher.own_step
     out: dict[str, list[StepObs]] = {}
     for r in rows:
         cid = r[I_CID]
-        if cid is None:
+        if cid is None and unresolved is None:
             continue
         step = own_step(r[I_STEP], r[I_NAME], r[I_OUTCOME], r[I_PIPELINE])
         if step is None:
@@ -120,6 +129,13 @@ def observations(rows: Iterable[SpanRow], matcher: StepMatcher) -> dict[str, lis
         if outcome not in _OUTCOMES:
             outcome = _ERROR if r[I_STATUS] == STATUS_ERROR else _OK
         err = r[I_STATUS_MSG] if outcome == _ERROR else None
+        if cid is None:
+            assert unresolved is not None
+            unresolved.append(
+                Run(r[I_TRACE], r[I_SPAN], step, r[I_START], r[I_END], outcome == _ERROR, err,
+                    None, outcome=outcome)
+            )  # fmt: skip
+            continue
         obs = StepObs(cid, step, r[I_START], r[I_END], outcome, err)
         if cid in out:
             out[cid].append(obs)

@@ -36,7 +36,7 @@ from .decode import (
 )
 from .schema import ensure_partitions, existing_partitions, partition_name
 from .spanqueue import SpanQueue, Spans
-from .state import StepObs, fold, foreign_runs, observations
+from .state import Run, StepObs, fold, foreign_runs, observations
 
 log = logging.getLogger("hoptrace.collector.writer")
 
@@ -254,8 +254,9 @@ class Writer:
     async def _fold(
         self, conn: asyncpg.Connection, steps: list[SpanRow], candidates: list[SpanRow]
     ) -> None:
-        obs = observations(steps, self.matcher) if steps else {}
-        found = foreign_runs(candidates, self.matcher) if candidates else []
+        unresolved: list[Run] = []
+        obs = observations(steps, self.matcher, unresolved) if steps else {}
+        found = (foreign_runs(candidates, self.matcher) if candidates else []) + unresolved
         for extra in (
             await runs.settle(conn, found) if found else {},
             await runs.unpark(conn),

@@ -56,9 +56,11 @@ def envelope_headers(envelope: Envelope) -> Headers:
     ]
 
 
-def record_emit(span: Span, md: RecordMetadata, envelope: Envelope | None = None) -> None:
+def record_emit(
+    span: Span, md: RecordMetadata, envelope: Envelope | None = None, key: bytes | None = None
+) -> None:
     """Put the produced record's topic/partition/offset on ``span``: always as
-    ``hoptrace.emit.*``; as messaging.* too when the span has no consume side."""
+    ``hoptrace.emit.*``; as messaging.* (with its key) too when the span has no consume side."""
     if not span.is_recording():
         return
     attrs: dict[str, Any] = {
@@ -74,6 +76,8 @@ def record_emit(span: Span, md: RecordMetadata, envelope: Envelope | None = None
         attrs[c.MSG_PARTITION] = str(md.partition)
         attrs[c.MSG_OFFSET] = md.offset
         attrs[c.MSG_OPERATION_TYPE] = c.Operation.SEND
+        if key is not None:
+            attrs[c.MSG_MESSAGE_KEY] = key.decode("utf-8", "replace")
     span.set_attributes(attrs)
 
 
@@ -144,7 +148,7 @@ class HopProducer:
         else:  # no send span: the current span (the process span) is the record's parent
             propagate.inject(headers, context=ctx, setter=_setter)
             md = await self._send_without_span(topic, value, key, headers)
-        record_emit(trace.get_current_span(), md, envelope)
+        record_emit(trace.get_current_span(), md, envelope, key)
         return md
 
     async def _send_with_span(

@@ -110,6 +110,8 @@ class RecordSteps:
         }
         if cid and not in_baggage:  # from baggage, BaggageSpanProcessor sets it at start
             attrs[c.ATTR_CORRELATION_ID] = cid
+        if record.key is not None:  # a pipeline keyed by its correlation id finds it here too
+            attrs[c.MSG_MESSAGE_KEY] = record.key.decode("utf-8", "replace")
         span = self._tracer.start_span(
             self.step.id, context=parent, kind=SpanKind.CONSUMER, attributes=attrs
         )

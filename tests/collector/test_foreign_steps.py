@@ -301,3 +301,56 @@ async def test_a_failure_stored_before_its_run_fails_the_run(db_url: str, spec_p
     finally:
         await pool.close()
         await conn.close()
+
+
+async def test_hoptrace_s_own_runs_get_their_trace_s_correlation_too(
+    db_url: str, spec_path: Path
+) -> None:
+    """A pipeline correlated by the message key only: hoptrace's own step spans carry no key
+    (their baggage attribute is no carrier here), so they take their trace's id at ingest."""
+    del spec_path
+    keyed = parse_spec(
+        {
+            "pipeline": {
+                "name": "payments",
+                "correlation": {"baggage": False, "message_key": True},
+            },
+            "steps": [
+                {"id": "paid", "service": "pay-api", "emits": "paid", "deadline": "5s"},
+                {
+                    "id": "purchase",
+                    "service": "purchases",
+                    "consumes": "paid",
+                    "group": "purchases",
+                    "deadline": "30s",
+                },
+            ],
+        }
+    )
+    conn = await asyncpg.connect(db_url)
+    await schema.migrate(conn, timedelta(days=7), spec=keyed)
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2, init=init_connection)
+    try:
+        writer = Writer(pool, keyed, timedelta(days=7))
+        trace = os.urandom(16)
+        own = sp(
+            "purchase",
+            Span.SPAN_KIND_CONSUMER,
+            [
+                kv("hoptrace.step", "purchase"),
+                kv("hoptrace.step.outcome", "ok"),
+                kv("hoptrace.correlation_id", "p5"),  # not a carrier of this spec
+            ],
+            trace=trace,
+            parent=b"\x01" * 8,
+            at_s=0.1,
+        )
+        r = req(producer(trace, "p5"), ("purchases", own))
+        out = decode_body(r.SerializeToString(), NOW, keys=DecodeKeys.for_spec(keyed))
+        await writer.write_spans([out.encoded if out.encoded is not None else out.rows])
+        steps = await _steps(conn, "p5")
+        assert steps["state"] == "completed", steps
+        assert steps["purchase"]["ok"] == 1
+    finally:
+        await pool.close()
+        await conn.close()

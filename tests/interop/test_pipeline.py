@@ -176,7 +176,11 @@ def test_dashboard_lookup_draws_the_node_and_java_spans(
     for key in ("HOPTRACE_DATABASE_URL", "HOPTRACE_KAFKA_BOOTSTRAP", "HOPTRACE_PIPELINE",
                 "HOPTRACE_JAEGER_URL"):  # fmt: skip
         monkeypatch.setenv(key, m.env[key])
-    monkeypatch.delenv("HOPTRACE_DASHBOARD_DATABASE_URL", raising=False)
+    scheme, _, rest = m.db_url.partition("://")  # the dashboard reads as the read-only role
+    monkeypatch.setenv(
+        "HOPTRACE_DASHBOARD_DATABASE_URL",
+        f"{scheme}://hoptrace_ro:hoptrace_ro@{rest.split('@', 1)[1]}",
+    )
     get_settings.cache_clear()
     try:
         at_ = show(AppTest.from_file(str(APP), default_timeout=60), None, {"id": cid})
@@ -326,14 +330,8 @@ async def test_key_only_pipeline_completes(key_only: Mixed) -> None:
 #: Why the next two tests fail (see the report of this branch): the collector's ingest drops
 #: hoptrace's own step spans that carry no id under the spec's carriers, instead of resolving them
 #: through their trace as it does for foreign runs.
-OWN_STEPS_DROPPED = (
-    "collector/state.py observations() skips hoptrace's own step runs whose span carries no "
-    "correlation id under the spec's carriers (key-only: hoptrace's step spans carry no message "
-    "key); only foreign runs inherit the id of their trace (runs.settle)"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=OWN_STEPS_DROPPED)
 async def test_key_only_ingest_sees_hoptrace_s_own_steps(key_only: Mixed) -> None:
     m = key_only
     m.ensure("node")
@@ -344,7 +342,6 @@ async def test_key_only_ingest_sees_hoptrace_s_own_steps(key_only: Mixed) -> Non
     assert done == {s.id for s in m.spec.steps}, f"done at ingest: {sorted(done)}"
 
 
-@pytest.mark.xfail(strict=True, reason=OWN_STEPS_DROPPED)
 async def test_key_only_ingest_tracks_a_payment_stuck_at_the_node_step(key_only: Mixed) -> None:
     """Node stopped: the lookup says ``no_consumer`` at its step (it reads the traces), but at
     ingest the payment must be tracked too, or no stall is ever detected and no alert fires."""
