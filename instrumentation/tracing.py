@@ -7,8 +7,14 @@ a collector that is down, unreachable or slow only makes spans drop (counted, wa
 a rate limit), never raises into the caller.
 
 The global TracerProvider can be set only once per process: the first ``configure_tracing`` fixes
-the resource (service name); a later call with another ``exporter=`` (tests) swaps the export
-pipeline on the same provider.
+the resource (service name: ``OTEL_SERVICE_NAME``, else ``service.name`` in
+``OTEL_RESOURCE_ATTRIBUTES``, else the name the caller passes); a later call with another
+``exporter=`` (tests) swaps the export pipeline on the same provider.
+
+``HOPTRACE_EXPORT_ALSO`` names more OTLP gRPC endpoints (comma-separated, e.g. the local stack's
+Jaeger) that get every span too, each through its own bounded queue and on its own thread, best
+effort: a batch that fails there is dropped and never holds or counts against the export to the
+collector.
 """
 
 from __future__ import annotations
@@ -198,6 +204,89 @@ class _SwitchableProcessor(SpanProcessor):
         return cur.force_flush(timeout_millis) if cur is not None else True
 
 
+class _Fanout(SpanProcessor):
+    """Hands each ended span to several export processors (the collector's, then the extra
+    endpoints' of ``HOPTRACE_EXPORT_ALSO``)."""
+
+    def __init__(self, processors: Sequence[SpanProcessor]) -> None:
+        self.processors = tuple(processors)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        for proc in self.processors:
+            proc.on_end(span)
+
+    def shutdown(self) -> None:
+        for proc in self.processors:
+            with contextlib.suppress(Exception):
+                proc.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return all([proc.force_flush(timeout_millis) for proc in self.processors])
+
+
+class _BestEffortExporter(SpanExporter):
+    """An extra endpoint's exporter: failures are logged (at most every 60 s) and the batch
+    dropped; nothing of it reaches ``export_stats()`` (those count the collector's export)."""
+
+    def __init__(self, inner: SpanExporter, endpoint: str) -> None:
+        self.inner = inner
+        self.endpoint = endpoint
+        self._warned = 0.0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception:  # noqa: BLE001 - an extra endpoint never breaks anything
+            result = SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS and time.monotonic() - self._warned > 60:
+            self._warned = time.monotonic()
+            log.warning("tracing: export to %s failed; its spans are dropped", self.endpoint)
+        return result
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        try:
+            return self.inner.force_flush(timeout_millis)
+        except Exception:  # noqa: BLE001
+            return False
+
+
+def _extra_processors(endpoints: str | None, opts: dict[str, Any]) -> list[SpanProcessor]:
+    """One batch processor per extra OTLP gRPC endpoint (``HOPTRACE_EXPORT_ALSO``)."""
+    out: list[SpanProcessor] = []
+    for endpoint in (e.strip() for e in (endpoints or "").split(",")):
+        if not endpoint:
+            continue
+        inner = _default_exporter({"endpoint": endpoint, "protocol": "grpc"})
+        if inner is None:
+            continue
+        out.append(
+            BatchSpanProcessor(
+                _BestEffortExporter(inner, endpoint),
+                max_queue_size=opts.get("max_queue_size"),
+                schedule_delay_millis=opts.get("schedule_delay_millis", 500),
+                max_export_batch_size=opts.get("max_export_batch_size"),
+            )
+        )
+    return out
+
+
+def _service_name(given: str) -> str | None:
+    """The service name the code passes, unless the environment names the service
+    (``OTEL_SERVICE_NAME`` or ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES``): then None, and
+    the SDK's resource detection takes it from there (the standard's precedence)."""
+    if os.environ.get("OTEL_SERVICE_NAME", "").strip():
+        return None
+    for item in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == c.RESOURCE_SERVICE_NAME and value.strip():
+            return None
+    return given
+
+
 class _SuppressQueueFullLogs(logging.Filter):
     """The SDK logs one warning per dropped span; we count them and warn at a rate instead."""
 
@@ -336,12 +425,14 @@ def configure_tracing(
                 )
         else:
             # the distro name tells the collector this service's steps report themselves
-            attrs: dict[str, Any] = {
-                c.RESOURCE_SERVICE_NAME: service_name,
-                c.RESOURCE_DISTRO_NAME: c.DISTRO_NAME,
-            }
+            attrs: dict[str, Any] = {c.RESOURCE_DISTRO_NAME: c.DISTRO_NAME}
+            code_name = _service_name(service_name)
+            if code_name is not None:  # OTEL_SERVICE_NAME (or the resource variable) wins
+                attrs[c.RESOURCE_SERVICE_NAME] = code_name
             attrs.update(opts.pop("resource_attributes", None) or {})
-            provider = _provider(Resource.create(attrs))
+            resource = Resource.create(attrs)
+            service_name = str(resource.attributes.get(c.RESOURCE_SERVICE_NAME, service_name))
+            provider = _provider(resource)
             switch = _SwitchableProcessor(BaggageSpanProcessor(lambda k: k == BAGGAGE_KEY))
             provider.add_span_processor(switch)
             trace.set_tracer_provider(provider)
@@ -375,6 +466,10 @@ def configure_tracing(
                     max_export_batch_size=opts.get("max_export_batch_size"),
                     export_timeout_millis=opts.get("export_timeout_millis"),
                 )
+                if exporter is None:  # the default export: extra endpoints too, if any
+                    extra = _extra_processors(settings.export_also, opts)
+                    if extra:
+                        new = _Fanout([new, *extra])
         old, state.switch.current = state.switch.current, new
         state.exporter_key = key
         if old is not None:
