@@ -256,7 +256,9 @@ def emitted_record(
 
 
 def consumed_record(span: SpanRecord) -> RecordRef | None:
-    """The record a consuming step span handled (its messaging attributes, any spelling)."""
+    """The record a consuming step span handled (its messaging attributes, any spelling). A
+    producer-only step's run consumed nothing: its messaging attributes name the record it
+    sent (hoptrace's step span of a first step, a foreign producer span)."""
     attrs = span.attributes
     if span.matched:  # a run hoptrace did not make: whatever its SDK's spelling
         m = Messaging.of(attrs)
@@ -266,6 +268,8 @@ def consumed_record(span: SpanRecord) -> RecordRef | None:
     topic = first_attr(attrs, DESTINATION_KEYS)
     if not isinstance(topic, str) or not topic:
         return None
+    if is_produce(kind_of(span), Messaging.of(attrs).operation):
+        return None  # the step span of a producer-only step: what it names it emitted
     return RecordRef(
         topic, as_int(first_attr(attrs, PARTITION_KEYS)), as_int(first_attr(attrs, OFFSET_KEYS))
     )
