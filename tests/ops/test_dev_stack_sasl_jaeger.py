@@ -30,10 +30,11 @@ from hoptrace import devstack
 from hoptrace.kafka import client_options, connection_problem
 
 from ..collector.helpers import request, step_span
-from ..deploy.gotools import go_tool
+from ..deploy.gotools import go_tool, timeout_for
 from .devstack_sasl import SaslStack, sasl_stack, socket_ports
 
-pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.timeout(900)]
+# the first test also brings the stack up (and builds Jaeger if scripts/go-tools.sh has not)
+pytestmark = [pytest.mark.stack, pytest.mark.slow, timeout_for("jaeger", 900)]
 
 HOPS = ("purchase-worker", "allocation-worker", "session-worker")
 WRONG = "not-the-password-4711"

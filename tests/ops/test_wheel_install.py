@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def run(
 def test_the_wheel_is_the_whole_program(installed: Installed, outside: Path) -> None:
     names = {w.name.split("-")[0] for w in installed.wheels}
     assert "hoptrace" in names and (("hoptrace_native" in names) == installed.native)
+    (wheel,) = [w for w in installed.wheels if w.name.startswith("hoptrace-")]
+    files = set(zipfile.ZipFile(wheel).namelist())
+    assert {"hoptrace/pipelines/payments.toml", "hoptrace/stack/jaeger.yaml"} <= files
     version = run(installed, outside, "--version")
     assert version.returncode == 0, version.stderr
     assert version.stdout.strip() == "hoptrace 0.1.0"
