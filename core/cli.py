@@ -357,25 +357,34 @@ def spec_discover(
     discover_cli(since, limit)
 
 
-def main() -> None:
+def _setup_error(exc: Exception) -> str | None:
+    """One line for an error of the set-up rather than of the program (a missing or malformed
+    pipeline spec, Kafka settings that cannot work, a malformed ``HOPTRACE_*`` variable)."""
     from pydantic import ValidationError
 
     from hoptrace.contract import SpecError
-    from hoptrace.kafka import KafkaConfigError
+    from hoptrace.settings import KafkaConfigError
 
+    if isinstance(exc, SpecError | KafkaConfigError):  # e.g. HOPTRACE_PIPELINE unset
+        return str(exc)
+    if isinstance(exc, ValidationError):
+        return "invalid setting: " + "; ".join(
+            f"HOPTRACE_{str(e['loc'][0]).upper()}: {e['msg']}" if e.get("loc") else e["msg"]
+            for e in exc.errors()
+        )
+    return None
+
+
+def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
-    except (SpecError, KafkaConfigError) as exc:  # e.g. HOPTRACE_PIPELINE unset, no checkout
-        typer.echo(f"hoptrace: {exc}", err=True)
-        sys.exit(2)
-    except ValidationError as exc:  # a malformed HOPTRACE_* variable
-        bad = "; ".join(
-            f"HOPTRACE_{str(e['loc'][0]).upper()}: {e['msg']}" if e.get("loc") else e["msg"]
-            for e in exc.errors()
-        )
-        typer.echo(f"hoptrace: invalid setting: {bad}", err=True)
+    except Exception as exc:
+        line = _setup_error(exc)
+        if line is None:
+            raise
+        typer.echo(f"hoptrace: {line}", err=True)
         sys.exit(2)
 
 

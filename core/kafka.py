@@ -26,7 +26,7 @@ from aiokafka.errors import (
 )
 from aiokafka.protocol.metadata import MetadataRequest
 
-from hoptrace.settings import KafkaSettings
+from hoptrace.settings import KafkaConfigError, KafkaSettings
 
 __all__ = [
     "KafkaConfigError",
@@ -39,11 +39,6 @@ __all__ = [
 
 #: Seconds :func:`connection_problem` gives one connection attempt.
 PROBE_TIMEOUT_S = 5.0
-
-
-class KafkaConfigError(ValueError):
-    """The Kafka settings cannot make a client (e.g. SASL without a username, a missing CA
-    file): one line naming the variable to fix."""
 
 
 class KafkaUnavailable(KafkaError):

@@ -8,9 +8,9 @@ stack), :class:`ProcessSettings` (what `hoptrace dev` tells a process it starts)
 
 The pipeline spec (``HOPTRACE_PIPELINE``): in a checkout its default is the reference spec
 ``pipelines/payments.toml``; an installed package has no default for the collector and the
-commands that read "your" pipeline (a clear error, :func:`pipeline_not_set`, when it is unset), while the
-reference services (:class:`WorkerSettings`) and `hoptrace dev` fall back to the reference spec
-shipped in the package (:data:`PACKAGED_SPEC`).
+commands that read "your" pipeline (a clear error, :func:`pipeline_not_set`, when it is unset),
+while the reference services (:class:`WorkerSettings`) and `hoptrace dev` fall back to the
+reference spec shipped in the package (:data:`PACKAGED_SPEC`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ LOCAL_READONLY_DATABASE_URL = (
 
 class MissingDashboardDatabaseUrl(ValueError):
     """The dashboard has no read-only database URL (it never derives one from the owner's)."""
+
+
+class KafkaConfigError(ValueError):
+    """The Kafka settings cannot make a client (e.g. SASL without a username, a missing CA
+    file): one line naming the variable to fix (:func:`hoptrace.kafka.client_options`)."""
 
 
 def _spec_error() -> type[Exception]:

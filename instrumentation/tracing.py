@@ -205,8 +205,10 @@ class _SwitchableProcessor(SpanProcessor):
 
 
 class _Fanout(SpanProcessor):
-    """Hands each ended span to several export processors (the collector's, then the extra
-    endpoints' of ``HOPTRACE_EXPORT_ALSO``)."""
+    """Hands each ended span to several export processors: the collector's first, then the
+    extra endpoints' of ``HOPTRACE_EXPORT_ALSO``. A flush waits for the collector's export only
+    (offset commits and the outbox relay wait for it; an extra endpoint that is slow or down must
+    never hold them): the extras export on their own schedule."""
 
     def __init__(self, processors: Sequence[SpanProcessor]) -> None:
         self.processors = tuple(processors)
@@ -221,7 +223,7 @@ class _Fanout(SpanProcessor):
                 proc.shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return all([proc.force_flush(timeout_millis) for proc in self.processors])
+        return self.processors[0].force_flush(timeout_millis)
 
 
 class _BestEffortExporter(SpanExporter):

@@ -14,17 +14,21 @@ import sys
 from ..instrumentation.otlp_receiver import GrpcReceiver
 from ..support import free_port
 
-#: A traced process: one span, flushed; prints export_stats() as JSON.
+#: A traced process: one span, flushed (as an offset commit flushes: how long it took and
+#: whether it succeeded), then shut down; prints export_stats() and the flush as JSON.
 SCRIPT = """
-import json
+import json, time
 from hoptrace.instrumentation.tracing import (
-    configure_tracing, export_stats, get_tracer, shutdown_tracing,
+    configure_tracing, export_stats, flush_tracing, get_tracer, shutdown_tracing,
 )
 configure_tracing("name-from-code", instrument=False, schedule_delay_millis=50)
 with get_tracer().start_as_current_span("one-span"):
     pass
-shutdown_tracing(10.0)
-print(json.dumps(export_stats()))
+t0 = time.monotonic()
+flushed = flush_tracing(8.0)
+took = time.monotonic() - t0
+shutdown_tracing(3.0)
+print(json.dumps({**export_stats(), "flushed": flushed, "flush_s": took}))
 """
 
 
@@ -76,14 +80,14 @@ def test_export_also_sends_every_span_to_a_second_endpoint() -> None:
 
 
 def test_a_second_endpoint_that_is_down_costs_the_collector_nothing() -> None:
+    """A flush (what an offset commit and the outbox relay wait for) waits for the collector's
+    export only: the unreachable second endpoint's exporter retries for its 10 s timeout on its
+    own thread."""
     dead = f"http://127.0.0.1:{free_port()}"
     with GrpcReceiver() as collector:
         stats = traced(
-            {
-                "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
-                "HOPTRACE_EXPORT_ALSO": dead,
-                "OTEL_EXPORTER_OTLP_TIMEOUT": "2",
-            }
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "HOPTRACE_EXPORT_ALSO": dead}
         )
         assert len(collector.received.named("one-span")) == 1
     assert stats["exported"] == 1 and stats["export_failed"] == 0
+    assert stats["flushed"] is True and stats["flush_s"] < 2.0, stats
