@@ -44,6 +44,7 @@ from hoptrace.contract import conventions as c
 from hoptrace.contract.conventions import BAGGAGE_KEY
 
 from ._accel import Speedup, enabled
+from .extra_export import Fanout, extra_processors
 from .quiet import SuppressibleTracerProvider
 from .settings import instrumentation_settings
 
@@ -202,78 +203,6 @@ class _SwitchableProcessor(SpanProcessor):
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         cur = self.current
         return cur.force_flush(timeout_millis) if cur is not None else True
-
-
-class _Fanout(SpanProcessor):
-    """Hands each ended span to several export processors: the collector's first, then the
-    extra endpoints' of ``HOPTRACE_EXPORT_ALSO``. A flush waits for the collector's export only
-    (offset commits and the outbox relay wait for it; an extra endpoint that is slow or down must
-    never hold them): the extras export on their own schedule."""
-
-    def __init__(self, processors: Sequence[SpanProcessor]) -> None:
-        self.processors = tuple(processors)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        for proc in self.processors:
-            proc.on_end(span)
-
-    def shutdown(self) -> None:
-        for proc in self.processors:
-            with contextlib.suppress(Exception):
-                proc.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.processors[0].force_flush(timeout_millis)
-
-
-class _BestEffortExporter(SpanExporter):
-    """An extra endpoint's exporter: failures are logged (at most every 60 s) and the batch
-    dropped; nothing of it reaches ``export_stats()`` (those count the collector's export)."""
-
-    def __init__(self, inner: SpanExporter, endpoint: str) -> None:
-        self.inner = inner
-        self.endpoint = endpoint
-        self._warned = 0.0
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            result = self.inner.export(spans)
-        except Exception:  # noqa: BLE001 - an extra endpoint never breaks anything
-            result = SpanExportResult.FAILURE
-        if result is not SpanExportResult.SUCCESS and time.monotonic() - self._warned > 60:
-            self._warned = time.monotonic()
-            log.warning("tracing: export to %s failed; its spans are dropped", self.endpoint)
-        return result
-
-    def shutdown(self) -> None:
-        with contextlib.suppress(Exception):
-            self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        try:
-            return self.inner.force_flush(timeout_millis)
-        except Exception:  # noqa: BLE001
-            return False
-
-
-def _extra_processors(endpoints: str | None, opts: dict[str, Any]) -> list[SpanProcessor]:
-    """One batch processor per extra OTLP gRPC endpoint (``HOPTRACE_EXPORT_ALSO``)."""
-    out: list[SpanProcessor] = []
-    for endpoint in (e.strip() for e in (endpoints or "").split(",")):
-        if not endpoint:
-            continue
-        inner = _default_exporter({"endpoint": endpoint, "protocol": "grpc"})
-        if inner is None:
-            continue
-        out.append(
-            BatchSpanProcessor(
-                _BestEffortExporter(inner, endpoint),
-                max_queue_size=opts.get("max_queue_size"),
-                schedule_delay_millis=opts.get("schedule_delay_millis", 500),
-                max_export_batch_size=opts.get("max_export_batch_size"),
-            )
-        )
-    return out
 
 
 def _service_name(given: str) -> str | None:
@@ -469,9 +398,9 @@ def configure_tracing(
                     export_timeout_millis=opts.get("export_timeout_millis"),
                 )
                 if exporter is None:  # the default export: extra endpoints too, if any
-                    extra = _extra_processors(settings.export_also, opts)
+                    extra = extra_processors(settings.export_also, opts, _default_exporter)
                     if extra:
-                        new = _Fanout([new, *extra])
+                        new = Fanout([new, *extra])
         old, state.switch.current = state.switch.current, new
         state.exporter_key = key
         if old is not None:
