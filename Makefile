@@ -1,12 +1,19 @@
 # hoptrace: two commands on a fresh machine.
 #   make demo   bring up the local stack (PostgreSQL, Kafka, collector, services) and run payments
 #   make test   lint + the whole test suite against the real stack
+# Prerequisites: README.md ("Two commands"). Opt-out: HOPTRACE_SKIP_BROWSER=1 installs no
+# Chromium and skips the dashboard's browser test.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint format bootstrap install up down status bench chaos tools
+
+# HOPTRACE_SKIP_BROWSER=1: no Chromium (scripts/bootstrap.sh), so no browser test either
+ifeq ($(HOPTRACE_SKIP_BROWSER),1)
+SKIP_TESTS := --ignore=tests/dashboard/test_browser.py
+endif
 
 NATIVE := native/Cargo.toml native/Cargo.lock native/pyproject.toml $(wildcard native/src/*.rs)
 # rustup's default location, for shells that did not source ~/.cargo/env
@@ -40,7 +47,7 @@ test: bootstrap install lint
 	scripts/go-tools.sh
 	scripts/interop.sh
 	$(BIN)/hoptrace dev up --infra-only
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(SKIP_TESTS) $(PYTEST_ARGS)
 
 up: bootstrap install
 	$(BIN)/hoptrace dev up

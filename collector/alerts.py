@@ -154,7 +154,7 @@ class Targets:
     alertmanager_url: str | None
     webhook_url: str | None
     dashboard_url: str
-    jaeger_url: str
+    jaeger_url: str | None  # None: no Jaeger configured, no link
 
     @property
     def any(self) -> bool:
@@ -234,7 +234,7 @@ def alert_body(a: dict[str, Any], t: Targets) -> dict[str, Any]:
         "evidence": a.get("evidence") or "",
         "dashboard_url": dash,
         "jaeger_url": f"{t.jaeger_url.rstrip('/')}/trace/{a['trace_id']}"
-        if a.get("trace_id")
+        if a.get("trace_id") and t.jaeger_url
         else "",
     }
     resolved = a["status"] == "resolved"

@@ -1,7 +1,8 @@
 """The long-lived clients evidence gathering reads through, and the time bound on each source.
 
 ``EvidenceSources`` holds a Postgres pool, a Kafka admin client, a group-less consumer for end
-offsets and another for dead-letter scans, so repeated lookups (dashboard, alerts, benchmark) pay
+offsets and another for dead-letter scans (each with the Kafka security settings of
+:mod:`hoptrace.kafka`; one that cannot connect says why), so repeated lookups (dashboard, alerts, benchmark) pay
 no connection set-up. Its own pool runs single read statements and nothing else (no transaction,
 no ``SET``, no ``LISTEN``, no advisory lock), so a connection goes back to the pool without
 asyncpg's session reset (a round trip on every release, inside every ``pool.fetch``). ``bounded`` runs one source's read within a timeout and records a source that
@@ -19,7 +20,9 @@ from typing import TypeVar
 import asyncpg
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
+from hoptrace.kafka import client_options, explain
 from hoptrace.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -84,12 +87,14 @@ class EvidenceSources:
                 admin = AIOKafkaAdminClient(
                     bootstrap_servers=self.settings.kafka_bootstrap,
                     request_timeout_ms=int(self.timeout * 1000),
+                    **client_options(self.settings),
                 )
                 try:
                     await admin.start()
-                except BaseException:
+                except BaseException as exc:
                     with contextlib.suppress(Exception):
                         await admin.close()
+                    await self._explained(exc)
                     raise
                 self.admin = admin
             if self.consumer is None:
@@ -98,12 +103,14 @@ class EvidenceSources:
                     group_id=None,
                     enable_auto_commit=False,
                     request_timeout_ms=max(int(self.timeout * 1000), 1000),
+                    **client_options(self.settings),
                 )
                 try:
                     await consumer.start()
-                except BaseException:
+                except BaseException as exc:
                     with contextlib.suppress(Exception):
                         await consumer.stop()
+                    await self._explained(exc)
                     raise
                 self.consumer = consumer
         return self.admin, self.consumer
@@ -117,15 +124,24 @@ class EvidenceSources:
                     group_id=None,
                     enable_auto_commit=False,
                     fetch_max_wait_ms=5,  # never hold a scan on a long poll at a partition's end
+                    **client_options(self.settings),
                 )
                 try:
                     await scanner.start()
-                except BaseException:
+                except BaseException as exc:
                     with contextlib.suppress(Exception):
                         await scanner.stop()
+                    await self._explained(exc)
                     raise
                 self._scanner = scanner
         return self._scanner
+
+    async def _explained(self, exc: BaseException) -> None:
+        """A Kafka client that could not start: raise why (a refused SASL login, nothing
+        listening, ...) instead of aiokafka's "Unable to bootstrap" (the missing evidence
+        names it). Anything else (a cancellation) is left to the caller to re-raise."""
+        if isinstance(exc, KafkaError | OSError):
+            raise await explain(exc, self.settings) from exc
 
     async def coordinator(self, group: str) -> int:
         if group not in self._coordinators:

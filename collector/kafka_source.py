@@ -3,7 +3,9 @@
 same write queue. Offsets are committed only after the records' spans are written, so a crash
 re-delivers (duplicates are harmless) and nothing is lost. Undecodable records are counted and
 skipped; spans outside the store's time window (:class:`~.ingest.SpanWindow`) are counted and
-dropped, as the receivers do.
+dropped, as the receivers do. Its consumer connects with the Kafka security settings
+(``HOPTRACE_KAFKA_*``, :mod:`hoptrace.kafka`); a start that fails is logged with its cause (a
+refused SASL login, say) and retried.
 
 :meth:`KafkaSpanSource.run_forever` is what the collector runs: when the source dies of an
 unexpected error (a bug, a client in a state it cannot leave) it is logged, counted
@@ -22,6 +24,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from hoptrace.contract.conventions import MESSAGING_SYSTEM_KAFKA
+from hoptrace.kafka import client_options, explain, kafka_settings
+from hoptrace.settings import KafkaSettings
 
 from . import metrics
 from .decode import DEFAULT_KEYS, DecodeFailure, DecodeKeys, decode_body, parse_protobuf
@@ -44,9 +48,14 @@ class KafkaSpanSource:
         max_retry_s: float = 30.0,
         window: SpanWindow | None = None,
         keys: DecodeKeys = DEFAULT_KEYS,
+        kafka: KafkaSettings | None = None,
     ) -> None:
         self.keys = keys  # the pipeline's correlation carriers, candidates for step matching
         self.bootstrap = bootstrap
+        # security (SASL, TLS) from ``kafka`` (default: HOPTRACE_KAFKA_*), checked now: settings
+        # that cannot work stop the collector at start instead of retrying forever
+        self.kafka = (kafka or kafka_settings()).model_copy(update={"kafka_bootstrap": bootstrap})
+        self.client_options = client_options(self.kafka)
         self.topic = topic
         self.group = group
         self.queue = queue
@@ -71,6 +80,7 @@ class KafkaSpanSource:
                 group_id=self.group,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
+                **self.client_options,
             )
             try:
                 await consumer.start()
@@ -81,11 +91,11 @@ class KafkaSpanSource:
                 if not isinstance(exc, KafkaError | OSError):
                     raise
                 self.start_failures += 1
+                why = await explain(exc, self.kafka)  # e.g. the broker refused the SASL login
                 log.warning(
-                    "kafka span source: cannot start on %s (%s: %s); retrying in %.1fs",
+                    "kafka span source: cannot start on %s (%s); retrying in %.1fs",
                     self.bootstrap,
-                    type(exc).__name__,
-                    exc,
+                    why,
                     delay,
                 )
             await asyncio.sleep(delay)

@@ -1,6 +1,7 @@
 """OTLP/HTTP receiver (starlette): ``POST /v1/traces`` (protobuf or JSON, optional gzip),
-``GET /healthz`` (liveness: the process answers), ``GET /readyz`` (readiness: the store answers
-and the write queue is below its cap; 503 with the reason otherwise), ``GET /metrics``.
+``GET /healthz`` (liveness: the process answers), ``GET /readyz`` (readiness: the store answers,
+the write queue is below its cap and the last span write succeeded; 503 with the reason
+otherwise), ``GET /metrics``.
 
 Answers per the OTLP spec: 200 (with ``partial_success`` when spans were rejected), 400
 undecodable, 401 bad/missing token, 413 too large (Content-Length, streamed size and decompressed

@@ -4,8 +4,9 @@ scanner, the alert dispatcher and (optionally) the Kafka span source, in one asy
 Its database sessions are set up so that a replica that hangs cannot hold the others up for
 long: the server ends a session idle inside a transaction for ``IDLE_IN_TRANSACTION`` (its row
 locks go with it) and probes idle connections with TCP keepalives; a statement gets
-``COMMAND_TIMEOUT``. ``/readyz`` answers 200 while the store answers and the write queue is
-below its cap (compose's healthcheck), ``/healthz`` while the process does (liveness)."""
+``COMMAND_TIMEOUT``. ``/readyz`` answers 200 while the store answers, the write queue is below
+its cap and the last span write succeeded (compose's healthcheck), ``/healthz`` while the process
+does (liveness)."""
 
 from __future__ import annotations
 
@@ -133,6 +134,7 @@ class Collector:
                 self.queue,
                 window=self.window,
                 keys=self.keys,
+                kafka=s,
             )
             self._bg.append(asyncio.create_task(self.kafka.run_forever()))
         if self.receivers:
@@ -168,7 +170,8 @@ class Collector:
             self.http_port = self._http.servers[0].sockets[0].getsockname()[1]
 
     async def ready(self) -> tuple[bool, str]:
-        """Readiness: the write queue is below its cap and the store answers."""
+        """Readiness: the write queue is below its cap, the store answers and the last span
+        write succeeded (a store that answers but refuses writes is not ready either)."""
         depth, cap = self.queue.depth, self.queue.max_spans
         if depth >= cap:
             return False, f"not ready: write queue at its cap ({depth}/{cap} spans)"
@@ -178,6 +181,8 @@ class Collector:
             await asyncio.wait_for(self.pool.fetchval("SELECT 1"), READY_TIMEOUT)
         except (Exception, TimeoutError) as exc:
             return False, f"not ready: database unreachable ({type(exc).__name__})"
+        if self.writer is not None and self.writer.last_error is not None:
+            return False, f"not ready: the last span write failed ({self.writer.last_error})"
         return True, "ready"
 
     async def _maintenance(self) -> None:

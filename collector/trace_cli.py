@@ -1,5 +1,7 @@
 """`hoptrace trace ID --format text|json|markdown`: exit 0 when the correlation was found, 2 for
-a malformed or unknown id, 1 for an internal failure (e.g. the span store cannot be read).
+a malformed or unknown id (or no pipeline spec), 1 for an internal failure (e.g. the span store
+cannot be read). With ``--format json`` a correlation that was not found still prints its
+document (``"found": false``, with the missing evidence), so a script reads one format.
 Everything printed is printable: the rendered diagnosis (see ``render``) and the error messages,
 which may quote the typed id or a server's error text (``render.printable``).
 
@@ -13,6 +15,7 @@ import traceback
 
 import typer
 
+from hoptrace.contract import SpecError
 from hoptrace.settings import get_settings
 
 from . import api, api_json
@@ -57,6 +60,8 @@ def trace_cli(correlation_id: str, fmt: str = "text") -> None:
         return
     try:
         diagnosis = asyncio.run(_lookup(correlation_id))
+    except SpecError as exc:  # e.g. HOPTRACE_PIPELINE unset outside a checkout
+        _fail(str(exc), 2)
     except Exception as exc:  # noqa: BLE001 - reported, exit 1
         lines = traceback.format_exc().splitlines()
         typer.echo("\n".join(map(printable, lines)), err=True)
@@ -64,6 +69,8 @@ def trace_cli(correlation_id: str, fmt: str = "text") -> None:
             f"internal failure while diagnosing {correlation_id!r}: {type(exc).__name__}: {exc}", 1
         )
     if not diagnosis.found:
+        if fmt == "json":  # the document of a correlation not found: a script reads one format
+            typer.echo(render(diagnosis, fmt, get_settings().jaeger_url))
         status, message = api_json.not_found_reason(diagnosis)
         _fail(message, 1 if status == 503 else 2)
     typer.echo(render(diagnosis, fmt, get_settings().jaeger_url))

@@ -160,6 +160,8 @@ class Writer:
         self.retention = retention
         self._days: set[date] = set()
         self.inflight = 0  # batches taken from the queue and not yet written
+        #: why the last batch write failed; None once a write succeeded (readiness reads it)
+        self.last_error: str | None = None
 
     async def _ensure_days(self, conn: asyncpg.Connection, day_numbers: set[int]) -> None:
         """Partitions for the UTC days (``start_us // DAY_US``) a batch's spans start on."""
@@ -325,10 +327,12 @@ async def run_writer(writer: Writer, queue: SpanQueue, batch_spans: int) -> None
         while True:
             try:
                 await writer.write_spans(batches)
+                writer.last_error = None
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # DB down, deadlock, ...: retry the same batch
+                writer.last_error = f"{type(exc).__name__}: {exc}"
                 metrics.WRITE_ERRORS.inc()
                 log.warning("span batch write failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)

@@ -46,8 +46,28 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"hoptrace {version('hoptrace')}")
+        except PackageNotFoundError:  # run from a tree that was never installed
+            from hoptrace import __version__
+
+            typer.echo(f"hoptrace {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _refuse_placeholder_secrets() -> None:
+def _refuse_placeholder_secrets(
+    _version_flag: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     """Every command: a secret still holding the .env.example placeholder stops it (exit 2)."""
     from hoptrace.settings import PLACEHOLDER, placeholder_secrets
 
@@ -103,8 +123,29 @@ def dev_status() -> None:
     raise typer.Exit(3 if any_down else 0)
 
 
-@dev_app.command("stop")
-def dev_stop(name: str) -> None:
+class _DevPartCommand(TyperCommand):
+    """`hoptrace dev start|stop`: the help lists the parts (NAME) and each service's fault
+    switches (--fault), read from the stack and the registry only when the help is shown."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from hoptrace import devstack
+        from hoptrace.workers.registry import FAULTS
+
+        parts = ", ".join(p.name for p in devstack.all_parts(devstack.StackConfig.from_env()))
+        faults = "; ".join(f"{name}: {', '.join(values)}" for name, values in FAULTS.items())
+        for param in self.params:
+            if param.name == "name":
+                param.help = f"One of: {parts}."  # type: ignore[attr-defined]
+            elif param.name == "fault":
+                param.help = f"Fault switch, per service: {faults}."  # type: ignore[attr-defined]
+        super().format_help(ctx, formatter)
+
+
+PartName = Annotated[str, typer.Argument(help="A part of the local stack.")]
+
+
+@dev_app.command("stop", cls=_DevPartCommand)
+def dev_stop(name: PartName) -> None:
     """Stop one part of the local stack."""
     from hoptrace import devstack
 
@@ -116,9 +157,9 @@ def dev_stop(name: str) -> None:
     typer.echo(f"{name} {'stopped' if p.stop() else 'was not running'}")
 
 
-@dev_app.command("start")
+@dev_app.command("start", cls=_DevPartCommand)
 def dev_start(
-    name: str,
+    name: PartName,
     fault: Annotated[str | None, typer.Option("--fault", help="Fault switch (see README).")] = None,
 ) -> None:
     """Start one part of the local stack, optionally with a fault switch."""
@@ -201,7 +242,15 @@ def topics_ensure() -> None:
 
 
 @app.command("migrate")
-def migrate() -> None:
+def migrate(
+    span_store_only: Annotated[
+        bool,
+        typer.Option(
+            "--span-store-only",
+            help="Only the span store (the collector's tables), not the reference pipeline's.",
+        ),
+    ] = False,
+) -> None:
     """Apply the database migrations: the span store and the reference pipeline's tables."""
     import asyncio
 
@@ -211,7 +260,9 @@ def migrate() -> None:
     from hoptrace.contract import parse_duration
     from hoptrace.repair.audit import ensure as ensure_redrives
     from hoptrace.settings import get_settings
-    from hoptrace.workers.schema import migrate_cli
+
+    if not span_store_only:
+        from hoptrace.workers.schema import migrate_cli
 
     settings = get_settings()
 
@@ -228,7 +279,8 @@ def migrate() -> None:
     except (OSError, asyncpg.PostgresError) as exc:
         fail(f"cannot migrate the span store at {settings.database_url.split('@')[-1]}: {exc}", 1)
     typer.echo("span store: migrated")
-    migrate_cli()
+    if not span_store_only:
+        migrate_cli()
 
 
 @app.command("pay")
@@ -339,11 +391,35 @@ def spec_discover(
     discover_cli(since, limit)
 
 
+def _setup_error(exc: Exception) -> str | None:
+    """One line for an error of the set-up rather than of the program (a missing or malformed
+    pipeline spec, Kafka settings that cannot work, a malformed ``HOPTRACE_*`` variable)."""
+    from pydantic import ValidationError
+
+    from hoptrace.contract import SpecError
+    from hoptrace.settings import KafkaConfigError
+
+    if isinstance(exc, SpecError | KafkaConfigError):  # e.g. HOPTRACE_PIPELINE unset
+        return str(exc)
+    if isinstance(exc, ValidationError):
+        return "invalid setting: " + "; ".join(
+            f"HOPTRACE_{str(e['loc'][0]).upper()}: {e['msg']}" if e.get("loc") else e["msg"]
+            for e in exc.errors()
+        )
+    return None
+
+
 def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        line = _setup_error(exc)
+        if line is None:
+            raise
+        typer.echo(f"hoptrace: {line}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

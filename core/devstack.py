@@ -1,11 +1,11 @@
 """The local stack without Docker: a private PostgreSQL cluster and a real Apache Kafka broker
-(KRaft), plus hoptrace's own processes (the collector, the reference services of
-:mod:`hoptrace.workers.registry`, the dashboard), each with its own log, pid file and readiness
-check. `hoptrace dev up|down|status|start|stop` is this module.
+(KRaft), Jaeger when its binary has been built, plus hoptrace's own processes (the collector,
+the reference services of :mod:`hoptrace.workers.registry`, the dashboard), each with its own
+log, pid file and readiness check. `hoptrace dev up|down|status|start|stop` is this module.
 
 The jobs live in their own modules: where the stack lives (:mod:`.devstack_config`), process
-management (:mod:`.devstack_process`), PostgreSQL (:mod:`.devstack_postgres`) and Kafka
-(:mod:`.devstack_kafka`) provisioning. Failures raise :class:`StackError` with one line that says
+management (:mod:`.devstack_process`), PostgreSQL (:mod:`.devstack_postgres`), Kafka
+(:mod:`.devstack_kafka`) and Jaeger (:mod:`.devstack_jaeger`). Failures raise :class:`StackError` with one line that says
 what is wrong and what to do.
 """
 
@@ -17,17 +17,19 @@ import sys
 import time
 from collections.abc import Callable
 
-from hoptrace.settings import PROJECT_ROOT, Settings
+from hoptrace.settings import Settings
 from hoptrace.workers.registry import SERVICES as WORKERS
 
 from .devstack_config import STACK_FILES, StackConfig, StackError
+from .devstack_jaeger import JaegerPart
 from .devstack_kafka import KafkaBroker
 from .devstack_postgres import PostgresServer
-from .devstack_process import Part, PartStatus, ServicePart, stack_env, tail
+from .devstack_process import Part, PartStatus, ServicePart, stack_env, tail, work_dir
 
 __all__ = [
     "INIT_STEPS",
     "STACK_FILES",
+    "JaegerPart",
     "KafkaPart",
     "Part",
     "PartStatus",
@@ -38,6 +40,7 @@ __all__ = [
     "all_parts",
     "down",
     "infra_parts",
+    "observability_parts",
     "part",
     "run_init",
     "service_parts",
@@ -75,8 +78,13 @@ def service_parts(cfg: StackConfig) -> list[ServicePart]:
     ]
 
 
+def observability_parts(cfg: StackConfig) -> list[Part]:
+    """Jaeger (started by `dev up` when its binary has been built; not with --infra-only)."""
+    return [JaegerPart(cfg)]
+
+
 def all_parts(cfg: StackConfig) -> list[Part]:
-    return [*infra_parts(cfg), *service_parts(cfg)]
+    return [*infra_parts(cfg), *observability_parts(cfg), *service_parts(cfg)]
 
 
 def part(cfg: StackConfig, name: str) -> Part:
@@ -107,7 +115,7 @@ def run_init(cfg: StackConfig, echo: Callable[[str], None] = print) -> None:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=str(PROJECT_ROOT),
+                cwd=str(work_dir(cfg)),
             )
         if res.returncode != 0:
             raise StackError(f"`hoptrace {' '.join(args)}` failed; see {log} ({tail(log, 2)})")
@@ -129,9 +137,19 @@ def up(cfg: StackConfig, *, services: bool = True, echo: Callable[[str], None] =
     for p in infra_parts(cfg):
         start(p)
     if services:
+        jaeger = JaegerPart(cfg)
+        if jaeger.built:  # before the services: they export to it from their first span
+            start(jaeger)
+        else:
+            echo(f"{jaeger.name:<18} skipped    (not built: `scripts/go-tools.sh jaeger`)")
         run_init(cfg, echo)  # migrations and topics before any service starts
         for p in service_parts(cfg):
             start(p)
+        if jaeger.pid() is not None:
+            echo(
+                f"jaeger UI {cfg.jaeger_url}; for its links in `hoptrace trace`: "
+                f"export HOPTRACE_JAEGER_URL={cfg.jaeger_url}"
+            )
     return time.monotonic() - t0
 
 

@@ -1,20 +1,36 @@
 """The local stack's Apache Kafka: one KRaft broker (broker and controller in one JVM) on
 127.0.0.1, its jars resolved by Maven from Maven Central into the shared jar cache, its storage
-formatted once, topic auto-creation off (topics appear only through `hoptrace topics ensure`)."""
+formatted once, topic auto-creation off (topics appear only through `hoptrace topics ensure`).
+
+With ``HOPTRACE_DEV_KAFKA_SASL_PORT`` the broker also listens with SASL_PLAINTEXT on that port
+(SCRAM-SHA-256 and SCRAM-SHA-512): its SCRAM user (``hoptrace``, password drawn then and kept in
+``<home>/kafka-sasl.password``) is created by Kafka's own storage tool when the folder is
+formatted (``--add-scram``), the way a managed Kafka's credentials exist before any client."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import secrets
 import shutil
 import subprocess
 import uuid
 from pathlib import Path
 
-from .devstack_config import STACK_FILES, StackConfig, StackError, initialising_marker
+from .devstack_config import (
+    KAFKA_SASL_USER,
+    STACK_FILES,
+    StackConfig,
+    StackError,
+    initialising_marker,
+)
 from .devstack_process import Part, port_open, tail
 
 KAFKA_VERSION = "4.1.1"
+#: The SASL mechanisms of the optional SASL_PLAINTEXT listener (its user has both).
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+_SCRAM_LOGIN = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
 
 
 def java() -> str:
@@ -70,10 +86,20 @@ def fetch_jars(cfg: StackConfig) -> None:
 
 
 def server_properties(cfg: StackConfig, data: Path) -> str:
-    """The broker's configuration: single node, loopback only, no topic auto-creation."""
+    """The broker's configuration: single node, loopback only, no topic auto-creation; with a
+    SASL port, a SASL_PLAINTEXT listener that accepts SCRAM-SHA-256/512 logins."""
     listeners = (
         f"PLAINTEXT://127.0.0.1:{cfg.kafka_port},CONTROLLER://127.0.0.1:{cfg.controller_port}"
     )
+    protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    sasl = ""
+    if cfg.kafka_sasl_port:
+        listeners += f",SASL_PLAINTEXT://127.0.0.1:{cfg.kafka_sasl_port}"
+        protocols += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+        sasl = f"sasl.enabled.mechanisms={','.join(SCRAM_MECHANISMS)}\n" + "".join(
+            f"listener.name.sasl_plaintext.{m.lower()}.sasl.jaas.config={_SCRAM_LOGIN}\n"
+            for m in SCRAM_MECHANISMS
+        )
     return (
         "process.roles=broker,controller\n"
         "node.id=1\n"
@@ -82,7 +108,8 @@ def server_properties(cfg: StackConfig, data: Path) -> str:
         f"advertised.listeners={listeners}\n"
         "controller.listener.names=CONTROLLER\n"
         "inter.broker.listener.name=PLAINTEXT\n"
-        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n"
+        f"listener.security.protocol.map={protocols}\n"
+        f"{sasl}"
         f"log.dirs={data}\n"
         "num.partitions=3\n"
         "auto.create.topics.enable=false\n"
@@ -141,6 +168,12 @@ class KafkaBroker(Part):
         self.properties.write_text(server_properties(self.cfg, self.data))
         marker = initialising_marker(self.data)
         if (self.data / "meta.properties").exists() and not marker.exists():
+            if self.cfg.kafka_sasl_port and self.cfg.kafka_sasl_password() is None:
+                raise StackError(
+                    f"{self.data} was formatted without a SASL user, so a SASL listener would "
+                    "accept no login; use another HOPTRACE_HOME for a stack with "
+                    "HOPTRACE_DEV_KAFKA_SASL_PORT (the SCRAM user is created at format)"
+                )
             return
         if self.data.exists() and any(self.data.iterdir()) and not marker.exists():
             raise StackError(
@@ -153,6 +186,22 @@ class KafkaBroker(Part):
         self.data.mkdir(parents=True)
         self._format()
         marker.unlink()
+
+    def _scram_users(self) -> list[str]:
+        """``--add-scram`` arguments creating the SASL listener's user (none without one)."""
+        if not self.cfg.kafka_sasl_port:
+            return []
+        password = self.cfg.kafka_sasl_password()
+        if password is None:
+            password = secrets.token_urlsafe(18)
+            path = self.cfg.kafka_sasl_password_file
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+        args = []
+        for mechanism in SCRAM_MECHANISMS:
+            args += ["--add-scram", f"{mechanism}=[name={KAFKA_SASL_USER},password={password}]"]
+        return args
 
     def _format(self) -> None:
         log = self.cfg.logs / "kafka-format.log"
@@ -167,6 +216,7 @@ class KafkaBroker(Part):
                     "-c",
                     str(self.properties),
                     "--ignore-formatted",
+                    *self._scram_users(),
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hoptrace.settings import PROJECT_ROOT, Settings
+from hoptrace.settings import IN_CHECKOUT, PACKAGED_SPEC, PROJECT_ROOT, Settings
 
-from .devstack_config import StackConfig, StackError
+from .devstack_config import KAFKA_SASL_USER, StackConfig, StackError
 
 # --------------------------------------------------------------------------------------------
 # small helpers
@@ -168,7 +168,7 @@ class Part:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
-                cwd=str(PROJECT_ROOT),
+                cwd=str(work_dir(self.cfg)),
             )
         self.pid_file.write_text(str(proc.pid))
         self._await_ready(proc)
@@ -219,12 +219,24 @@ class Part:
         return True
 
 
+def work_dir(cfg: StackConfig) -> Path:
+    """Where the stack's processes run: the checkout (relative spec paths keep working), or
+    the stack's folder for an installed package."""
+    return PROJECT_ROOT if IN_CHECKOUT else cfg.home
+
+
 def stack_env(cfg: StackConfig) -> dict[str, str]:
     """The database and broker a process of this stack talks to: the stack's own (a private
     stack, with another ``HOPTRACE_HOME`` and ports, points its processes at itself), unless
     ``HOPTRACE_DATABASE_URL`` / ``HOPTRACE_KAFKA_BOOTSTRAP`` name others. The dashboard's
     read-only URL is the stack's read-only role while the database is the stack's; with another
-    database it must be given too (the dashboard refuses to start without it)."""
+    database it must be given too (the dashboard refuses to start without it).
+
+    Also, each unless set already: the broker's SASL listener and its SCRAM login when the stack
+    has one (``HOPTRACE_DEV_KAFKA_SASL_PORT``); the collector's OTLP endpoint for the services'
+    export (``HOPTRACE_OTLP_GRPC_PORT`` moves it); the stack's Jaeger, when it runs, as a second
+    export endpoint and the target of trace links; the reference spec shipped in the package
+    when this is no checkout (the stack runs the reference pipeline)."""
     s = Settings()
     given = s.model_fields_set
     env = {
@@ -237,6 +249,28 @@ def stack_env(cfg: StackConfig) -> dict[str, str]:
         env["HOPTRACE_DASHBOARD_DATABASE_URL"] = s.dashboard_database_url
     elif env["HOPTRACE_DATABASE_URL"] == cfg.database_url:  # this stack's own database
         env["HOPTRACE_DASHBOARD_DATABASE_URL"] = cfg.readonly_database_url
+    sasl_password = cfg.kafka_sasl_password()
+    if cfg.kafka_sasl_bootstrap and sasl_password and "kafka_bootstrap" not in given:
+        env |= {
+            "HOPTRACE_KAFKA_BOOTSTRAP": cfg.kafka_sasl_bootstrap,
+            "HOPTRACE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "HOPTRACE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "HOPTRACE_KAFKA_SASL_USERNAME": KAFKA_SASL_USER,
+            "HOPTRACE_KAFKA_SASL_PASSWORD": sasl_password,
+        }
+    otlp = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").strip().lower()
+    if not any(os.environ.get(k) for k in otlp) and protocol == "grpc":
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{s.otlp_grpc_port}"
+    from .devstack_jaeger import JaegerPart  # (it is a Part of this module)
+
+    if JaegerPart(cfg).pid() is not None:
+        if "jaeger_url" not in given:
+            env["HOPTRACE_JAEGER_URL"] = cfg.jaeger_url
+        if not os.environ.get("HOPTRACE_EXPORT_ALSO"):
+            env["HOPTRACE_EXPORT_ALSO"] = cfg.jaeger_otlp_endpoint
+    if not IN_CHECKOUT and "pipeline_file" not in given:
+        env["HOPTRACE_PIPELINE"] = str(PACKAGED_SPEC)
     return env
 
 
@@ -262,6 +296,9 @@ class ServicePart(Part):
         env = {
             **stack_env(self.cfg),
             "HOPTRACE_READY_FILE": str(self.ready_file),
+            # its spans are named after the part (a shell-wide OTEL_SERVICE_NAME would give
+            # every service one name, and no step would match its spec's service)
+            "OTEL_SERVICE_NAME": self.name,
             **(extra_env or {}),
         }
         return super().start(env)

@@ -35,7 +35,7 @@ class ApiSource:
     _lock: ClassVar[threading.Lock] = threading.Lock()
     _closed_at_exit: ClassVar[bool] = False
 
-    def __init__(self, dsn: str, jaeger_url: str) -> None:
+    def __init__(self, dsn: str, jaeger_url: str | None) -> None:
         self.dsn = dsn
         self._jaeger_url = jaeger_url
         self._pool: Any = None
@@ -118,7 +118,7 @@ class ApiSource:
     def step_order(self) -> list[str]:
         return []  # the API's funnel is already in pipeline order
 
-    def jaeger_url(self) -> str:
+    def jaeger_url(self) -> str | None:
         return self._jaeger_url
 
     def payments(self, params: dict[str, str]) -> dict[str, Any]:
@@ -206,13 +206,14 @@ class Looked:
     """A diagnosis (its fields read through) with the facts the lookup page shows beside it,
     taken from the evidence the diagnosis was decided on (``Diagnosis.facts``)."""
 
-    def __init__(self, diagnosis: api.Diagnosis, jaeger_url: str) -> None:
+    def __init__(self, diagnosis: api.Diagnosis, jaeger_url: str | None) -> None:
         self.diagnosis = diagnosis
         evidence = diagnosis.facts
         self.kafka_facts = frames.kafka_rows(evidence)
         self.db_facts = frames.db_rows(evidence)
         self.spans = list(evidence.spans) if evidence is not None else None
-        self.jaeger_urls = [frames.jaeger_link(jaeger_url, t) for t in diagnosis.trace_ids]
+        links = (frames.jaeger_link(jaeger_url, t) for t in diagnosis.trace_ids)
+        self.jaeger_urls = [u for u in links if u]  # none without a Jaeger configured
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.diagnosis, name)

@@ -102,8 +102,9 @@ def lookup_link(correlation_id: str, base: str = "") -> str:
     return f"{base.rstrip('/')}/?id={quote(str(correlation_id), safe='')}"
 
 
-def jaeger_link(jaeger_url: str, trace_id: str) -> str:
-    return f"{jaeger_url.rstrip('/')}/trace/{trace_id}"
+def jaeger_link(jaeger_url: str | None, trace_id: str) -> str | None:
+    """The trace's page in Jaeger; None when no Jaeger is configured."""
+    return f"{jaeger_url.rstrip('/')}/trace/{trace_id}" if jaeger_url else None
 
 
 def steps_frame(diagnosis: Any) -> pd.DataFrame:

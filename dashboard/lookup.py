@@ -120,10 +120,18 @@ def show(diagnosis: Any, source: Source) -> None:
 
     st.markdown("#### Traces in Jaeger")
     urls = get(diagnosis, "jaeger_urls") or [
-        frames.jaeger_link(source.jaeger_url(), t) for t in get(diagnosis, "trace_ids", []) or []
+        u
+        for u in (
+            frames.jaeger_link(source.jaeger_url(), t)
+            for t in get(diagnosis, "trace_ids", []) or []
+        )
+        if u  # none without a Jaeger configured
     ]
+    trace_ids = get(diagnosis, "trace_ids", []) or []
     if urls:
         st.markdown("\n".join(f"- [{u.rsplit('/', 1)[-1]}]({u})" for u in urls))
+    elif trace_ids:
+        st.caption(f"No Jaeger configured (HOPTRACE_JAEGER_URL); traces: {', '.join(trace_ids)}")
     else:
         st.caption("No traces recorded.")
 

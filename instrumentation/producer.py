@@ -20,6 +20,7 @@ from hoptrace.contract.conventions import (
     EVENT_ID_HEADER,
     EVENT_TYPE_HEADER,
 )
+from hoptrace.kafka import client_options
 
 from ._accel import Speedup, enabled
 from .envelope import (
@@ -84,10 +85,12 @@ def record_emit(
 class HopProducer:
     """Emit Envelopes to Kafka with baggage + ``x-correlation-id`` + traceparent.
 
-    ``aiokafka_opts`` go to ``AIOKafkaProducer`` (defaults: acks="all", idempotent)."""
+    ``aiokafka_opts`` go to ``AIOKafkaProducer`` (defaults: acks="all", idempotent, and the
+    security options of ``HOPTRACE_KAFKA_*``: :func:`hoptrace.kafka.client_options`)."""
 
     def __init__(self, bootstrap: str, **aiokafka_opts: Any) -> None:
         opts: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 0}
+        opts.update(client_options())
         opts.update(aiokafka_opts)
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **opts)
         self._started = False

@@ -5,7 +5,8 @@ pydantic-settings class instead of ``os.environ`` look-ups spread over the modul
 speed-up in ``hoptrace.instrumentation._accel``: off, each falls back to the libraries' public
 API (the same spans, more CPU per hop). ``HOPTRACE_EXPORT_HOLD_S`` is how long a failed span
 batch is held and retried; ``HOPTRACE_EXPORT_STATS_DIR`` where each process writes its export
-counters after every export.
+counters after every export; ``HOPTRACE_EXPORT_ALSO`` more OTLP endpoints that get every span
+too (best effort).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class InstrumentationSettings(BaseSettings):
     export_stats_dir: Path | None = Field(
         default=None,
         description="Folder where each process writes export_stats() after every export.",
+    )
+    export_also: str | None = Field(
+        default=None,
+        description="More OTLP gRPC endpoints (comma-separated) that get every span too, best "
+        "effort (the local stack sets its Jaeger's).",
     )
 
 

@@ -7,8 +7,14 @@ a collector that is down, unreachable or slow only makes spans drop (counted, wa
 a rate limit), never raises into the caller.
 
 The global TracerProvider can be set only once per process: the first ``configure_tracing`` fixes
-the resource (service name); a later call with another ``exporter=`` (tests) swaps the export
-pipeline on the same provider.
+the resource (service name: ``OTEL_SERVICE_NAME``, else ``service.name`` in
+``OTEL_RESOURCE_ATTRIBUTES``, else the name the caller passes); a later call with another
+``exporter=`` (tests) swaps the export pipeline on the same provider.
+
+``HOPTRACE_EXPORT_ALSO`` names more OTLP gRPC endpoints (comma-separated, e.g. the local stack's
+Jaeger) that get every span too, each through its own bounded queue and on its own thread, best
+effort: a batch that fails there is dropped and never holds or counts against the export to the
+collector.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from hoptrace.contract import conventions as c
 from hoptrace.contract.conventions import BAGGAGE_KEY
 
 from ._accel import Speedup, enabled
+from .extra_export import Fanout, extra_processors
 from .quiet import SuppressibleTracerProvider
 from .settings import instrumentation_settings
 
@@ -198,6 +205,19 @@ class _SwitchableProcessor(SpanProcessor):
         return cur.force_flush(timeout_millis) if cur is not None else True
 
 
+def _service_name(given: str) -> str | None:
+    """The service name the code passes, unless the environment names the service
+    (``OTEL_SERVICE_NAME`` or ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES``): then None, and
+    the SDK's resource detection takes it from there (the standard's precedence)."""
+    if os.environ.get("OTEL_SERVICE_NAME", "").strip():
+        return None
+    for item in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == c.RESOURCE_SERVICE_NAME and value.strip():
+            return None
+    return given
+
+
 class _SuppressQueueFullLogs(logging.Filter):
     """The SDK logs one warning per dropped span; we count them and warn at a rate instead."""
 
@@ -336,12 +356,14 @@ def configure_tracing(
                 )
         else:
             # the distro name tells the collector this service's steps report themselves
-            attrs: dict[str, Any] = {
-                c.RESOURCE_SERVICE_NAME: service_name,
-                c.RESOURCE_DISTRO_NAME: c.DISTRO_NAME,
-            }
+            attrs: dict[str, Any] = {c.RESOURCE_DISTRO_NAME: c.DISTRO_NAME}
+            code_name = _service_name(service_name)
+            if code_name is not None:  # OTEL_SERVICE_NAME (or the resource variable) wins
+                attrs[c.RESOURCE_SERVICE_NAME] = code_name
             attrs.update(opts.pop("resource_attributes", None) or {})
-            provider = _provider(Resource.create(attrs))
+            resource = Resource.create(attrs)
+            service_name = str(resource.attributes.get(c.RESOURCE_SERVICE_NAME, service_name))
+            provider = _provider(resource)
             switch = _SwitchableProcessor(BaggageSpanProcessor(lambda k: k == BAGGAGE_KEY))
             provider.add_span_processor(switch)
             trace.set_tracer_provider(provider)
@@ -375,6 +397,10 @@ def configure_tracing(
                     max_export_batch_size=opts.get("max_export_batch_size"),
                     export_timeout_millis=opts.get("export_timeout_millis"),
                 )
+                if exporter is None:  # the default export: extra endpoints too, if any
+                    extra = extra_processors(settings.export_also, opts, _default_exporter)
+                    if extra:
+                        new = Fanout([new, *extra])
         old, state.switch.current = state.switch.current, new
         state.exporter_key = key
         if old is not None:

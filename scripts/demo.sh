@@ -9,9 +9,13 @@ H="${HOPTRACE_BIN:-.venv/bin/hoptrace}"
 say() { printf '\n== %s\n' "$*"; }
 pay() { "$H" pay --student "$1" --course "$2" --amount "$3" | tail -n 1; }
 
-say "starting the local stack: PostgreSQL, Kafka, collector, services (hoptrace dev up)"
+say "starting the local stack: PostgreSQL, Kafka, Jaeger (when built), collector, services (hoptrace dev up)"
 "$H" dev up
 "$H" topics ensure
+# Jaeger runs when scripts/go-tools.sh built it: `hoptrace trace` links to it once this is set
+if { "$H" dev status || true; } | grep -q "^jaeger  *up"; then
+  export HOPTRACE_JAEGER_URL="${HOPTRACE_JAEGER_URL:-http://127.0.0.1:16686}"
+fi
 
 say "healthy payments"
 ok=()
@@ -45,3 +49,8 @@ echo "  hoptrace trace $bad        # marked processed, no trainer_allocations ro
 echo "  hoptrace trace $stalled        # stalled: session-worker not running"
 echo "  hoptrace stalls                # every stalled payment"
 echo "  dashboard: http://127.0.0.1:8501"
+if [[ -n "${HOPTRACE_JAEGER_URL:-}" ]]; then
+  echo "  jaeger:    $HOPTRACE_JAEGER_URL (export HOPTRACE_JAEGER_URL=$HOPTRACE_JAEGER_URL: links in hoptrace trace)"
+else
+  echo "  (no Jaeger: \`scripts/go-tools.sh jaeger\` builds it, then \`hoptrace dev up\` starts it)"
+fi

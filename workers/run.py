@@ -1,6 +1,8 @@
 """`hoptrace worker NAME`: run one service of the reference pipeline (:mod:`.registry`) with
 tracing, migrations, its fault switch applied as hooks, readiness (``mark_ready`` once it
-listens / its consumer is assigned) and a clean exit 0 on SIGTERM/SIGINT."""
+listens / its consumer is assigned) and a clean exit 0 on SIGTERM/SIGINT. Its Kafka clients
+connect with the security settings (``HOPTRACE_KAFKA_*``, :mod:`hoptrace.kafka`); a broker that
+refuses them stops it with one line saying why (exit 1)."""
 
 from __future__ import annotations
 
@@ -14,13 +16,15 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import asyncpg
+from aiokafka.errors import KafkaError
 
 from hoptrace.contract import PipelineSpec, SpecError, load_spec
 from hoptrace.instrumentation.hop import HopHooks, HopOptions, HopRuntime
 from hoptrace.instrumentation.producer import HopProducer
 from hoptrace.instrumentation.tracing import configure_tracing, shutdown_tracing
+from hoptrace.kafka import KafkaConfigError, client_options, explain
 from hoptrace.readiness import clear_ready, mark_ready
-from hoptrace.settings import WorkerSettings, get_worker_settings
+from hoptrace.settings import KafkaSettings, WorkerSettings, get_worker_settings
 
 from . import registry
 from .events import validator
@@ -68,6 +72,7 @@ async def _hop_worker(
             handle_signals=False,
             commit_interval_s=COMMIT_INTERVAL_S,
             max_lanes=MAX_LANES,
+            consumer_opts=client_options(settings),
         ),
         hooks=HopHooks(),
     )
@@ -75,7 +80,9 @@ async def _hop_worker(
         setup = fault.apply(setup)
     consumers = settings.worker_consumers or min(DEFAULT_CONSUMERS, spec.partitions)
     async with (
-        HopProducer(settings.kafka_bootstrap, linger_ms=LINGER_MS) as producer,
+        HopProducer(
+            settings.kafka_bootstrap, linger_ms=LINGER_MS, **client_options(settings)
+        ) as producer,
         service.handler(settings) as handler,
     ):
         runtimes = [
@@ -96,7 +103,7 @@ async def _hop_worker(
         ]
         try:
             topic = setup.step.consumes or ""
-            if await _until_assigned(runtimes[0], tasks[0], settings.kafka_bootstrap, topic):
+            if await _until_assigned(runtimes[0], tasks[0], settings, topic):
                 others = [asyncio.create_task(rt.ready.wait()) for rt in runtimes[1:]]
                 if others:  # best effort: a topic with fewer partitions leaves some idle
                     await asyncio.wait(others, timeout=READY_CHECK_S * 3)
@@ -116,7 +123,7 @@ async def _first_to_end(tasks: list[asyncio.Task]) -> None:
 
 
 async def _until_assigned(
-    runtime: HopRuntime, task: asyncio.Task, bootstrap: str, topic: str
+    runtime: HopRuntime, task: asyncio.Task, settings: KafkaSettings, topic: str
 ) -> bool:
     """Wait until the consumer has partitions (True). If its topic does not exist, say so and
     count as ready anyway (False: it consumes nothing until `hoptrace topics ensure`)."""
@@ -131,7 +138,7 @@ async def _until_assigned(
             raise RuntimeError("the hop runtime stopped before it was ready")
         if ready.done():
             return True
-        if await _topic_missing(bootstrap, topic):
+        if await _topic_missing(settings, topic):
             log.warning(
                 "topic %s does not exist: consuming nothing until it is created "
                 "(`hoptrace topics ensure`)",
@@ -147,10 +154,14 @@ async def _until_assigned(
             return False
 
 
-async def _topic_missing(bootstrap: str, topic: str) -> bool:
+async def _topic_missing(settings: KafkaSettings, topic: str) -> bool:
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap,
+        request_timeout_ms=5000,
+        **client_options(settings),
+    )
     try:
         await asyncio.wait_for(admin.start(), 10)
         return topic not in set(await admin.list_topics())
@@ -243,9 +254,12 @@ def main(name: str, fault: str | None = None) -> None:
     code = 1
     try:
         code = _run(serve(service, chosen, settings))
-    except SpecError as exc:
+    except (SpecError, KafkaConfigError) as exc:
         print(f"hoptrace: {exc}", file=sys.stderr)
         code = 2
+    except KafkaError as exc:  # e.g. the broker refused the SASL login: say so, in one line
+        log.error("%s could not start: %s", name, asyncio.run(explain(exc, settings)))
+        code = 1
     except (OSError, asyncpg.PostgresError) as exc:
         log.error("%s could not start: %s", name, exc)
         code = 1

@@ -1,16 +1,21 @@
 """`hoptrace topics ensure`: create the pipeline's topics and dead-letter topics from the spec,
 with the spec's partitions and replication factor. Idempotent; the only way topics appear
-(the broker's auto-creation is off)."""
+(the broker's auto-creation is off). Its admin client connects with the Kafka security
+settings (``HOPTRACE_KAFKA_*``, :mod:`hoptrace.kafka`); one that cannot connect says why."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from hoptrace.contract import PipelineSpec, SpecError, load_spec
+from hoptrace.kafka import KafkaConfigError, client_options, explain
 
 
 @dataclass(frozen=True)
@@ -21,11 +26,19 @@ class TopicResult:
 
 
 async def ensure_topics(
-    bootstrap: str, spec: PipelineSpec, timeout_s: float = 20.0
+    bootstrap: str,
+    spec: PipelineSpec,
+    timeout_s: float = 20.0,
+    *,
+    options: Mapping[str, Any] | None = None,
 ) -> list[TopicResult]:
-    """Create every topic of ``spec`` that does not exist yet; report each one."""
+    """Create every topic of ``spec`` that does not exist yet; report each one. ``options``:
+    the client's security options (default: :func:`~hoptrace.kafka.client_options` of the
+    environment)."""
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=int(timeout_s * 1000),
+        **(client_options() if options is None else options),
     )
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
@@ -68,18 +81,20 @@ def ensure_cli() -> None:
     from hoptrace.settings import get_settings
 
     settings = get_settings()
+    # aiokafka logs each failed connection; the one line below says why, once
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         spec = load_spec(settings.pipeline)
-        results = asyncio.run(ensure_topics(settings.kafka_bootstrap, spec))
-    except SpecError as exc:
+        options = client_options(settings)
+        results = asyncio.run(ensure_topics(settings.kafka_bootstrap, spec, options=options))
+    except (SpecError, KafkaConfigError) as exc:
         typer.echo(f"hoptrace: {exc}", err=True)
         raise typer.Exit(2) from None
     except (KafkaError, OSError, TimeoutError) as exc:
-        typer.echo(
-            f"hoptrace: cannot reach Kafka at {settings.kafka_bootstrap} ({exc or type(exc).__name__}); "
-            "is it running? (`hoptrace dev up --infra-only`)",
-            err=True,
-        )
+        why = str(asyncio.run(explain(exc, settings)))
+        if "nothing listens" in why:
+            why += "; the local stack: `hoptrace dev up --infra-only`"
+        typer.echo(f"hoptrace: cannot reach Kafka: {why}", err=True)
         raise typer.Exit(2) from None
     for r in results:
         state = "created" if r.created else "exists"

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from hoptrace.contract import Outcome, PipelineSpec
+from hoptrace.kafka import client_options
 
 from .._accel import Speedup, enabled
 from ..envelope import Envelope
@@ -181,7 +182,7 @@ class HopRuntime(RecordSteps):
             group_id=self.group,
             enable_auto_commit=False,
             auto_offset_reset=o.auto_offset_reset,
-            **dict(o.consumer_opts),
+            **{**client_options(), **o.consumer_opts},  # security: HOPTRACE_KAFKA_* unless given
         )
         installed = False
         purger: asyncio.Task[None] | None = None

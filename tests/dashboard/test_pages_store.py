@@ -62,7 +62,14 @@ def test_alerts_page_lists_the_firing_stall_alerts(seeded: Seeded) -> None:
     assert seeded.recovered[0] in resolved and seeded.recovered[0] not in firing
 
 
-def test_lookup_of_a_stalled_payment_marks_trainer_allocated(seeded: Seeded) -> None:
+def test_lookup_of_a_stalled_payment_marks_trainer_allocated(
+    seeded: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hoptrace.settings import get_settings
+
+    # links to Jaeger only when one is configured (unset: trace ids, no link)
+    monkeypatch.setenv("HOPTRACE_JAEGER_URL", "http://127.0.0.1:16686")
+    get_settings.cache_clear()
     cid = seeded.stalled[0]
     at = app(id=cid)
     assert not at.exception, at.exception

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -69,3 +73,40 @@ def test_dev_start_checks_the_fault_against_the_registry() -> None:
     res = CliRunner().invoke(app, ["dev", "start", "collector", "--fault", "slow"])
     assert res.exit_code == 2
     assert "collector has no fault switches" in res.output
+
+
+def _help(*args: str) -> str:
+    """A command's help as one line of words (the help's box and line breaks removed)."""
+    out = CliRunner().invoke(app, [*args, "--help"]).output
+    return " ".join(out.replace("│", " ").split())
+
+
+def test_version_is_the_installed_distribution_s() -> None:
+    from importlib.metadata import version
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"hoptrace {version('hoptrace')}"
+
+
+def test_dev_start_and_stop_help_list_the_parts_and_each_service_s_faults() -> None:
+    from hoptrace.workers.registry import FAULTS
+
+    parts = ["postgres", "kafka", "jaeger", "collector", "dashboard", *FAULTS]
+    for command in ("start", "stop"):
+        out = _help("dev", command)
+        assert not [name for name in parts if name not in out], (command, out)
+    start = _help("dev", "start")
+    for service, values in FAULTS.items():
+        assert f"{service}: {', '.join(values)}" in start, service
+
+
+def test_a_malformed_setting_is_one_line_not_a_traceback() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "hoptrace.cli", "topics", "ensure"],
+        env={**os.environ, "HOPTRACE_KAFKA_SECURITY_PROTOCOL": "SASL_FOO"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "invalid setting: HOPTRACE_KAFKA_SECURITY_PROTOCOL" in res.stderr
