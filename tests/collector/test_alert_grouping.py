@@ -37,6 +37,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.otlp_fuzz import CollectorProc
 from hoptrace.collector import metrics, schema
 from hoptrace.collector.alerts import (
     ALERTNAME,
@@ -49,7 +50,6 @@ from hoptrace.collector.alerts import (
 from hoptrace.contract import Outcome, load_spec
 from hoptrace.settings import PROJECT_ROOT
 
-from ..reliability.fuzz_otlp_net import CollectorProc
 from ..support import delete_topics, wait_for
 from ..workers.harness import HOPTRACE, Services, group_members, service_env
 from .helpers import request, step_span
