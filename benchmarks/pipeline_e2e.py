@@ -510,6 +510,41 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def compare_tracing(args: argparse.Namespace) -> None:
+    """Tracing off and on, alternating, in one invocation (same machine state, drift spread);
+    writes benchmarks/results/pipeline_e2e_tracing.json."""
+    rounds: list[dict[str, float]] = []
+    for rnd in range(args.compare_tracing):
+        figures: dict[str, float] = {}
+        for tracing in (False, True) if rnd % 2 == 0 else (True, False):
+            one = argparse.Namespace(**{**vars(args), "no_tracing": not tracing})
+            one.skip_latency = True
+            result = asyncio.run(run(one))
+            rate = float(result["throughput"]["end_to_end_per_s"])  # type: ignore[index]
+            figures["on" if tracing else "off"] = rate
+            print(f"round {rnd} tracing {'on ' if tracing else 'off'}: {rate:.1f} payments/s")
+        figures["ratio"] = figures["on"] / figures["off"]
+        rounds.append(figures)
+    summary = {
+        "burst": args.burst,
+        "rounds": rounds,
+        "median_off_per_s": statistics.median(r["off"] for r in rounds),
+        "median_on_per_s": statistics.median(r["on"] for r in rounds),
+        "median_ratio": statistics.median(r["ratio"] for r in rounds),
+        "goal_ratio": 0.95,
+        "bar_ratio": 0.90,
+        "load_average_1m_at_end": os.getloadavg()[0],
+    }
+    out = RESULTS.with_name("pipeline_e2e_tracing.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"tracing on/off: median {summary['median_on_per_s']:.1f} / "
+        f"{summary['median_off_per_s']:.1f} payments/s, ratio {summary['median_ratio']:.3f} "
+        f"(goal >= 0.95, bar >= 0.90) -> {out}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--burst", type=int, default=2000, help="payments for the throughput run")
@@ -528,10 +563,21 @@ def main() -> None:
     )
     parser.add_argument("--partitions", type=int, default=0, help="override the spec's")
     parser.add_argument("--skip-latency", action="store_true", help="throughput run only")
+    parser.add_argument(
+        "--compare-tracing",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="tracing off and on in one run: ROUNDS alternating throughput runs of each (no "
+        "latency runs), the median throughput ratio on/off",
+    )
     parser.add_argument("--profile", default="", help="py-spy each service into this folder")
     parser.add_argument("--profile-seconds", type=float, default=8.0)
     args = parser.parse_args()
     devstack.up(devstack.StackConfig.from_env(), services=False, echo=lambda _l: None)
+    if args.compare_tracing:
+        compare_tracing(args)
+        return
     result = asyncio.run(run(args))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
