@@ -50,14 +50,16 @@ def gantt(
         )
     # a date axis at millisecond grain: few, one-line labels (time of day to the millisecond;
     # the day is in the axis title), so they never run into each other
-    first = spans["start"].min()
+    # (the day comes from the first span, else from the first mark: a payment with no spans yet)
+    known = [*pd.to_datetime(spans["start"], utc=True).dropna(), *(at for at, _ in marks or ())]
+    day = f"{min(pd.Timestamp(t) for t in known):%Y-%m-%d} (UTC)" if known else "UTC"
     fig.update_xaxes(
         type="date",
         tickformat="%H:%M:%S.%L",
         nticks=6,
         tickangle=0,
         automargin=True,
-        title={"text": f"{first:%Y-%m-%d} (UTC)", "font": {"size": 11}},
+        title={"text": day, "font": {"size": 11}},
     )
     fig.update_yaxes(
         title=None,

@@ -45,8 +45,10 @@ def _listed(value: str | None, allowed: list[str]) -> list[str]:
     return [v for v in (value or "").split(",") if v in allowed]
 
 
-def jaeger_search(jaeger: str, service: str, cid: str, first_seen: datetime) -> str:
+def jaeger_search(jaeger: str | None, service: str, cid: str, first_seen: datetime) -> str:
     """Jaeger's search for the traces tagged with the correlation id (around ``first_seen``)."""
+    if not jaeger:  # no Jaeger configured: no link
+        return ""
     start = first_seen - timedelta(minutes=10)
     end = max(first_seen, datetime.now(UTC)) + timedelta(minutes=10)
     params = {
@@ -60,7 +62,9 @@ def jaeger_search(jaeger: str, service: str, cid: str, first_seen: datetime) -> 
     return f"{jaeger.rstrip('/')}/search?{urlencode(params, quote_via=quote)}"
 
 
-def payments_frame(items: list[Mapping[str, Any]], jaeger: str, root_service: str) -> pd.DataFrame:
+def payments_frame(
+    items: list[Mapping[str, Any]], jaeger: str | None, root_service: str
+) -> pd.DataFrame:
     """The listed payments in people's words, with their lookup and Jaeger links."""
     rows = []
     for r in items:

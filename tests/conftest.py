@@ -13,7 +13,7 @@ import pytest
 
 from hoptrace import devstack
 
-from .support import create_database, drop_database, isolated_spec, unique
+from .support import create_database, drop_database, isolated_spec, readonly_url, unique
 
 
 @pytest.fixture(scope="session")
@@ -68,10 +68,9 @@ def hoptrace_env(
 ) -> Iterator[dict[str, str]]:
     """Environment pointing hoptrace at this test's database, topics and spec (the dashboard at
     it through the read-only role)."""
-    scheme, _, rest = db_url.partition("://")
     env = {
         "HOPTRACE_DATABASE_URL": db_url,
-        "HOPTRACE_DASHBOARD_DATABASE_URL": f"{scheme}://hoptrace_ro:hoptrace_ro@{rest.split('@', 1)[1]}",
+        "HOPTRACE_DASHBOARD_DATABASE_URL": readonly_url(db_url),
         "HOPTRACE_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "HOPTRACE_PIPELINE": str(spec_path),
     }

@@ -99,3 +99,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def readonly_url(db_url: str) -> str:
+    """The local stack's read-only role (``hoptrace_ro``) on the database ``db_url`` names: what
+    ``HOPTRACE_DASHBOARD_DATABASE_URL`` is set to in tests (nothing derives it in the product)."""
+    scheme, _, rest = db_url.partition("://")
+    return f"{scheme}://hoptrace_ro:hoptrace_ro@{rest.split('@', 1)[1]}"

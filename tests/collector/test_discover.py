@@ -31,7 +31,6 @@ from hoptrace.collector.discover_runs import written_tables
 from hoptrace.collector.discover_toml import render
 from hoptrace.collector.records import SpanRecord
 from hoptrace.contract import PipelineSpec, SpecError, load_spec, parse_spec
-from hoptrace.settings import Settings
 from tests.support import (
     REFERENCE_SPEC,
     create_database,
@@ -39,6 +38,7 @@ from tests.support import (
     drop_database,
     free_port,
     isolated_spec,
+    readonly_url,
     unique,
 )
 from tests.workers.harness import HOPTRACE, Services, service_env
@@ -446,7 +446,7 @@ def test_the_command_reads_at_most_limit_spans_per_query(
     assert whole.looked == len(spans) and whole.traces == 3  # the three payments' traces
     assert {r["span_id"] for r in whole.rows} < {s.span_id for s in spans}  # not the noise
     assert old.looked == 0 and old.rows == []  # --since: older spans are not looked at
-    readonly = Settings(database_url=db_url).readonly_database_url()
+    readonly = readonly_url(db_url)
     monkeypatch.setenv("HOPTRACE_DATABASE_URL", readonly)
     get_settings.cache_clear()
     try:
@@ -517,7 +517,7 @@ def test_spec_discover_on_the_reference_pipeline(
     reference_run: tuple[dict[str, str], PipelineSpec, list[str]], tmp_path: Path
 ) -> None:
     env, spec, _ = reference_run
-    readonly = Settings(database_url=env["HOPTRACE_DATABASE_URL"]).readonly_database_url()
+    readonly = readonly_url(env["HOPTRACE_DATABASE_URL"])
     assert readonly.startswith("postgresql://hoptrace_ro:")  # SELECT only
     res = subprocess.run(
         [HOPTRACE, "spec", "discover", "--since", "10m"],

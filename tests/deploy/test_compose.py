@@ -117,7 +117,10 @@ def test_no_worker_overrides_its_consumer_group(services: dict[str, Any]) -> Non
 
 
 def test_hoptrace_env_names_are_settings_fields(services: dict[str, Any]) -> None:
-    fields = {f"HOPTRACE_{name.upper()}" for name in Settings.model_fields}
+    fields = {
+        f.validation_alias if isinstance(f.validation_alias, str) else f"HOPTRACE_{name.upper()}"
+        for name, f in Settings.model_fields.items()
+    }
     fields.add("HOPTRACE_READY_FILE")  # read by hoptrace.readiness
     for name in HOPTRACE_SERVICES:
         unknown = {k for k in services[name]["environment"] if k.startswith("HOPTRACE_")} - fields

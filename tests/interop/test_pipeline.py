@@ -32,7 +32,7 @@ from hoptrace.settings import get_settings
 
 from ..dashboard.apptest import show, text
 from ..dashboard.seed import grant_readonly
-from ..support import unique
+from ..support import readonly_url, unique
 from ..workers.harness import read_topic
 from .pipeline import (
     JAVA_SERVICE,
@@ -176,11 +176,8 @@ def test_dashboard_lookup_draws_the_node_and_java_spans(
     for key in ("HOPTRACE_DATABASE_URL", "HOPTRACE_KAFKA_BOOTSTRAP", "HOPTRACE_PIPELINE",
                 "HOPTRACE_JAEGER_URL"):  # fmt: skip
         monkeypatch.setenv(key, m.env[key])
-    scheme, _, rest = m.db_url.partition("://")  # the dashboard reads as the read-only role
-    monkeypatch.setenv(
-        "HOPTRACE_DASHBOARD_DATABASE_URL",
-        f"{scheme}://hoptrace_ro:hoptrace_ro@{rest.split('@', 1)[1]}",
-    )
+    # the dashboard reads as the read-only role
+    monkeypatch.setenv("HOPTRACE_DASHBOARD_DATABASE_URL", readonly_url(m.db_url))
     get_settings.cache_clear()
     try:
         at_ = show(AppTest.from_file(str(APP), default_timeout=60), None, {"id": cid})

@@ -15,21 +15,19 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hoptrace.settings import PROJECT_ROOT
 
 #: What the wheel is built from (what the Dockerfile's build stage copies, plus the spec copy
-#: that lives in core/).
+#: that lives in core/): pyproject, README and every folder pyproject maps a package to.
+_PYPROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
 SOURCES = (
     "pyproject.toml",
     "README.md",
-    "core",
-    "instrumentation",
-    "workers",
-    "collector",
-    "dashboard",
+    *sorted(set(_PYPROJECT["tool"]["setuptools"]["package-dir"].values())),
 )
 CONSTRAINTS = PROJECT_ROOT / "constraints.txt"
 
