@@ -65,9 +65,11 @@ def unwrapped_send() -> Any | None:
 
 
 def unwrapped_getmany(consumer: AIOKafkaConsumer) -> Any | None:
-    """``consumer.getmany`` past the instrumentation's wrapper (None: not instrumented)."""
+    """``consumer.getmany`` past the instrumentation's wrapper (None: not instrumented, or
+    ``consumer`` is not an ``AIOKafkaConsumer`` whose ``getmany`` is the wrapped one: anything
+    else is called as it is)."""
     plain = getattr(AIOKafkaConsumer.getmany, "__wrapped__", None)
-    if plain is None:
+    if plain is None or getattr(type(consumer), "getmany", None) is not AIOKafkaConsumer.getmany:
         return None
 
     def getmany(*args: Any, **kwargs: Any) -> Any:
