@@ -10,7 +10,9 @@ inflate past the cap (413) and a member followed by junk (400).
 
 Shared by ``benchmarks/fuzz_otlp.py`` (many cases) and the tests (``tests/reliability``: a few
 hundred cases; ``tests/security`` and others start a collector with :class:`CollectorProc`),
-which import it as ``benchmarks.otlp_fuzz``; it imports nothing of the tests."""
+which import it as ``benchmarks.otlp_fuzz``; it imports nothing of the tests. (Longer than most
+modules: the case generators and the collector process they run against are one harness, used
+whole by both.)"""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ to an in-process sink, then measures:
 - latency at a fixed rate (default 50/s): payment row -> tutoring session row, p50/p99
   (bar p99 <= 500 ms).
 
-Prints the figures and writes benchmarks/results/pipeline_e2e.json.
+Prints the figures and writes benchmarks/results/pipeline_e2e.json. (Longer than most modules:
+one script, the services it starts, the loads and the tracing-off/on comparison read together.)
     python benchmarks/pipeline_e2e.py [--burst 2000] [--rate 50] [--seconds 20] [--replicas 1]
 """
 

@@ -24,8 +24,7 @@ import json
 import logging
 import os
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +33,20 @@ from opentelemetry.processor.baggage import BaggageSpanProcessor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
     SimpleSpanProcessor,
     SpanExporter,
-    SpanExportResult,
 )
 
 from hoptrace.contract import conventions as c
 from hoptrace.contract.conventions import BAGGAGE_KEY
 
 from ._accel import Speedup, enabled
+from .export_stats import (
+    CountingBatchProcessor,
+    CountingExporter,
+    SuppressQueueFullLogs,
+    export_stats,
+)
 from .extra_export import Fanout, extra_processors
 from .quiet import SuppressibleTracerProvider
 from .settings import instrumentation_settings
@@ -53,128 +56,6 @@ log = logging.getLogger(__name__)
 TRACER_NAME = "hoptrace.instrumentation"
 _lock = threading.RLock()
 _state: _State | None = None
-
-
-class _Stats:
-    """Counters behind ``export_stats()`` (thread-safe enough: ints under the GIL + a lock)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.exported = 0
-        self.export_failed = 0
-        self.dropped_queue_full = 0
-        self.skipped_unreachable = 0
-        self.ended = 0
-        self.export_cpu_s = 0.0  # CPU of the export calls (encode + send), on their thread
-        self._last_warning = 0.0
-
-    def warn_dropped(self) -> None:
-        now = time.monotonic()
-        if now - self._last_warning >= 10.0:
-            self._last_warning = now
-            log.warning(
-                "tracing: %d span(s) dropped so far (%d queue full, %d export failed); "
-                "the business path is unaffected",
-                self.dropped_queue_full + self.export_failed,
-                self.dropped_queue_full,
-                self.export_failed,
-            )
-
-
-_stats = _Stats()
-
-
-class _CountingExporter(SpanExporter):
-    """Wraps the real exporter: counts exported and failed spans, never lets an error escape.
-    A failed batch is held and retried (0.5 s, then every 1 s) for up to ``hold_s`` on the
-    batch thread, so a collector restart or outage shorter than that loses nothing (new spans
-    wait in the bounded queue; the business path is never blocked). After a batch is given up,
-    batches are dropped unseen for a cool-down (1 s doubling to 30 s) so an unreachable
-    collector costs no encoding or connection CPU."""
-
-    def __init__(self, inner: SpanExporter, hold_s: float = 0.0) -> None:
-        self.inner = inner
-        self.hold_s = hold_s
-        self.closing = threading.Event()
-        self._open_until = 0.0
-        self._cooldown = 1.0
-
-    def _try(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            return self.inner.export(spans)
-        except Exception:  # noqa: BLE001 - an exporter bug must not kill the export thread
-            log.debug("tracing: exporter raised", exc_info=True)
-            return SpanExportResult.FAILURE
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        cpu0 = time.thread_time()
-        try:
-            return self._export(spans)
-        finally:
-            _stats.export_cpu_s += time.thread_time() - cpu0
-
-    def _export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        now = time.monotonic()
-        if now < self._open_until:
-            with _stats.lock:
-                _stats.export_failed += len(spans)
-                _stats.skipped_unreachable += len(spans)
-                _stats.warn_dropped()
-            return SpanExportResult.FAILURE
-        result = self._try(spans)
-        end, delay = time.monotonic() + self.hold_s, 0.5
-        while result is not SpanExportResult.SUCCESS and time.monotonic() + delay < end:
-            if self.closing.wait(delay):
-                break
-            delay = 1.0  # a returning collector gets the backlog within ~1 s
-            result = self._try(spans)
-        with _stats.lock:
-            if result is SpanExportResult.SUCCESS:
-                _stats.exported += len(spans)
-                self._cooldown = 1.0
-                self._open_until = 0.0
-            else:
-                _stats.export_failed += len(spans)
-                self._open_until = time.monotonic() + self._cooldown
-                self._cooldown = min(30.0, self._cooldown * 2)
-                _stats.warn_dropped()
-        _dump_stats()
-        return result
-
-    def shutdown(self) -> None:
-        self.closing.set()
-        with contextlib.suppress(Exception):
-            self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        try:
-            return self.inner.force_flush(timeout_millis)
-        except Exception:  # noqa: BLE001
-            return False
-
-
-class _CountingBatchProcessor(BatchSpanProcessor):
-    """BatchSpanProcessor that counts spans it has to drop because its queue is full."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        bp = getattr(self, "_batch_processor", None)
-        self._queue = getattr(bp, "_queue", None)  # looked up once, not per span
-        self._queue_max = getattr(bp, "_max_queue_size", 0)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        _stats.ended += 1
-        queue = self._queue
-        if queue is not None and len(queue) >= self._queue_max:
-            with _stats.lock:
-                _stats.dropped_queue_full += 1
-                _stats.warn_dropped()
-            # what the SDK does with a full queue (the oldest span goes), without the log
-            # record it makes per dropped span (collector down: every span)
-            if span.context is not None and span.context.trace_flags.sampled:
-                queue.appendleft(span)
-            return
-        super().on_end(span)
 
 
 class _SwitchableProcessor(SpanProcessor):
@@ -216,13 +97,6 @@ def _service_name(given: str) -> str | None:
         if key.strip() == c.RESOURCE_SERVICE_NAME and value.strip():
             return None
     return given
-
-
-class _SuppressQueueFullLogs(logging.Filter):
-    """The SDK logs one warning per dropped span; we count them and warn at a rate instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Queue full" not in str(record.msg)
 
 
 class _State:
@@ -371,7 +245,7 @@ def configure_tracing(
                 log.warning("tracing: a global TracerProvider was already set; using it")
             _state = _State(service_name, provider, switch)
             for name in ("opentelemetry.sdk._shared_internal", "opentelemetry.sdk.trace.export"):
-                logging.getLogger(name).addFilter(_SuppressQueueFullLogs())
+                logging.getLogger(name).addFilter(SuppressQueueFullLogs())
         state = _state
         instrument = opts.pop("instrument", True)
         if _sdk_disabled():
@@ -386,11 +260,11 @@ def configure_tracing(
         state.stats_dir = settings.export_stats_dir
         if inner is not None:
             hold = 0.0 if opts.get("simple") else opts.get("hold_s", settings.export_hold_s)
-            counted = _CountingExporter(inner, hold_s=hold)
+            counted = CountingExporter(inner, hold_s=hold, after_export=_dump_stats)
             if opts.get("simple"):
                 new = SimpleSpanProcessor(counted)
             else:
-                new = _CountingBatchProcessor(
+                new = CountingBatchProcessor(
                     counted,
                     max_queue_size=opts.get("max_queue_size"),
                     schedule_delay_millis=opts.get("schedule_delay_millis", 500),
@@ -468,23 +342,6 @@ def shutdown_tracing(timeout_s: float = 5.0) -> None:
         state.exporter_key = None
     if cur is not None:
         _shutdown_processor(cur, timeout_s)
-
-
-def export_stats() -> dict[str, int]:
-    """Counts since process start: spans ``exported``, ``export_failed`` (incl.
-    ``skipped_unreachable``: dropped unseen during the cool-down after a failed export),
-    ``dropped_queue_full``, ``dropped`` (failed + queue full), ``ended`` and
-    ``export_cpu_us`` (CPU spent in export calls: encoding and sending)."""
-    with _stats.lock:
-        return {
-            "exported": _stats.exported,
-            "export_failed": _stats.export_failed,
-            "dropped_queue_full": _stats.dropped_queue_full,
-            "skipped_unreachable": _stats.skipped_unreachable,
-            "dropped": _stats.export_failed + _stats.dropped_queue_full,
-            "ended": _stats.ended,
-            "export_cpu_us": int(_stats.export_cpu_s * 1e6),
-        }
 
 
 def _dump_stats() -> None:
