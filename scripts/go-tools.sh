@@ -2,7 +2,7 @@
 # Build hoptrace's Go tools once and cache them in .hoptrace/tools/bin (GOBIN).
 #
 #   scripts/go-tools.sh            build every tool that is missing or out of date
-#   scripts/go-tools.sh jaeger     build only the named tools (composecheck, dockerfilecheck, otelcol, jaeger, alertmanager)
+#   scripts/go-tools.sh jaeger     build only the named tools (composecheck, dockerfilecheck, otelcol, jaeger, alertmanager, promtool)
 #
 # Each tool is a Go module under tools/<name>/ (go.mod + go.sum pin every version). A tool is
 # rebuilt only when its stamp (hash of its module files + the Go version) changed, so a second
@@ -11,13 +11,14 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${HOPTRACE_TOOLS_BIN:-$ROOT/.hoptrace/tools/bin}"
-ALL_TOOLS=(composecheck dockerfilecheck otelcol jaeger alertmanager)
+ALL_TOOLS=(composecheck dockerfilecheck otelcol jaeger alertmanager promtool)
 
 # tool name -> package to install from inside tools/<name>/
 pkg_of() {
   case "$1" in
     jaeger) echo "github.com/jaegertracing/jaeger/cmd/jaeger" ;;
     alertmanager) echo "github.com/prometheus/alertmanager/cmd/alertmanager" ;;
+    promtool) echo "github.com/prometheus/prometheus/cmd/promtool" ;;
     composecheck | dockerfilecheck | otelcol) echo "." ;;
     *) echo "unknown tool: $1 (known: ${ALL_TOOLS[*]})" >&2; return 2 ;;
   esac

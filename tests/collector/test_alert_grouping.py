@@ -438,8 +438,7 @@ def _promtool() -> str | None:
 
 def test_rule_file_passes_promtool() -> None:
     exe = _promtool()
-    if exe is None:
-        pytest.skip("promtool is not built (set HOPTRACE_PROMTOOL_BIN to check the PromQL)")
+    assert exe is not None, "promtool is not built: scripts/go-tools.sh promtool (make test does)"
     out = subprocess.run(
         [exe, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
     )

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,9 +29,22 @@ def accel_only(speedup: Speedup) -> pytest.MarkDecorator:
     return pytest.mark.skipif(why_off(speedup) is not None, reason=f"{speedup} is off here")
 
 
-def plain_only(speedup: Speedup) -> pytest.MarkDecorator:
-    """For a test of the plain path that replaces ``speedup``: skipped while it is on."""
-    return pytest.mark.skipif(why_off(speedup) is None, reason=f"{speedup} is on here")
+def plain_process(check: str) -> None:
+    """Run ``check`` (Python statements with asserts) in a child process with
+    ``HOPTRACE_ACCEL=0``, after ``configure_tracing`` there: the plain path, which a test process
+    with the speed-ups on cannot switch to (its tracer provider is fixed once set)."""
+    code = (
+        "from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter\n"
+        "from hoptrace.instrumentation.tracing import configure_tracing, get_tracer\n"
+        "configure_tracing('plain-check', exporter=InMemorySpanExporter(), simple=True)\n"
+        f"{check}\n"
+        "print('plain-ok')\n"
+    )
+    env = {**os.environ, "HOPTRACE_ACCEL": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "plain-ok" in proc.stdout, proc.stdout + proc.stderr
 
 
 TABLES = """

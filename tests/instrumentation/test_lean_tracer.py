@@ -38,7 +38,7 @@ from hoptrace.instrumentation._accel.lean_spans import (
 from hoptrace.instrumentation._accel.otlp import sdk_encode_request
 from hoptrace.instrumentation.tracing import get_tracer
 
-from .helpers import accel_only, plain_only
+from .helpers import accel_only, plain_process
 
 T0 = 1_700_000_000_000_000_000
 
@@ -299,9 +299,10 @@ def test_configure_tracing_uses_the_lean_provider(spans: InMemorySpanExporter) -
     assert isinstance(get_tracer(), LeanTracer)
 
 
-@plain_only(Speedup.LEAN_SPANS)
-def test_without_the_speedup_configure_tracing_uses_the_sdk_provider(
-    spans: InMemorySpanExporter,
-) -> None:
-    assert type(trace.get_tracer_provider()) is TracerProvider
-    assert type(get_tracer()) is Tracer
+def test_without_the_speedup_configure_tracing_uses_the_sdk_provider() -> None:
+    plain_process(
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import Tracer, TracerProvider\n"
+        "assert type(trace.get_tracer_provider()) is TracerProvider, trace.get_tracer_provider()\n"
+        "assert type(get_tracer()) is Tracer, get_tracer()"
+    )
