@@ -60,6 +60,14 @@ ALL_STEPS = 0b1111
 SAMPLE_S = 0.2
 
 
+def machine_busy_s() -> float:
+    """CPU seconds every core of the machine spent busy since boot (``/proc/stat``): with the
+    runs' own CPU, says whether other work took the cores meanwhile."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -121,6 +129,7 @@ class Run:
         self.stored: dict[int, float] = {}  # last hoptrace_spans_stored_total per collector pid
         self.dups: dict[int, float] = {}
         self.timeline: list[tuple[float, float]] = []  # (s since launch, spans stored)
+        self.busy: list[float] = []  # machine_busy_s() at each sample
         self.members_at: float | None = None  # every collector assigned partitions (s)
         self.t0 = 0.0
         self.killed: CollectorProc | None = None
@@ -154,6 +163,7 @@ class Run:
             self.cpu[pid] = proc_cpu(pid) or self.cpu.get(pid, 0.0)
         await self._backends(conn)
         self.timeline.append((self.now(), sum(self.stored.values())))
+        self.busy.append(machine_busy_s())
 
     async def _group(self, kafka: AIOKafkaAdminClient) -> list[tuple[int, ...]]:
         members = assigned(await kafka.describe_consumer_groups([self.group]), self.sent["topic"])
@@ -283,7 +293,14 @@ class Run:
             "count(*) FILTER (WHERE done_mask IS DISTINCT FROM $1) AS lacking FROM correlations",
             ALL_STEPS,
         )
+        span_bytes = await conn.fetchval(
+            "SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits "
+            "WHERE inhparent = 'spans'::regclass"
+        )
+        corr_bytes = await conn.fetchval("SELECT pg_total_relation_size('correlations')")
         first = self._at(1)
+        i0 = next(i for i, (t, _) in enumerate(self.timeline) if t >= first)
+        machine = (self.busy[-1] - self.busy[i0]) / (self.timeline[-1][0] - first)
         end = done_at if done_at is not None else self.timeline[-1][0]
         lo = max(self._at(0.1 * total), self.members_at or 0.0)
         hi = self._at(0.9 * total)
@@ -317,6 +334,13 @@ class Run:
             "cpu_us_per_span_pg_backends": round(backend_cpu / total * 1e6, 1),
             "cpu_us_per_span_total": round((collector_cpu + backend_cpu) / total * 1e6, 1),
             "wal_bytes_per_span_cluster_wide": round(wal / total),
+            # busy cores over the drain: below the machine's, the run waited on something else
+            "cores_busy_collectors": round(collector_cpu / (end - first), 2),
+            "cores_busy_pg_backends": round(backend_cpu / (end - first), 2),
+            "cores_busy_machine": round(machine, 2),  # everything, other work included
+            "stored_bytes_per_span": round(span_bytes / total),  # table + indexes
+            "correlation_bytes_per_payment": round(corr_bytes / max(1, row["n"])),
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "per_collector_stored": [int(v) for v in self.stored.values()],
         }
         if self.mode == "kill" and self.killed is not None:
@@ -340,7 +364,11 @@ def table(result: dict) -> str:
         ("CPU µs/span collectors", "cpu_us_per_span_collectors"),
         ("CPU µs/span PG backends", "cpu_us_per_span_pg_backends"),
         ("CPU µs/span total", "cpu_us_per_span_total"),
+        ("cores busy collectors", "cores_busy_collectors"),
+        ("cores busy PG backends", "cores_busy_pg_backends"),
+        ("cores busy machine", "cores_busy_machine"),
         ("WAL B/span (cluster)", "wal_bytes_per_span_cluster_wide"),
+        ("stored B/span", "stored_bytes_per_span"),
         ("spans lost", "lost"),
         ("duplicates", "duplicates"),
         ("payments lacking a step", "payments_lacking_a_sent_step"),
