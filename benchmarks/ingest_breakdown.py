@@ -18,8 +18,10 @@ Variants (experiments, not product settings):
 - ``no_span_indexes``: both dropped: the heap alone.
 - ``unlogged``: the span partitions ``UNLOGGED`` (no WAL for spans; lost on a crash).
 - ``synchronous_commit_on``: the server default is ``off`` on the local stack; the cost of on.
-- ``attributes_bytea``: ``attributes``, ``resource``, ``events`` stored as ``bytea`` (the same
-  bytes as the jsonb COPY input, not parsed: what jsonb costs for spans nobody queries by them).
+- ``attributes_bytea``: ``attributes`` and ``resource`` stored as ``bytea`` (the same bytes as
+  the jsonb COPY input, not parsed: what jsonb costs for spans nobody queries by them; ``events``
+  stays jsonb, the fold reads it). ``resource_bytea``: the resource alone (the same for every
+  span of a request).
 - ``batch_1000`` / ``batch_20000``: write batches of that many spans instead of 5,000.
 - ``floor``: unlogged, no span indexes, bytea, no fold: what a row costs at all.
 
@@ -50,7 +52,7 @@ from ingest_load import realistic_template
 from ingest_measure import median, postgres_cpu, proc_cpu
 
 from hoptrace.collector import schema
-from hoptrace.collector.decode import Encoded, decode_body
+from hoptrace.collector.decode import DecodeKeys, Encoded, decode_body
 from hoptrace.collector.writer import Writer, init_connection
 from hoptrace.contract import load_spec
 from hoptrace.settings import CHECKOUT_SPEC
@@ -67,7 +69,11 @@ _DROP_CORR = "DROP INDEX spans_correlation_idx"
 _DROP_PK = "ALTER TABLE spans DROP CONSTRAINT spans_pkey"
 _BYTEA = "ALTER TABLE spans " + ", ".join(
     f"ALTER COLUMN {c} DROP DEFAULT, ALTER COLUMN {c} TYPE bytea USING convert_to({c}::text, 'UTF8')"
-    for c in ("attributes", "resource", "events")
+    for c in ("attributes", "resource")
+)
+_RESOURCE_BYTEA = (
+    "ALTER TABLE spans ALTER COLUMN resource DROP DEFAULT, "
+    "ALTER COLUMN resource TYPE bytea USING convert_to(resource::text, 'UTF8')"
 )
 _UNLOGGED = "UNLOGGED"  # marker: every span partition SET UNLOGGED
 
@@ -90,6 +96,7 @@ VARIANTS = [
     Variant("unlogged", [_UNLOGGED]),
     Variant("synchronous_commit_on", settings={"synchronous_commit": "on"}),
     Variant("attributes_bytea", [_BYTEA]),
+    Variant("resource_bytea", [_RESOURCE_BYTEA]),
     Variant("batch_1000", batch=1000),
     Variant("batch_20000", batch=20000),
     Variant("floor", [_DROP_CORR, _DROP_PK, _BYTEA, _UNLOGGED], fold=False),
@@ -97,14 +104,16 @@ VARIANTS = [
 
 
 def decoded_requests(spans: int) -> list[Encoded]:
-    """Realistic requests of at least ``spans`` spans, natively decoded (as the receiver does)."""
+    """Realistic requests of at least ``spans`` spans, natively decoded as the collector's
+    receiver does (with the reference spec's decode keys: its candidate spans too)."""
+    keys = DecodeKeys.for_spec(load_spec(CHECKOUT_SPEC))
     template = realistic_template()
     out: list[Encoded] = []
     n = 0
     now = datetime.now(UTC)
     while n < spans:
         for body, _k in template.fresh():
-            enc = decode_body(body, now).encoded
+            enc = decode_body(body, now, keys=keys).encoded
             assert enc is not None, "the native decoder must be built"
             out.append(enc)
             n += enc.n
