@@ -13,8 +13,8 @@ Rounds (``--rounds N``, default 3): each round runs, on the same realistic load 
 hoptrace (a fresh ``hoptrace collector`` and database, :mod:`ingest_hoptrace`), Jaeger v2 with
 in-memory storage and Jaeger v2 with Badger (:mod:`ingest_jaeger`), the order rotating from round
 to round. Per peer: the median spans/s, CPU µs per span (the process; for hoptrace the collector
-plus every PostgreSQL process) and loss, and the medians of the per-round ratios
-hoptrace/Jaeger-memory and hoptrace/Jaeger-Badger.
+plus PostgreSQL's processes for its database, other users' left out) and loss, and the medians
+of the per-round ratios hoptrace/Jaeger-memory and hoptrace/Jaeger-Badger.
 
 Then, once: the other mixes (``--mix``), the receive-to-queryable latency idle and at a fixed
 rate (``--rate``, 0: off), and the stall scan with ``--correlations`` in flight (0: skipped).
@@ -128,8 +128,9 @@ async def main_async(args: argparse.Namespace) -> dict:
         "load_generator": "separate processes, requests built before the clock starts, lean "
         "keep-alive HTTP/1.1 client, 503 -> retry after 50 ms",
         "bar_judged_on": "realistic",
-        "cpu_per_span": "hoptrace: collector process + every PostgreSQL process; Jaeger: its "
-        "process (Badger is embedded in it)",
+        "cpu_per_span": "hoptrace: collector process + PostgreSQL for this run (its backends, "
+        "autovacuum of its database, the server's shared processes); Jaeger: its process "
+        "(Badger is embedded in it)",
         "rounds": [],
     }
     for k in range(args.rounds):

@@ -250,7 +250,7 @@ async def e2e(args: argparse.Namespace, admin: str) -> dict:
             )
             runs[name].append(r["saturation"])
             print(f"e2e rep {rep + 1} {name}: {r['saturation']['spans_per_s_overall']} spans/s")
-    keys = ("spans_per_s_overall", "collector_cpu_us_per_span", "pg_all_processes_cpu_us_per_span")
+    keys = ("spans_per_s_overall", "collector_cpu_us_per_span", "pg_cpu_us_per_span")
     return {
         "spans_per_run": args.e2e_spans,
         "summary": {

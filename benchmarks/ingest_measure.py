@@ -83,6 +83,16 @@ def postgres_cpu() -> dict[int, float]:
     return out
 
 
+async def other_databases_pids(conn: asyncpg.Connection) -> set[int]:
+    """PostgreSQL processes working for other databases than ``conn``'s (other users' backends
+    and autovacuum workers on the shared server): left out of a run's PostgreSQL CPU."""
+    rows = await conn.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname IS NOT NULL "
+        "AND datname <> current_database()"
+    )
+    return {r[0] for r in rows}
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
