@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 from common import free_port  # benchmarks/
 from ingest_load import collect, start_load
-from ingest_measure import proc_cpu
+from ingest_measure import proc_cpu, settled
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -138,9 +138,8 @@ async def jaeger_run(args: argparse.Namespace, mix: str, storage: str = "memory"
             samples: list[tuple[float, float]] = []
             while time.perf_counter() - t0 < args.timeout:
                 samples.append((time.perf_counter() - t0, await exported(http)))
-                if all(not p.is_alive() for p in procs) and len(samples) > 2:
-                    if samples[-3][1] == samples[-1][1]:
-                        break
+                if all(not p.is_alive() for p in procs) and settled(samples):
+                    break
                 await asyncio.sleep(0.2)
             cpu = proc_cpu(proc.pid) - cpu0
             loads = collect(procs, out)

@@ -100,6 +100,19 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
+#: Seconds a counter must stay put once the load is done before a run counts as drained (a
+#: 20,000-span batch takes longer than a few polls to write).
+SETTLE_SECONDS = 1.5
+
+
+def settled(samples: list[tuple[float, float]], seconds: float = SETTLE_SECONDS) -> bool:
+    """Whether the (seconds, count) samples stayed at the last count for ``seconds``."""
+    t_last, n = samples[-1]
+    if t_last - samples[0][0] < seconds:
+        return False
+    return all(v == n for t, v in samples if t >= t_last - seconds)
+
+
 def median(values: list[float]) -> float:
     """The median of the values that are numbers (nan when there is none)."""
     nums = [v for v in values if isinstance(v, (int, float)) and v == v]
@@ -125,7 +138,7 @@ async def wait_stored(
         if all(not p.is_alive() for p in procs):
             if stop_probe is not None:
                 stop_probe.set()
-            if len(samples) > 2 and samples[-3][1] == n:
+            if settled(samples):
                 break
         await asyncio.sleep(0.1)
     return samples
