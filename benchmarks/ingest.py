@@ -35,6 +35,7 @@ from pathlib import Path
 from common import create_database, drop_database  # benchmarks/
 from ingest_hoptrace import hoptrace_run
 from ingest_jaeger import jaeger_run
+from ingest_load import build_template, fresh  # noqa: F401 - benchmarks/decode.py imports them here
 from ingest_measure import median
 from ingest_scan import scan_phase
 
