@@ -13,6 +13,8 @@ Variants (experiments, not product settings):
 - ``baseline``: the store as the collector makes it (2 writers write concurrently in the
   collector; here one writes, so the figures are CPU, not contention).
 - ``no_fold``: COPY only, no per-correlation state fold (``Writer._fold`` skipped).
+- ``fold_without_settle`` (``_unpark``): the fold without ``runs.settle`` (the foreign runs'
+  queries on ``spans``: failures below them, their trace's correlation id) (and ``runs.unpark``).
 - ``no_correlation_index``: ``spans_correlation_idx`` dropped (correlation lookups need it).
 - ``no_primary_key``: the primary key dropped (duplicate detection and trace lookups need it).
 - ``no_span_indexes``: both dropped: the heap alone.
@@ -51,7 +53,7 @@ from ingest_hoptrace import hoptrace_run
 from ingest_load import realistic_template
 from ingest_measure import median, postgres_cpu, proc_cpu
 
-from hoptrace.collector import schema
+from hoptrace.collector import runs, schema
 from hoptrace.collector.decode import DecodeKeys, Encoded, decode_body
 from hoptrace.collector.writer import Writer, init_connection
 from hoptrace.contract import load_spec
@@ -83,6 +85,8 @@ class Variant:
     name: str
     sql: list[str] = field(default_factory=list)
     fold: bool = True
+    #: ``runs`` functions of the fold replaced by no-ops (their queries' share of the fold)
+    skip: tuple[str, ...] = ()
     batch: int = 5000
     settings: dict[str, str] = field(default_factory=dict)
 
@@ -90,6 +94,8 @@ class Variant:
 VARIANTS = [
     Variant("baseline"),
     Variant("no_fold", fold=False),
+    Variant("fold_without_settle", skip=("settle",)),
+    Variant("fold_without_settle_unpark", skip=("settle", "unpark")),
     Variant("no_correlation_index", [_DROP_CORR]),
     Variant("no_primary_key", [_DROP_PK]),
     Variant("no_span_indexes", [_DROP_CORR, _DROP_PK]),
@@ -179,6 +185,13 @@ async def run_variant(admin: str, requests: list[Encoded], v: Variant) -> dict[s
                 return None
 
             writer._fold = no_fold  # type: ignore[method-assign]
+        saved = {name: getattr(runs, name) for name in v.skip}
+        for name in v.skip:
+
+            async def nothing(*_a: object) -> dict:
+                return {}
+
+            setattr(runs, name, nothing)
         async with pool.acquire() as c:
             pid = await c.fetchval("SELECT pg_backend_pid()")
         batches = batched(requests, v.batch)
@@ -188,6 +201,8 @@ async def run_variant(admin: str, requests: list[Encoded], v: Variant) -> dict[s
             stored += await writer.write_spans(b)  # type: ignore[arg-type]
         wall = time.perf_counter() - t0
         be, py, pg1 = proc_cpu(pid) - be0, time.process_time() - py0, postgres_cpu()
+        for name, fn in saved.items():
+            setattr(runs, name, fn)
         pg_other = sum(c - pg0.get(p, 0.0) for p, c in pg1.items() if p != pid)
         async with pool.acquire() as c:
             count = await c.fetchval("SELECT count(*) FROM spans")
