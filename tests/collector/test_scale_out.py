@@ -239,12 +239,6 @@ async def test_two_collectors_share_the_span_topic_and_survive_a_killed_leader(
             assert all(c == 0 for c in codes), [p.tail() for p in procs]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: a late span of an earlier step counts as progress, so a payment stalled at a "
-    "later step is resolved and alerted again at the same step (docs/scaling.md, 'Out-of-order "
-    "evidence'); fold() would need the old next_step to tell",
-)
 def test_a_late_span_of_an_earlier_step_keeps_the_stall_at_a_later_step() -> None:
     """With spans on several partitions (several collectors, or one catching up), a payment's
     purchase.created span can be stored before its payment.confirmed span. If trainer.allocated
