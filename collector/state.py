@@ -16,7 +16,10 @@ fine):
   otherwise ``in_progress`` with ``next_step``/``next_deadline``, the frontier step due first
   (none until some step is done);
 - ``last_step`` is the done step with the highest spec index;
-- a correlation the stall scanner marked ``stalled`` stays stalled until a step gets done.
+- a correlation the stall scanner marked ``stalled`` stays stalled until it moves on: the step
+  due next changes (a late span of an earlier step is no progress), or its deadline moves to a
+  time not yet passed, or the correlation completes or fails. Its old ``next_step`` and
+  ``next_deadline`` tell (the writer reads them with the row).
 """
 
 from __future__ import annotations
@@ -182,8 +185,19 @@ def _dt(us: int | None) -> datetime | None:
     return us_to_dt(us) if us is not None else None
 
 
-def _done_steps(steps: dict[str, dict[str, Any]]) -> set[str]:
-    return {sid for sid, st in steps.items() if st.get("done_at") is not None}
+def _moved_on(
+    old: dict[str, Any], next_step: str | None, next_deadline: datetime | None, now: datetime
+) -> bool:
+    """Whether a stalled correlation, still in progress after a fold, moved on: the step due
+    next is another one, or the same one with a new deadline that has not passed. A step newly
+    done is not enough: with spans on several partitions an earlier step's span can arrive after
+    the scan stalled the correlation at a later step, and that is no progress at the stalled step
+    (one stall, one alert)."""
+    if next_step != old.get("next_step"):
+        return True
+    if next_deadline == old.get("next_deadline"):
+        return False
+    return next_deadline is None or next_deadline > now
 
 
 def fold(
@@ -202,7 +216,6 @@ def fold(
     cid = obs[0].correlation_id
     old = row or {}
     steps: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (old.get("steps") or {}).items()}
-    done_before = _done_steps(steps)
     first_us = min(o.start_us for o in obs)
     first_seen = old.get("first_seen")
     first_dt = us_to_dt(first_us)
@@ -267,9 +280,9 @@ def fold(
         due = where.next_due if done_at else None
         if due is not None:
             next_step, next_deadline = due.step.id, due.deadline
-        progressed = bool(set(done_at) - done_before)
         old_state = old.get("state")
-        state = _STALLED if old_state == _STALLED and not progressed else State.IN_PROGRESS.value
+        moved = old_state == _STALLED and _moved_on(old, next_step, next_deadline, now)
+        state = _STALLED if old_state == _STALLED and not moved else State.IN_PROGRESS.value
     old_state = old.get("state")
     return dict(
         correlation_id=cid,

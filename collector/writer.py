@@ -85,7 +85,8 @@ FROM {_UNNEST}
 ON CONFLICT (correlation_id) DO NOTHING RETURNING correlation_id
 """  # noqa: S608 - constant
 _LOCK_CORR = """
-SELECT correlation_id, state, last_step_index, first_seen, steps::text AS steps
+SELECT correlation_id, state, last_step_index, first_seen, next_step, next_deadline,
+       steps::text AS steps
 FROM correlations WHERE correlation_id = ANY($1::text[]) ORDER BY correlation_id FOR UPDATE
 """
 _UPDATE_CORR = """

@@ -58,6 +58,39 @@ async def test_kafka_topic_spans_stored_and_committed(
         await delete_topics(kafka_bootstrap, [topic])
 
 
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "snappy", "gzip"])
+async def test_compressed_span_topic_spans_stored(
+    make_collector, kafka_bootstrap: str, suffix: str, db_url: str, codec: str
+) -> None:  # type: ignore[no-untyped-def]
+    """An OpenTelemetry Collector's kafka exporter often compresses: record batches compressed
+    with each codec Kafka has are read (aiokafka's codecs come from cramjam) and stored."""
+    topic, group = f"otlp-spans-{codec}-{suffix}", f"hoptrace-collector-{codec}-{suffix}"
+    await create_topics(kafka_bootstrap, [topic], partitions=1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, compression_type=codec)
+    await producer.start()
+    try:
+        batch = producer.create_batch()
+        for k in range(5):  # one compressed record batch of several records
+            req = request([step_span(f"{codec}-{k}", 0), step_span(f"{codec}-{k}", 1)])
+            assert batch.append(key=None, value=req.SerializeToString(), timestamp=None)
+        await (await producer.send_batch(batch, topic, partition=0))
+    finally:
+        await producer.stop()
+    await make_collector(span_topic=topic, span_group=group, kafka_bootstrap=kafka_bootstrap)
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    try:
+
+        async def all_there():  # type: ignore[no-untyped-def]
+            return await pool.fetchval("SELECT count(*) FROM spans") == 10
+
+        await wait_for(all_there, timeout=30, what=f"10 spans from {codec} records")
+        row = await store.correlation(pool, f"{codec}-4")
+        assert row is not None and row.last_step == "purchase.created"
+    finally:
+        await pool.close()
+        await delete_topics(kafka_bootstrap, [topic])
+
+
 async def _forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         while data := await reader.read(65536):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -239,12 +240,6 @@ async def test_two_collectors_share_the_span_topic_and_survive_a_killed_leader(
             assert all(c == 0 for c in codes), [p.tail() for p in procs]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: a late span of an earlier step counts as progress, so a payment stalled at a "
-    "later step is resolved and alerted again at the same step (docs/scaling.md, 'Out-of-order "
-    "evidence'); fold() would need the old next_step to tell",
-)
 def test_a_late_span_of_an_earlier_step_keeps_the_stall_at_a_later_step() -> None:
     """With spans on several partitions (several collectors, or one catching up), a payment's
     purchase.created span can be stored before its payment.confirmed span. If trainer.allocated
@@ -259,3 +254,87 @@ def test_a_late_span_of_an_earlier_step_keeps_the_stall_at_a_later_step() -> Non
     after = fold(spec, row, [StepObs("late", "payment.confirmed", t, t + 5_000, "ok")], now)
     assert after["next_step"] == "trainer.allocated" and after["next_deadline"] < now
     assert after["state"] == "stalled" and not after["resolved"], after["state"]
+
+
+async def test_a_late_earlier_step_span_fires_no_second_alert_through_the_collector(
+    db_url: str, spec_60s: Path, tmp_path: Path, suffix: str
+) -> None:
+    """The same through a real ``hoptrace collector``: purchase.created arrives first and its
+    payment stalls at trainer.allocated (one alert); the late payment.confirmed span changes
+    nothing (the alert stays firing, no resolve and no second alert over ten more scans); the
+    overdue step done then resolves it."""
+    cid = f"late-{suffix}"
+    trace = os.urandom(16)
+    start = time.time_ns() - 120 * 1_000_000_000  # trainer.allocated (60 s) long overdue
+    env = {"HOPTRACE_STALL_SCAN_INTERVAL": "0.2", "HOPTRACE_STALL_GRACE": "0"}
+    conn = await asyncpg.connect(db_url)
+    async with Receiver() as rx, httpx.AsyncClient(timeout=5) as http:
+        env["HOPTRACE_ALERT_WEBHOOK_URL"] = f"{rx.url}/hook"
+        col = CollectorProc(db_url, spec_60s, tmp_path, extra_env=env)
+        await asyncio.to_thread(col.start)
+        try:
+
+            async def post(step: int, start_ns: int) -> None:
+                body = request([step_span(cid, step, start_ns=start_ns, trace_id=trace)])
+                r = await http.post(
+                    f"{col.http}/v1/traces",
+                    content=body.SerializeToString(),
+                    headers={"content-type": "application/x-protobuf"},
+                )
+                assert r.status_code == 200, r.text
+
+            def posted(status: str) -> int:
+                return sum(
+                    1
+                    for p in rx.webhook(status)
+                    for a in p["alerts"]
+                    if a["labels"]["correlation_id"] == cid
+                )
+
+            async def steps_done() -> set[str]:
+                raw = await conn.fetchval(
+                    "SELECT steps FROM correlations WHERE correlation_id = $1", cid
+                )
+                steps = orjson.loads(raw) if raw else {}
+                return {k for k, v in steps.items() if v["done_at"] is not None}
+
+            await post(1, start + 10_000_000)  # purchase.created first
+            await wait_for(lambda: _ready(posted("firing")), timeout=30, what="the stall alert")
+
+            await post(0, start)  # payment.confirmed, late
+
+            async def late_folded() -> bool:
+                return "payment.confirmed" in await steps_done()
+
+            await wait_for(late_folded, timeout=30, what="the late span folded")
+            beats, last = 0, await conn.fetchval("SELECT heartbeat FROM stall_scan")
+
+            async def scanned_on() -> bool:
+                nonlocal beats, last
+                now = await conn.fetchval("SELECT heartbeat FROM stall_scan")
+                if now != last:
+                    beats, last = beats + 1, now
+                return beats >= 10
+
+            await wait_for(scanned_on, timeout=30, what="10 more scans")
+            row = await conn.fetchrow(
+                "SELECT state, next_step FROM correlations WHERE correlation_id = $1", cid
+            )
+            assert (row["state"], row["next_step"]) == ("stalled", "trainer.allocated")
+            alerts = await conn.fetch(
+                "SELECT step, status FROM alerts WHERE correlation_id = $1", cid
+            )
+            assert [tuple(a) for a in alerts] == [("trainer.allocated", "firing")]
+            assert posted("firing") == 1 and posted("resolved") == 0, rx.webhook()
+
+            await post(2, time.time_ns())  # the overdue step done: the stall is over
+            await wait_for(lambda: _ready(posted("resolved")), timeout=30, what="the resolve")
+            alerts = await conn.fetch(
+                "SELECT step, status FROM alerts WHERE correlation_id = $1", cid
+            )
+            assert [tuple(a) for a in alerts] == [("trainer.allocated", "resolved")]
+            assert posted("firing") == 1
+        finally:
+            await conn.close()
+            code = await asyncio.to_thread(col.stop)
+            assert code == 0, col.tail()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 
@@ -87,6 +89,34 @@ def test_stalled_stays_until_progress_then_resolves() -> None:
     assert same["state"] == "stalled" and not same["resolved"]
     moved = fold(SPEC, r, [obs(1, 1)], T0)
     assert moved["state"] == "in_progress" and moved["resolved"]
+
+
+def test_a_stall_moves_on_only_when_its_due_step_or_deadline_does(tmp_path: Path) -> None:
+    """Out-of-order evidence (spans on several partitions): a step newly done is no progress
+    unless the step due next changes or its deadline is no longer passed."""
+    late = T0 + timedelta(minutes=5)  # every deadline long passed
+    r = fold(SPEC, None, [obs(1, 1)], late)  # purchase.created first
+    r["state"] = "stalled"  # the scan's doing (one alert)
+    same = fold(SPEC, r, [obs(0, 0)], late)  # payment.confirmed, late
+    assert (same["state"], same["resolved"], same["next_step"]) == (
+        "stalled", False, "trainer.allocated"
+    )  # fmt: skip
+    assert same["next_deadline"] == r["next_deadline"]
+    # another run of the done step, ended earlier: an earlier deadline, still passed
+    rerun = StepObs("c", STEPS[1], T0_US, T0_US + 1_000, "duplicate")
+    earlier = fold(SPEC, same, [rerun], late)
+    assert earlier["next_deadline"] < same["next_deadline"]
+    assert earlier["state"] == "stalled" and not earlier["resolved"]
+    # deadlines lengthened in the spec (collector restarted): the due step is no longer overdue
+    text = (PROJECT_ROOT / "pipelines" / "payments.toml").read_text()
+    (tmp_path / "payments.toml").write_text(re.sub(r'deadline = "[^"]+"', 'deadline = "1h"', text))
+    longer = fold(load_spec(tmp_path / "payments.toml"), same, [obs(0, 0, "duplicate")], late)
+    assert longer["next_deadline"] > late
+    assert longer["state"] == "in_progress" and longer["resolved"]
+    # the due step done: on to the next one (overdue too: the scan fires anew, for that step)
+    done = fold(SPEC, same, [obs(2, 2)], late)
+    assert done["next_step"] == "session.created" and done["next_deadline"] < late
+    assert done["state"] == "in_progress" and done["resolved"]
 
 
 async def test_incremental_state_from_out_of_order_duplicate_batches(
