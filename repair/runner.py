@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,10 +18,10 @@ from typing import Any
 import asyncpg
 
 from hoptrace.collector import api
-from hoptrace.contract import CAUSES, Cause, PipelineSpec, load_spec
+from hoptrace.contract import CAUSES, Cause, PipelineSpec, RedriveResult, load_spec
 from hoptrace.instrumentation.producer import HopProducer
 from hoptrace.instrumentation.tracing import configure_tracing, flush_tracing
-from hoptrace.settings import Settings, get_settings
+from hoptrace.settings import RedriveSettings, Settings, get_settings
 
 from . import apply, audit
 from .plan import Action, Kind, plan
@@ -75,23 +74,23 @@ class Report:
         return 1 if any(p.failed or p.refused for p in self.payments) else 0
 
     def counts(self) -> dict[str, int]:
-        out = {"payments": len(self.payments), "sent": 0, "would_send": 0, "nothing_to_do": 0}
-        out |= {"refused": 0, "failed": 0}
+        out = {"payments": len(self.payments), RedriveResult.SENT.value: 0, "would_send": 0}
+        out |= {"nothing_to_do": 0, RedriveResult.REFUSED.value: 0, RedriveResult.FAILED.value: 0}
         for p in self.payments:
             if p.error is not None:
-                out["failed"] += 1
+                out[RedriveResult.FAILED] += 1
             for a in p.actions:
                 if a.kind == Kind.REFUSE:
-                    out["refused"] += 1
+                    out[RedriveResult.REFUSED] += 1
                 elif not a.kind.sends:
                     out["nothing_to_do"] += 1
                 elif not self.applied:
                     out["would_send"] += 1
             for r in p.applied:
-                if r.result == "sent":
-                    out["sent"] += 1
-                elif r.result == "failed":
-                    out["failed"] += 1
+                if r.result == RedriveResult.SENT:
+                    out[RedriveResult.SENT] += 1
+                elif r.result == RedriveResult.FAILED:
+                    out[RedriveResult.FAILED] += 1
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,7 +142,7 @@ def _payment_dict(p: PaymentReport) -> dict[str, Any]:
 
 def default_who() -> str:
     """Who runs the redrive: ``HOPTRACE_REDRIVE_WHO``, else the login name."""
-    who = os.environ.get("HOPTRACE_REDRIVE_WHO")
+    who = RedriveSettings().redrive_who
     if who:
         return who
     try:
@@ -294,7 +293,7 @@ async def run(
             if tracing:
                 configure_tracing(SERVICE_NAME, instrument=False)
         ids = list(ask.ids) if ask.ids else await _stuck(pool, ask)
-        async with Sources(spec, pool, settings.kafka_bootstrap) as sources:
+        async with Sources(spec, pool, settings) as sources:
             producer = LazyProducer(settings.kafka_bootstrap) if apply_ else None
             try:
                 sem = asyncio.Semaphore(CONCURRENCY)

@@ -27,6 +27,8 @@ from hoptrace.contract.conventions import CORRELATION_HEADER, EVENT_ID_HEADER
 from hoptrace.instrumentation.envelope import Envelope
 from hoptrace.instrumentation.hop.ledger import TABLE as LEDGER_TABLE
 from hoptrace.instrumentation.producer import envelope_headers
+from hoptrace.kafka import client_options
+from hoptrace.settings import KafkaSettings
 
 from . import audit
 from .plan import Found, Mark, StoredRecord
@@ -77,10 +79,11 @@ def stored_envelope(where: str, raw: Any, cid: str) -> StoredRecord:
 class Sources:
     """The Kafka and database reads of one redrive run (``async with``)."""
 
-    def __init__(self, spec: PipelineSpec, pool: asyncpg.Pool, bootstrap: str) -> None:
+    def __init__(self, spec: PipelineSpec, pool: asyncpg.Pool, kafka: KafkaSettings) -> None:
         self.spec = spec
         self.pool = pool
-        self.bootstrap = bootstrap
+        self.kafka = kafka
+        self.bootstrap = kafka.kafka_bootstrap
         self.consumer: AIOKafkaConsumer | None = None
         self.admin: AIOKafkaAdminClient | None = None
         self._lock = asyncio.Lock()
@@ -101,10 +104,14 @@ class Sources:
         """The Kafka clients, started on first use (a run with nothing to read needs none)."""
         async with self._start_lock:
             if self.consumer is None or self.admin is None:
+                options = client_options(self.kafka)
                 consumer = AIOKafkaConsumer(
-                    bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None
+                    bootstrap_servers=self.bootstrap,
+                    enable_auto_commit=False,
+                    group_id=None,
+                    **options,
                 )
-                admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+                admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **options)
                 try:
                     await consumer.start()
                     await admin.start()

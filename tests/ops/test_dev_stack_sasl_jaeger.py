@@ -27,7 +27,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from hoptrace import devstack
+from hoptrace.contract import load_spec
 from hoptrace.kafka import client_options, connection_problem
+from hoptrace.repair.sources import Sources
+from tests.support import REFERENCE_SPEC
 
 from ..collector.helpers import request, step_span
 from ..deploy.gotools import go_tool, timeout_for
@@ -118,6 +121,20 @@ def test_evidence_is_read_through_sasl(payment: tuple[str, dict[str, Any]]) -> N
     consumers = [s for s in doc["steps"] if s["kafka"] is not None]
     assert consumers and all(s["kafka"]["topic_exists"] for s in consumers)
     assert all((s["kafka"]["group_members"] or 0) >= 1 for s in consumers), consumers
+
+
+def test_redrive_reads_kafka_through_sasl(up: SaslStack) -> None:
+    """Redrive's own reads (the topics, a stuck record at its offset) use the SASL settings too."""
+
+    async def topics() -> set[str]:
+        pool = await asyncpg.create_pool(up.cfg.database_url, min_size=1, max_size=1)
+        try:
+            async with Sources(load_spec(REFERENCE_SPEC), pool, up.kafka()) as sources:
+                return await asyncio.wait_for(sources.topics(), 30)
+        finally:
+            await pool.close()
+
+    assert up.span_topic in asyncio.run(topics())
 
 
 def test_a_producer_only_step_emitted_and_consumed_nothing(

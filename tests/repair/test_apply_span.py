@@ -152,6 +152,7 @@ def test_a_redrive_still_sending_is_in_flight_until_its_process_is_known_dead(
 
     from hoptrace.contract import load_spec
     from hoptrace.repair.sources import SENDING_TIMEOUT, Sources
+    from hoptrace.settings import KafkaSettings
     from tests.support import REFERENCE_SPEC
 
     spec = load_spec(REFERENCE_SPEC)
@@ -160,7 +161,9 @@ def test_a_redrive_still_sending_is_in_flight_until_its_process_is_known_dead(
     async def scenario() -> tuple[str | None, str | None, str | None]:
         pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
         try:
-            async with Sources(spec, pool, kafka_bootstrap) as sources:
+            async with Sources(
+                spec, pool, KafkaSettings(kafka_bootstrap=kafka_bootstrap)
+            ) as sources:
                 none = await sources.in_flight(step, CID)
                 await audit.ensure(pool)
                 await audit.begin(
