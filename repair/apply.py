@@ -18,6 +18,7 @@ import asyncpg
 from opentelemetry import baggage, context, trace
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from hoptrace.contract import RedriveResult
 from hoptrace.contract import conventions as c
 from hoptrace.instrumentation.producer import HopProducer
 from hoptrace.instrumentation.tracing import get_tracer
@@ -45,7 +46,7 @@ class Applied:
 
     @property
     def ok(self) -> bool:
-        return self.result != "failed"
+        return self.result != RedriveResult.FAILED
 
 
 def _link(trace_id: str) -> Link | None:
@@ -85,10 +86,10 @@ async def remove_mark(conn: asyncpg.Connection, mark: Mark) -> int:
 async def record_only(pool: asyncpg.Pool, action: Action, who: str) -> Applied:
     """An action that sends nothing: audited with its result (waiting, nothing, ...)."""
     result = {
-        Kind.WAIT: "waiting",
-        Kind.NOTHING: "nothing",
-        Kind.IN_FLIGHT: "in_flight",
-        Kind.REFUSE: "refused",
+        Kind.WAIT: RedriveResult.WAITING,
+        Kind.NOTHING: RedriveResult.NOTHING,
+        Kind.IN_FLIGHT: RedriveResult.IN_FLIGHT,
+        Kind.REFUSE: RedriveResult.REFUSED,
     }[action.kind]
     row = await audit.begin(
         pool,
@@ -125,7 +126,7 @@ async def send(pool: asyncpg.Pool, producer: HopProducer, action: Action, who: s
         step=action.step,
         cause=action.cause,
         action=action.kind.value,
-        result="sending",
+        result=RedriveResult.SENDING,
         who=who,
         source=action.record.where,
         detail=action.reason,
@@ -147,12 +148,12 @@ async def send(pool: asyncpg.Pool, producer: HopProducer, action: Action, who: s
         span.record_exception(exc)
         span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
         detail = f"{type(exc).__name__}: {exc}"
-        await audit.finish(pool, row, "failed", detail=detail, removed_mark=removed)
+        await audit.finish(pool, row, RedriveResult.FAILED, detail=detail, removed_mark=removed)
         log.warning("redrive of %s at %s failed: %s", action.correlation_id, action.step, detail)
-        return Applied(action, "failed", row, None, trace_id, detail)
+        return Applied(action, RedriveResult.FAILED, row, None, trace_id, detail)
     finally:
         context.detach(token)
         span.end()
     sent = (md.topic, md.partition, md.offset)
-    await audit.finish(pool, row, "sent", sent=sent, removed_mark=removed)
-    return Applied(action, "sent", row, sent, trace_id, removed)
+    await audit.finish(pool, row, RedriveResult.SENT, sent=sent, removed_mark=removed)
+    return Applied(action, RedriveResult.SENT, row, sent, trace_id, removed)

@@ -16,6 +16,7 @@ from datetime import datetime
 
 import asyncpg
 
+from hoptrace.contract import RedriveResult
 from hoptrace.contract.conventions import REDRIVES_TABLE
 
 T = REDRIVES_TABLE
@@ -56,7 +57,8 @@ _FINISH = f"""UPDATE {T} SET result = $2, sent = $3, sent_topic = $4, sent_parti
     sent_offset = $6, detail = coalesce($7, detail), removed_mark = coalesce($8, removed_mark)
     WHERE id = $1"""  # noqa: S608
 _LATEST_SENT = f"""SELECT id, at, sent_topic, sent_partition, sent_offset FROM {T}
-    WHERE correlation_id = $1 AND step = $2 AND result IN ('sent', 'sending')
+    WHERE correlation_id = $1 AND step = $2
+      AND result IN ('{RedriveResult.SENT}', '{RedriveResult.SENDING}')
     ORDER BY at DESC, id DESC LIMIT 1"""  # noqa: S608
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('hoptrace.redrives'))"
 

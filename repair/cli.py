@@ -15,7 +15,7 @@ import json
 
 import typer
 
-from hoptrace.contract import parse_duration
+from hoptrace.contract import RedriveResult, parse_duration
 
 from .plan import Kind
 from .runner import Ask, BadInput, Report, run
@@ -39,14 +39,14 @@ def to_text(report: Report) -> str:
                 mark = "REFUSED: " if a.kind == Kind.REFUSE else ""
                 lines.append(f"  {a.step}: {mark}{verb}{a.describe()}")
                 continue
-            if r.result == "sent":
+            if r.result == RedriveResult.SENT:
                 assert r.sent is not None and a.record is not None
                 topic, part, off = r.sent
                 text = f"sent {a.record.where} as {topic}[{part}]@{off}"
                 if r.detail:
                     text += f"; {r.detail}"
                 text += f" (redrive #{r.audit_id}, trace {r.trace_id})"
-            elif r.result == "failed":
+            elif r.result == RedriveResult.FAILED:
                 text = f"FAILED: {a.describe()}: {r.detail}"
             elif a.kind == Kind.REFUSE:
                 text = f"REFUSED: {a.reason}"
@@ -55,10 +55,10 @@ def to_text(report: Report) -> str:
             lines.append(f"  {a.step}: {text}")
     c = report.counts()
     lines.append("")
-    sent = f"{c['sent']} sent" if report.applied else f"{c['would_send']} to send"
+    sent = f"{c[RedriveResult.SENT]} sent" if report.applied else f"{c['would_send']} to send"
     lines.append(
         f"{c['payments']} payment(s): {sent}, {c['nothing_to_do']} with nothing to do, "
-        f"{c['refused']} refused, {c['failed']} failed"
+        f"{c[RedriveResult.REFUSED]} refused, {c[RedriveResult.FAILED]} failed"
     )
     return "\n".join(lines)
 

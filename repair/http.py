@@ -11,14 +11,13 @@ missing or wrong token, 404 an unknown id, 500 only when the redrive itself fail
 from __future__ import annotations
 
 import hmac
-import os
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-#: The token a caller must present; unset: no route.
-TOKEN_ENV = "HOPTRACE_REDRIVE_TOKEN"
+from hoptrace.settings import RedriveSettings
+
 PATH = "/redrive"
 
 
@@ -30,7 +29,7 @@ def _authorized(header: str | None, token: str) -> bool:
 
 def routes(token: str | None = None) -> list[BaseRoute]:
     """The route, when a redrive token is configured (``HOPTRACE_REDRIVE_TOKEN``)."""
-    token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    token = token if token is not None else (RedriveSettings().redrive_token or "")
     if not token:
         return []
     from .runner import Ask, BadInput, run  # the collector loads the redrive side only here

@@ -20,6 +20,7 @@ from .causes import (
     TRACE_SCHEMA_VERSION,
     Cause,
     Outcome,
+    RedriveResult,
     State,
     StepStatus,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "Outcome",
     "PipelineSpec",
     "ProcessedTable",
+    "RedriveResult",
     "SpecError",
     "State",
     "Step",

@@ -121,3 +121,16 @@ class Outcome(StrEnum):
 
 
 OUTCOMES: tuple[str, ...] = tuple(o.value for o in Outcome)
+
+
+class RedriveResult(StrEnum):
+    """What became of one redrive action (the ``redrives`` table's ``result``: written by
+    ``hoptrace redrive``, read back into a lookup's evidence)."""
+
+    SENDING = "sending"  # written before the send: its id travels in the record's header
+    SENT = "sent"
+    FAILED = "failed"
+    WAITING = "waiting"  # the record is still in its topic: it flows once the consumer runs
+    NOTHING = "nothing"
+    IN_FLIGHT = "in_flight"  # an earlier redrive of the step is on its way
+    REFUSED = "refused"

@@ -20,7 +20,7 @@ from ..support import REFERENCE_SPEC
 
 #: SQL words a table name follows (the reference tables may not be named in collector SQL).
 SQL_NAMING = r"(?:FROM|INTO|JOIN|UPDATE|TABLE)"
-PRODUCT = ("core", "instrumentation", "workers", "collector", "dashboard")
+PRODUCT = ("core", "instrumentation", "workers", "collector", "dashboard", "repair")
 CONTRACT = PROJECT_ROOT / "core" / "contract"
 
 #: Contract literals that are also ordinary words with another meaning somewhere; each entry is
@@ -32,6 +32,7 @@ ELSEWHERE: dict[tuple[str, str], str] = {
     ("core/devstack.py", "kafka"): "the local stack's part name",
     ("workers/http.py", "receive"): "ASGI message type (the middleware's per-message spans)",
     ("workers/http.py", "send"): "ASGI message type (the middleware's per-message spans)",
+    ("repair/runner.py", "error"): "the key of a payment's failure in redrive's JSON report",
 }
 
 
