@@ -9,11 +9,12 @@ API's own message.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
+
+from hoptrace.settings import ApiClientSettings
 
 from .api_openapi import PREFIX
 
@@ -34,7 +35,7 @@ class ApiError(Exception):
 
 def api_url() -> str | None:
     """``HOPTRACE_API_URL`` when set (the CLI and the dashboard then read through the API)."""
-    return os.environ.get(URL_ENV, "").strip() or None
+    return ApiClientSettings().api_url
 
 
 class ReadApiClient:
@@ -52,7 +53,7 @@ class ReadApiClient:
         url = api_url()
         if url is None:
             raise ApiError(0, f"{URL_ENV} is not set")
-        return cls(url, os.environ.get(TOKEN_ENV, "").strip() or None)
+        return cls(url, ApiClientSettings().api_token)
 
     def close(self) -> None:
         self._http.close()

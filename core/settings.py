@@ -309,6 +309,37 @@ class DevSettings(BaseSettings):
     timeout: float = Field(default=90.0, gt=0, description="Seconds a part may take to be ready.")
 
 
+class ApiClientSettings(BaseSettings):
+    """Where the CLI and the dashboard read through a collector's read API instead of the
+    database and Kafka (read when asked, not cached: tests change the environment)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HOPTRACE_", extra="ignore", env_ignore_empty=True, str_strip_whitespace=True
+    )
+
+    api_url: str | None = Field(
+        default=None, description="The collector's HTTP base; set: reads go through /api/v1."
+    )
+    api_token: str | None = Field(default=None, description="Bearer token for the read API.")
+
+
+class RedriveSettings(BaseSettings):
+    """The redrive route's token (the collector serves ``POST /redrive`` only with one), where
+    the dashboard reaches it, and who a redrive is recorded as."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HOPTRACE_", extra="ignore", env_ignore_empty=True, str_strip_whitespace=True
+    )
+
+    redrive_url: str | None = Field(default=None, description="The collector's HTTP base.")
+    redrive_token: str | None = Field(default=None, description="Bearer token of the route.")
+    redrive_who: str | None = Field(default=None, description="Recorded as who redrove.")
+
+    @property
+    def dashboard_can_redrive(self) -> bool:
+        return bool(self.redrive_url and self.redrive_token)
+
+
 class ProcessSettings(BaseSettings):
     """Set by `hoptrace dev` (or a compose file) for a process it starts."""
 

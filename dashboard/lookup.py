@@ -8,7 +8,6 @@ confirmation; the dashboard itself never writes (without both settings there is 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import httpx
@@ -20,6 +19,7 @@ from hoptrace.dashboard.frames import STOP_MARKER, first, get
 from hoptrace.dashboard.plain import literal
 from hoptrace.dashboard.source import LookupError_, Source, get_source
 from hoptrace.dashboard.words import cause_words, state_words
+from hoptrace.settings import RedriveSettings
 
 #: Spans drawn in the timeline at most (the evidence lines still count every span).
 GANTT_MAX_SPANS = 500
@@ -146,9 +146,10 @@ def _facts(facts: Any, empty: str) -> None:
 
 def _redrive_call(cid: str, apply: bool) -> dict[str, Any]:
     """POST the collector's redrive route with the redrive token; its report (or an error)."""
-    url = os.environ["HOPTRACE_REDRIVE_URL"].rstrip("/") + "/redrive"
-    headers = {"Authorization": f"Bearer {os.environ['HOPTRACE_REDRIVE_TOKEN']}"}
-    body = {"id": cid, "apply": apply, "who": os.environ.get("HOPTRACE_REDRIVE_WHO", "dashboard")}
+    cfg = RedriveSettings()
+    url = f"{(cfg.redrive_url or '').rstrip('/')}/redrive"
+    headers = {"Authorization": f"Bearer {cfg.redrive_token}"}
+    body = {"id": cid, "apply": apply, "who": cfg.redrive_who or "dashboard"}
     try:
         res = httpx.post(url, json=body, headers=headers, timeout=60)
         doc = res.json()
@@ -161,7 +162,7 @@ def _redrive_call(cid: str, apply: bool) -> dict[str, Any]:
 
 def redrive_panel(cid: str) -> None:
     """The redrive button: the dry run first, applied on confirmation (only when configured)."""
-    if not (os.environ.get("HOPTRACE_REDRIVE_URL") and os.environ.get("HOPTRACE_REDRIVE_TOKEN")):
+    if not RedriveSettings().dashboard_can_redrive:
         return
     st.markdown("#### Redrive")
     key = f"redrive_plan:{cid}"

@@ -88,3 +88,38 @@ def test_the_dashboard_url_is_never_derived_from_the_owner_url(
     ro = "postgresql://reader:pw@db:5432/hoptrace"
     monkeypatch.setenv("HOPTRACE_DASHBOARD_DATABASE_URL", ro)
     assert Settings().readonly_database_url() == ro
+
+
+#: The one product module that reads a HOPTRACE_ variable from the environment itself: the local
+#: stack passes the user's own HOPTRACE_EXPORT_ALSO through to the processes it starts.
+PASS_THROUGH = {"core/devstack_process.py"}
+
+
+def test_no_product_module_reads_a_hoptrace_variable_past_its_settings() -> None:
+    import re
+
+    direct = re.compile(r"""(environ\.get\(|environ\[|getenv\()\s*["']HOPTRACE_""")
+    found = []
+    for folder in ("core", "collector", "dashboard", "instrumentation", "workers", "repair"):
+        for path in sorted((PROJECT_ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(PROJECT_ROOT).as_posix()
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if direct.search(line) and rel not in PASS_THROUGH:
+                    found.append(f"{rel}:{n}: {line.strip()}")
+    assert not found, "read through a settings class instead:\n" + "\n".join(found)
+
+
+def test_api_and_redrive_settings_come_from_their_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hoptrace.settings import ApiClientSettings, RedriveSettings
+
+    monkeypatch.setenv("HOPTRACE_API_URL", " http://collector:4318 ")
+    monkeypatch.setenv("HOPTRACE_API_TOKEN", "")
+    monkeypatch.setenv("HOPTRACE_REDRIVE_URL", "http://collector:4318")
+    monkeypatch.delenv("HOPTRACE_REDRIVE_TOKEN", raising=False)
+    api, redrive = ApiClientSettings(), RedriveSettings()
+    assert (api.api_url, api.api_token) == ("http://collector:4318", None)
+    assert not redrive.dashboard_can_redrive
+    monkeypatch.setenv("HOPTRACE_REDRIVE_TOKEN", "s3cret")
+    assert RedriveSettings().dashboard_can_redrive
