@@ -17,8 +17,6 @@ from typing import Any, NamedTuple
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocol, ConsumerProtocolMemberAssignment
-from aiokafka.errors import for_code
-from aiokafka.protocol.admin import ListGroupsRequest
 
 from hoptrace.contract import PipelineSpec, Step
 
@@ -46,22 +44,9 @@ class KafkaBase(NamedTuple):
 
 
 async def list_groups(admin: AIOKafkaAdminClient) -> list[str]:
-    """Group ids on every known broker. ``AIOKafkaAdminClient.list_consumer_groups`` fetches the
-    metadata of every topic first; the cached broker list is enough."""
-    try:
-        brokers = [b.nodeId for b in admin._client.cluster.brokers()]  # noqa: SLF001
-    except AttributeError:
-        brokers = []
-    if not brokers:
-        return [g[0] for g in await admin.list_consumer_groups()]
-    out: list[str] = []
-    for resp in await asyncio.gather(
-        *(admin._send_request(ListGroupsRequest(), node) for node in brokers)  # noqa: SLF001
-    ):
-        if resp.error_code:
-            raise for_code(resp.error_code)("listing consumer groups")
-        out.extend(g[0] for g in resp.groups)
-    return out
+    """Group ids on every broker, through aiokafka's public API (it asks for the cluster's
+    metadata first, then each broker in turn)."""
+    return [g[0] for g in await admin.list_consumer_groups()]
 
 
 def _groups_described(responses: list[Any]) -> dict[str, tuple[str, int]]:
