@@ -78,3 +78,32 @@ def test_core_imports_no_component_outside_the_wiring() -> None:
             if _component_of(name) is not None:
                 found.append(f"core/{path.relative_to(PROJECT_ROOT / 'core')}:{line}: {name}")
     assert not found, "core importing a component:\n" + "\n".join(found)
+
+
+def test_only_the_instrumentation_imports_its_speedups() -> None:
+    """``_accel`` reaches into libraries' private APIs behind one switch: no handler, no worker,
+    no other component imports it."""
+    found = []
+    for component in COMPONENTS:
+        folder = PROJECT_ROOT / component
+        for path in sorted(folder.rglob("*.py")):
+            rel = path.relative_to(folder).with_suffix("")
+            package = ".".join(["hoptrace", component, *rel.parts[:-1]])
+            for line, name in _imports(path, package):
+                if "._accel" in name and component != "instrumentation":
+                    found.append(f"{component}/{path.relative_to(folder)}:{line}: {name}")
+    assert not found, "_accel imported outside hoptrace.instrumentation:\n" + "\n".join(found)
+
+
+#: A product module longer than this says why at its top ("longer than most modules").
+MAX_LINES = 500
+
+
+def test_no_product_module_grows_past_its_size_without_a_reason() -> None:
+    found = []
+    for folder in ("core", *COMPONENTS):
+        for path in sorted((PROJECT_ROOT / folder).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            if text.count("\n") > MAX_LINES and "longer than most" not in text[:3000]:
+                found.append(f"{path.relative_to(PROJECT_ROOT)}: {text.count(chr(10))} lines")
+    assert not found, "modules past ~500 lines with no reason at the top:\n" + "\n".join(found)
