@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
@@ -20,7 +21,8 @@ from hoptrace.collector.decode import DecodeKeys, decode_body
 from hoptrace.collector.state import StepObs, fold, foreign_runs
 from hoptrace.collector.writer import Writer, init_connection
 from hoptrace.contract import parse_spec
-from hoptrace.contract.matching import StepMatcher
+from hoptrace.contract.conventions import GROUP_KEYS, MESSAGE_KEY_KEYS, OFFSET_KEYS, PARTITION_KEYS
+from hoptrace.contract.matching import Messaging, StepMatcher
 
 from .helpers import kv
 
@@ -182,6 +184,67 @@ def test_consumer_spans_in_every_spelling_are_step_runs() -> None:
         ("purchase", "p1", False),
         ("session", None, False),  # its trace names the correlation (the writer looks)
     ]
+
+
+#: One service consuming one topic as two steps under two groups: only the group tells them apart.
+GROUPED = parse_spec(
+    {
+        "pipeline": {"name": "books", "correlation": {"message_key": True}},
+        "steps": [
+            {"id": "paid", "service": "pay-api", "emits": "paid", "deadline": "5s"},
+            {
+                "id": "ledger",
+                "service": "books",
+                "consumes": "paid",
+                "group": "ledger",
+                "deadline": "10s",
+            },
+            {
+                "id": "audit",
+                "service": "books",
+                "consumes": "paid",
+                "group": "audit",
+                "after": ["paid"],
+                "deadline": "10s",
+            },
+        ],
+    }
+)
+
+
+@pytest.mark.parametrize("key_attr", MESSAGE_KEY_KEYS)
+@pytest.mark.parametrize("group_attr", GROUP_KEYS)
+def test_every_group_and_message_key_spelling_is_read_at_ingest(
+    group_attr: str, key_attr: str
+) -> None:
+    trace = os.urandom(16)
+    spans = [
+        (
+            "books",
+            sp(
+                "paid process",
+                Span.SPAN_KIND_CONSUMER,
+                [
+                    kv("messaging.destination.name", "paid"),
+                    kv("messaging.operation.type", "process"),
+                    kv(group_attr, group),
+                    kv(key_attr, "p7"),
+                ],
+                trace=trace,
+            ),
+        )
+        for group in ("audit", "ledger")
+    ]
+    out = decode_body(req(*spans).SerializeToString(), NOW, keys=DecodeKeys.for_spec(GROUPED))
+    runs = foreign_runs(out.candidates, StepMatcher(GROUPED))
+    assert sorted((r.step, r.correlation_id) for r in runs) == [("audit", "p7"), ("ledger", "p7")]
+
+
+@pytest.mark.parametrize("offset_attr", OFFSET_KEYS)
+@pytest.mark.parametrize("partition_attr", PARTITION_KEYS)
+def test_partition_and_offset_in_every_spelling(partition_attr: str, offset_attr: str) -> None:
+    m = Messaging.of({partition_attr: 2, offset_attr: "41", "messaging.kafka.message_key": "k"})
+    assert (m.partition, m.offset, m.key) == (2, 41, "k")
 
 
 def test_a_failed_span_below_fails_the_run_and_a_receive_span_is_no_run() -> None:
