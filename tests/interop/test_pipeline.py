@@ -324,9 +324,8 @@ async def test_key_only_pipeline_completes(key_only: Mixed) -> None:
             assert carried == [step.service != NODE_SERVICE] * len(cids), (step.emits, headers)
 
 
-#: Why the next two tests fail (see the report of this branch): the collector's ingest drops
-#: hoptrace's own step spans that carry no id under the spec's carriers, instead of resolving them
-#: through their trace as it does for foreign runs.
+#: At ingest, hoptrace's own step spans that carry no id under the spec's carriers take their
+#: trace's correlation id, as foreign runs do (before that, ingest dropped them: these two failed).
 
 
 async def test_key_only_ingest_sees_hoptrace_s_own_steps(key_only: Mixed) -> None:
