@@ -17,6 +17,8 @@ from typing import Any
 
 from ingest_trace import REAL_TRACE, RESOURCE, SERVICES, STEPS  # benchmarks/
 
+from hoptrace.contract import conventions as c_
+
 #: (offsets of the trace id, [(span index, offsets of its id)], offsets of the correlation id)
 Patch = tuple[list[int], list[tuple[int, list[int]]], list[int]]
 
@@ -157,18 +159,18 @@ def build_template(ncorr: int = 128) -> tuple[bytes, list[tuple[list[int], list[
             sp.end_time_unix_nano = now + i * 2_000_000 + 800_000
             sp.status.code = 1
             for k, v in (
-                ("hoptrace.correlation_id", cids[c]),
-                ("hoptrace.pipeline", "payments"),
-                ("hoptrace.step", step),
-                ("hoptrace.step.outcome", "ok"),
-                ("messaging.destination.name", "purchase-created"),
-                ("messaging.consumer.group.name", svc),
+                (c_.ATTR_CORRELATION_ID, cids[c]),
+                (c_.ATTR_PIPELINE, "payments"),
+                (c_.ATTR_STEP, step),
+                (c_.ATTR_OUTCOME, "ok"),
+                (c_.MSG_DESTINATION, "purchase-created"),
+                (c_.MSG_GROUP, svc),
             ):
                 a = sp.attributes.add()
                 a.key, a.value.string_value = k, v
             for k, n in (
-                ("messaging.destination.partition.id", 1),
-                ("messaging.kafka.offset", 12345),
+                (c_.MSG_PARTITION, 1),
+                (c_.MSG_OFFSET, 12345),
             ):
                 a = sp.attributes.add()
                 a.key, a.value.int_value = k, n

@@ -14,6 +14,8 @@ from pathlib import Path
 import asyncpg
 import httpx
 
+from hoptrace.contract.conventions import ATTR_CORRELATION_ID
+
 PB = {"content-type": "application/x-protobuf"}
 
 
@@ -44,7 +46,7 @@ async def probe_latency(base: str, db_url: str, stop: asyncio.Event) -> list[flo
             sp.trace_id, sp.span_id, sp.name = os.urandom(16), os.urandom(8), "probe"
             sp.start_time_unix_nano = sp.end_time_unix_nano = time.time_ns()
             a = sp.attributes.add()
-            a.key, a.value.string_value = "hoptrace.correlation_id", cid
+            a.key, a.value.string_value = ATTR_CORRELATION_ID, cid
             t0 = time.perf_counter()
             while True:
                 r = await http.post(

@@ -512,26 +512,39 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def compare_tracing(args: argparse.Namespace) -> None:
-    """Tracing off and on, alternating, in one invocation (same machine state, drift spread);
-    writes benchmarks/results/pipeline_e2e_tracing.json."""
+    """Tracing off, on, and on with ``HOPTRACE_ACCEL=0``, alternating, in one invocation (same
+    machine state, drift spread); writes benchmarks/results/pipeline_e2e_tracing.json."""
     rounds: list[dict[str, float]] = []
+    # off, on, and on with the speed-ups switched off (HOPTRACE_ACCEL=0 in every service)
+    arms = ("off", "on", "on_noaccel")
     for rnd in range(args.compare_tracing):
         figures: dict[str, float] = {}
-        for tracing in (False, True) if rnd % 2 == 0 else (True, False):
-            one = argparse.Namespace(**{**vars(args), "no_tracing": not tracing})
+        for arm in arms if rnd % 2 == 0 else arms[::-1]:
+            one = argparse.Namespace(**{**vars(args), "no_tracing": arm == "off"})
             one.skip_latency = True
-            result = asyncio.run(run(one))
+            saved = os.environ.get("HOPTRACE_ACCEL")
+            os.environ["HOPTRACE_ACCEL"] = "0" if arm == "on_noaccel" else "1"
+            try:
+                result = asyncio.run(run(one))
+            finally:
+                if saved is None:
+                    os.environ.pop("HOPTRACE_ACCEL", None)
+                else:
+                    os.environ["HOPTRACE_ACCEL"] = saved
             rate = float(result["throughput"]["end_to_end_per_s"])  # type: ignore[index]
-            figures["on" if tracing else "off"] = rate
-            print(f"round {rnd} tracing {'on ' if tracing else 'off'}: {rate:.1f} payments/s")
+            figures[arm] = rate
+            print(f"round {rnd} tracing {arm:10s}: {rate:.1f} payments/s")
         figures["ratio"] = figures["on"] / figures["off"]
+        figures["ratio_noaccel"] = figures["on_noaccel"] / figures["off"]
         rounds.append(figures)
     summary = {
         "burst": args.burst,
         "rounds": rounds,
         "median_off_per_s": statistics.median(r["off"] for r in rounds),
         "median_on_per_s": statistics.median(r["on"] for r in rounds),
+        "median_on_noaccel_per_s": statistics.median(r["on_noaccel"] for r in rounds),
         "median_ratio": statistics.median(r["ratio"] for r in rounds),
+        "median_ratio_noaccel": statistics.median(r["ratio_noaccel"] for r in rounds),
         "goal_ratio": 0.95,
         "bar_ratio": 0.90,
         "load_average_1m_at_end": os.getloadavg()[0],
@@ -542,7 +555,9 @@ def compare_tracing(args: argparse.Namespace) -> None:
     print(
         f"tracing on/off: median {summary['median_on_per_s']:.1f} / "
         f"{summary['median_off_per_s']:.1f} payments/s, ratio {summary['median_ratio']:.3f} "
-        f"(goal >= 0.95, bar >= 0.90) -> {out}"
+        f"(goal >= 0.95, bar >= 0.90); with HOPTRACE_ACCEL=0 "
+        f"{summary['median_on_noaccel_per_s']:.1f}, ratio {summary['median_ratio_noaccel']:.3f} "
+        f"-> {out}"
     )
 
 
