@@ -6,7 +6,8 @@ A client that may retry sends an ``Idempotency-Key`` header: a request with a ke
 for the same payment (student, course, amount) answers with that first payment (201, header
 ``Idempotent-Replayed: true``), however many retries race; a key used for another payment is
 refused (422). The relay marks a row sent only once its step span is exported (a SIGKILL
-before that re-sends the row instead of losing the span), and backs off (doubling to
+before that re-sends the row instead of losing the span; while the collector is down the row
+waits unsent, not sent again by this process), and backs off (doubling to
 :data:`RELAY_MAX_BACKOFF_S`) while a pass sends nothing, e.g. while Kafka is down, instead of
 retrying its batch in a tight loop.
 
@@ -179,6 +180,8 @@ class PaymentService:
         self.fault = fault
         self._wake = asyncio.Event()
         self._stopping = False
+        #: rows this process sent whose step spans are not exported yet (kept unsent)
+        self._unexported: set[int] = set()
 
     # ---------------------------------------------------------------------------- HTTP
 
@@ -330,24 +333,36 @@ class PaymentService:
         """Emit one batch of unsent rows (concurrently), export their step spans, then mark the
         rows Kafka acknowledged as sent (commit-after-export, as the hop runtime's offsets: a
         kill before the mark re-sends a row, with its span, instead of losing the span); returns
-        (rows in the batch, rows sent)."""
+        (rows in the batch, rows sent).
+
+        While the spans cannot be exported (the collector is down), the rows stay unsent: this
+        process remembers them and does not send them again; a later pass marks them once the
+        export went through (or the SDK gave the spans up after ``HOPTRACE_EXPORT_HOLD_S``)."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 """SELECT id, correlation_id, topic, event, trace_carrier FROM payment_outbox
-                   WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED""",
+                   WHERE sent_at IS NULL AND id <> ALL($2::bigint[])
+                   ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED""",
                 RELAY_BATCH,
+                list(self._unexported),
             )
-            if not rows:
+            if not rows and not self._unexported:
                 return 0, 0
             results = await asyncio.gather(*(self._emit(r) for r in rows), return_exceptions=True)
             sent = [r["id"] for r, res in zip(rows, results, strict=True) if res is True]
-            if sent and not await asyncio.to_thread(flush_tracing, RELAY_FLUSH_S):
-                # the collector is unreachable: the spans stay queued in the SDK (a kill now
-                # loses them, as it would any span of this process); the events are out
-                log.warning("outbox relay: step spans not exported yet; marking rows sent")
-            if sent:
+            waiting = [*self._unexported, *sent]
+            if waiting and await asyncio.to_thread(flush_tracing, RELAY_FLUSH_S):
                 await conn.execute(
-                    "UPDATE payment_outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", sent
+                    "UPDATE payment_outbox SET sent_at = now() WHERE id = ANY($1::bigint[])",
+                    waiting,
+                )
+                self._unexported.clear()
+            elif waiting:
+                self._unexported.update(sent)
+                log.warning(
+                    "outbox relay: step spans not exported yet; %d row(s) kept unsent until they "
+                    "are (not sent again)",
+                    len(self._unexported),
                 )
             failed = [res for res in results if res is not True]
             if failed:

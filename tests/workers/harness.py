@@ -47,9 +47,9 @@ def _value(v: object) -> object:
 class OtlpReceiver:
     """OTLP/HTTP protobuf receiver on a free port; ``spans`` grows as the services export.
     ``delay_s``: each export is kept that long before it is taken (recorded and answered), as
-    a slow collector would."""
+    a slow collector would; ``port``: listen there (a collector back on its address)."""
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, port: int = 0) -> None:
         self.spans: list[Span] = []
         self._lock = threading.Lock()
         receiver = self
@@ -72,7 +72,7 @@ class OtlpReceiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()

@@ -225,6 +225,68 @@ def test_a_relayed_payment_is_marked_sent_only_once_its_step_span_is_exported(
         asyncio.run(delete_topics(kafka_bootstrap, load_spec(spec_path).topics))
 
 
+def test_a_payment_relayed_while_the_collector_is_down_keeps_its_span_across_a_kill(
+    db_url: str, kafka_bootstrap: str, spec_path: Path, tmp_path: Path
+) -> None:
+    """Found by the full chaos run (402 payments ``consumed_without_trace`` at payment.confirmed):
+    with the collector down, a relay pass gave up waiting for its spans after ``RELAY_FLUSH_S``
+    and marked its rows sent anyway; payment-service SIGKILLed before the collector came back
+    lost those spans for good (the rows are never re-sent). Now a row is marked sent only once
+    its span is exported: the pass keeps it unsent without sending it again (one copy on Kafka
+    while the collector is down), and a kill re-sends it, with its span, at the next start."""
+    import subprocess
+    import time
+
+    from .harness import HOPTRACE, OtlpReceiver, Services, service_env
+
+    down = OtlpReceiver()
+    port = down.port
+    down.close()  # the collector's address, nothing listening: every export fails
+    env = service_env(db_url, kafka_bootstrap, spec_path, down)
+    res = subprocess.run([HOPTRACE, "topics", "ensure"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    topic = load_spec(spec_path).step("payment.confirmed").emits
+    assert topic is not None
+    services = Services(env, tmp_path)
+    otlp: OtlpReceiver | None = None
+    try:
+        services.start("payment-service")
+        pay = subprocess.run(
+            [HOPTRACE, "pay"], env=env, capture_output=True, text=True, timeout=60, check=True
+        )
+        cid = pay.stdout.strip().splitlines()[-1]
+        log = services.log("payment-service")
+        deadline = time.monotonic() + 60
+        while log.read_text(errors="replace").count("step spans not exported yet") < 2:
+            assert time.monotonic() < deadline, services.tail("payment-service")
+            time.sleep(0.1)
+        records = [
+            r for r in asyncio.run(read_topic(kafka_bootstrap, topic)) if r.key == cid.encode()
+        ]
+        assert len(records) == 1, records  # two passes gave up on the span; the event went once
+        services.kill("payment-service")
+        otlp = OtlpReceiver(port=port)  # the collector is back
+        services.start("payment-service")
+        deadline = time.monotonic() + 30
+        while "payment.confirmed" not in {s.name for s in otlp.for_correlation(cid)}:
+            assert time.monotonic() < deadline, (
+                f"the payment's step span was lost: {services.tail('payment-service')}"
+            )
+            time.sleep(0.1)
+        records = [
+            r for r in asyncio.run(read_topic(kafka_bootstrap, topic)) if r.key == cid.encode()
+        ]
+        ids = {Envelope.parse(r.value).event_id for r in records}
+        assert len(records) == 2 and len(ids) == 1, records  # a copy of the same event
+    finally:
+        services.stop_all()
+        if otlp is not None:
+            otlp.close()
+        from tests.support import delete_topics
+
+        asyncio.run(delete_topics(kafka_bootstrap, load_spec(spec_path).topics))
+
+
 async def test_sent_outbox_rows_are_purged_by_retention_unsent_never(db_url: str) -> None:
     from datetime import timedelta
 
