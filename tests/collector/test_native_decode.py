@@ -576,6 +576,8 @@ _SPANS = """SELECT trace_id, span_id, parent_span_id, name, service, kind, start
     duration_us, status_code, status_message, correlation_id, pipeline, step, outcome,
     attributes::text, events::text, received_at, resource::text, scope
 FROM spans ORDER BY trace_id, span_id, start_time"""
+_PARKED = """SELECT trace_id, span_id, step, start_us, end_us, run_failed, run_error, run_outcome
+    FROM pending_steps ORDER BY trace_id, span_id"""
 _CORR = """SELECT correlation_id, pipeline, state, last_step, last_step_index, last_step_at,
     failed_step, failed_at, error, next_step, next_deadline, first_seen, completed_at,
     steps::text, done_mask FROM correlations ORDER BY correlation_id"""
@@ -583,7 +585,7 @@ _CORR = """SELECT correlation_id, pipeline, state, last_step, last_step_index, l
 
 async def _store_both(db_url: str, spec_path: Path, reqs: list[ExportTraceServiceRequest]) -> None:
     """Each request twice (the second write takes the duplicate path) through both paths into
-    an emptied store; the stored spans and correlations must be the same."""
+    an emptied store; the stored spans, correlations and parked runs must be the same."""
     spec = load_spec(spec_path)
     conn = await asyncpg.connect(db_url)
     await schema.migrate(conn, timedelta(days=7))
@@ -591,7 +593,9 @@ async def _store_both(db_url: str, spec_path: Path, reqs: list[ExportTraceServic
     try:
         results = []
         for use_native in (False, True):
-            await conn.execute("TRUNCATE spans, correlations")
+            # every table the writer keeps state in: runs parked by an earlier example (same
+            # database) would otherwise be there for the first path only (it unparks them)
+            await conn.execute("TRUNCATE spans, correlations, pending_steps")
             writer = Writer(pool, spec, timedelta(days=7))
             counts = []
             for req in reqs:
@@ -606,6 +610,7 @@ async def _store_both(db_url: str, spec_path: Path, reqs: list[ExportTraceServic
                     counts,
                     [tuple(r) for r in await conn.fetch(_SPANS)],
                     [tuple(r) for r in await conn.fetch(_CORR)],
+                    [tuple(r) for r in await conn.fetch(_PARKED)],
                 )  # fmt: skip
             )
         assert results[0] == results[1]
