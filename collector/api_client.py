@@ -19,7 +19,6 @@ from hoptrace.settings import ApiClientSettings
 from .api_openapi import PREFIX
 
 URL_ENV = "HOPTRACE_API_URL"
-TOKEN_ENV = "HOPTRACE_API_TOKEN"
 #: Seconds a call may take (a lookup gathers Kafka and database facts within a few seconds).
 TIMEOUT = 30.0
 
@@ -50,10 +49,10 @@ class ReadApiClient:
 
     @classmethod
     def from_env(cls) -> ReadApiClient:
-        url = api_url()
-        if url is None:
+        cfg = ApiClientSettings()
+        if cfg.api_url is None:
             raise ApiError(0, f"{URL_ENV} is not set")
-        return cls(url, ApiClientSettings().api_token)
+        return cls(cfg.api_url, cfg.api_token)
 
     def close(self) -> None:
         self._http.close()
