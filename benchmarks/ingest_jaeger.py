@@ -17,6 +17,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -91,13 +94,40 @@ def _disk_bytes(folder: Path) -> int:
     return sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file())
 
 
-async def jaeger_run(args: argparse.Namespace, mix: str, storage: str = "memory") -> dict:
-    """The load of ``mix`` against Jaeger v2 with ``storage``, at saturation."""
+@dataclass
+class Jaeger:
+    """A running Jaeger v2 process: its ports, pid and data folder."""
+
+    storage: str
+    proc: subprocess.Popen  # type: ignore[type-arg]
+    ports: dict[str, int]
+    data: Path
+
+    @property
+    def query(self) -> str:
+        """Its query service (the UI's HTTP API, ``/api/traces``)."""
+        return f"http://127.0.0.1:{self.ports['QUERY_HTTP']}"
+
+    async def exported(self, http: httpx.AsyncClient) -> float:
+        """Spans its exporter has written to storage so far."""
+        total = 0.0
+        metrics = f"http://127.0.0.1:{self.ports['METRICS']}/metrics"
+        for line in (await http.get(metrics)).text.splitlines():
+            if line.startswith("otelcol_exporter_sent_spans"):
+                total += float(line.split()[-1])
+        return total
+
+
+@asynccontextmanager
+async def running_jaeger(storage: str, tag: str = "ingest") -> AsyncIterator[Jaeger]:
+    """Jaeger v2 with ``storage`` (``memory`` or ``badger``), up and receiving; stopped (and its
+    Badger folder removed) on exit. Raises FileNotFoundError when the binary is not built."""
     binary = ROOT / ".hoptrace" / "tools" / "bin" / "jaeger"
     if not binary.exists():
-        return {"skipped": f"{binary} not built"}
+        raise FileNotFoundError(f"{binary} not built (scripts/go-tools.sh jaeger)")
     ports = {k: free_port() for k in ("METRICS", "QUERY_HTTP", "QUERY_GRPC", "OTLP_HTTP")}
-    cfg = RESULTS / f"ingest-jaeger-{storage}.yaml"
+    cfg = RESULTS / f"{tag}-jaeger-{storage}.yaml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(config(storage))
     data = Path(tempfile.mkdtemp(prefix="hoptrace-bench-badger-"))
     env = {
@@ -109,62 +139,21 @@ async def jaeger_run(args: argparse.Namespace, mix: str, storage: str = "memory"
         [str(binary), "--config", str(cfg)],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=open(RESULTS / f"ingest-jaeger-{storage}.log", "w"),  # noqa: ASYNC230, SIM115
+        stderr=open(RESULTS / f"{tag}-jaeger-{storage}.log", "w"),  # noqa: ASYNC230, SIM115
     )
-    metrics = f"http://127.0.0.1:{ports['METRICS']}/metrics"
-
-    async def exported(http: httpx.AsyncClient) -> float:
-        total = 0.0
-        for line in (await http.get(metrics)).text.splitlines():
-            if line.startswith("otelcol_exporter_sent_spans"):
-                total += float(line.split()[-1])
-        return total
-
+    jaeger = Jaeger(storage, proc, ports, data)
     try:
         async with httpx.AsyncClient(timeout=5) as http:
             for _ in range(300):
                 try:
-                    await exported(http)
+                    await jaeger.exported(http)
                     with socket.create_connection(("127.0.0.1", ports["OTLP_HTTP"]), 1):
                         break
                 except (httpx.HTTPError, OSError):
                     await asyncio.sleep(0.1)
             else:
                 raise RuntimeError(f"jaeger ({storage}) did not start")
-            cpu0 = proc_cpu(proc.pid)
-            procs, out = await start_load(
-                ports["OTLP_HTTP"], mix, args.spans, args.workers, args.concurrency
-            )
-            t0 = time.perf_counter()
-            samples: list[tuple[float, float]] = []
-            while time.perf_counter() - t0 < args.timeout:
-                samples.append((time.perf_counter() - t0, await exported(http)))
-                if all(not p.is_alive() for p in procs) and settled(samples):
-                    break
-                await asyncio.sleep(0.2)
-            cpu = proc_cpu(proc.pid) - cpu0
-            loads = collect(procs, out)
-        disk = _disk_bytes(data)
-        sent = sum(r[0] for r in loads)
-        total = samples[-1][1]
-        first = next(t for t, n in samples if n > 0)
-        elapsed = next(t for t, n in samples if n >= total) - first
-        per = 1e6 / max(total, 1)
-        result = {
-            "mix": mix,
-            "storage": storage,
-            "spans_sent": sent,
-            "spans_exported_to_storage": round(total),
-            "lost": sent - round(total),
-            "seconds": round(elapsed, 2),
-            "spans_per_s_overall": round(total / elapsed),
-            "refused": sum(r[1] for r in loads),
-            "cpu_us_per_span": round(cpu * per, 1),
-            "load_generator_cpu_us_per_span": round(sum(r[2] for r in loads) * per, 1),
-        }
-        if storage == "badger":
-            result["badger_bytes_allocated_on_disk"] = disk
-        return result
+        yield jaeger
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -172,3 +161,50 @@ async def jaeger_run(args: argparse.Namespace, mix: str, storage: str = "memory"
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(data, ignore_errors=True)
+
+
+async def jaeger_run(args: argparse.Namespace, mix: str, storage: str = "memory") -> dict:
+    """The load of ``mix`` against Jaeger v2 with ``storage``, at saturation."""
+    try:
+        cm = running_jaeger(storage)
+        jaeger = await cm.__aenter__()
+    except FileNotFoundError as exc:
+        return {"skipped": str(exc)}
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            cpu0 = proc_cpu(jaeger.proc.pid)
+            procs, out = await start_load(
+                jaeger.ports["OTLP_HTTP"], mix, args.spans, args.workers, args.concurrency
+            )
+            t0 = time.perf_counter()
+            samples: list[tuple[float, float]] = []
+            while time.perf_counter() - t0 < args.timeout:
+                samples.append((time.perf_counter() - t0, await jaeger.exported(http)))
+                if all(not p.is_alive() for p in procs) and settled(samples):
+                    break
+                await asyncio.sleep(0.2)
+            cpu = proc_cpu(jaeger.proc.pid) - cpu0
+            loads = collect(procs, out)
+        disk = _disk_bytes(jaeger.data)
+    finally:
+        await cm.__aexit__(None, None, None)
+    sent = sum(r[0] for r in loads)
+    total = samples[-1][1]
+    first = next(t for t, n in samples if n > 0)
+    elapsed = next(t for t, n in samples if n >= total) - first
+    per = 1e6 / max(total, 1)
+    result = {
+        "mix": mix,
+        "storage": storage,
+        "spans_sent": sent,
+        "spans_exported_to_storage": round(total),
+        "lost": sent - round(total),
+        "seconds": round(elapsed, 2),
+        "spans_per_s_overall": round(total / elapsed),
+        "refused": sum(r[1] for r in loads),
+        "cpu_us_per_span": round(cpu * per, 1),
+        "load_generator_cpu_us_per_span": round(sum(r[2] for r in loads) * per, 1),
+    }
+    if storage == "badger":
+        result["badger_bytes_allocated_on_disk"] = disk
+    return result

@@ -49,7 +49,7 @@ class Template:
 
     def fresh(self) -> list[tuple[bytes, int]]:
         """The round's requests (and their span counts) with new trace, span and correlation
-        ids."""
+        ids (the correlation ids are kept in ``last_cids``)."""
         rnd = os.urandom(self.npay * (16 + 16 + 8 * self.nspans))
         out = []
         ids = []
@@ -71,6 +71,7 @@ class Template:
                 for o in c_off:
                     ba[o : o + 32] = cid
             out.append(bytes(ba))
+        self.last_cids = [cid.decode() for _, _, cid in ids]
         return list(zip(out, self.counts, strict=True))
 
 

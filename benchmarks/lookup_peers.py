@@ -1,0 +1,268 @@
+"""Benchmark: one payment's lookup on hoptrace, Jaeger in-memory and Jaeger with Badger, in one run.
+
+The same OTLP/HTTP requests go to each peer: the ingest benchmark's realistic mix
+(:mod:`ingest_load`, 16 spans per payment, one request per service per 96 payments). Each peer
+stores all of them, then the same random payment ids are looked up on each over HTTP, as a user
+would look a payment up:
+
+- hoptrace: its read API, ``GET /api/v1/correlations/{id}?spans=true`` on a ``hoptrace
+  collector`` (the full diagnosis: spans, correlation state, Kafka and database evidence, and the
+  spans themselves);
+- Jaeger v2 (in-memory, and Badger, its embedded persistent store): its query API's trace search
+  by the correlation attribute, ``GET /api/traces?service=payment-service&tags={...}`` (the spans
+  only: Jaeger has no diagnosis).
+
+Every answer is checked: one trace, the payment's 16 spans (hoptrace: and the payment's id). A
+wrong answer stops the run. The load is also timed (seconds until every span is stored and
+queryable), but ``benchmarks/ingest.py`` is the ingest benchmark; this one is about lookups.
+
+    .venv/bin/python benchmarks/lookup_peers.py [--payments 200000] [--lookups 1000]
+
+Prints the figures and writes ``benchmarks/results/lookup_peers.json``. Needs the local stack
+(``hoptrace dev up --infra-only``) and Jaeger (``scripts/go-tools.sh jaeger``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+import urllib.parse
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+from common import create_database, drop_database  # benchmarks/
+from ingest_hoptrace import _wait_healthy, start_collector
+from ingest_jaeger import running_jaeger
+from ingest_load import _post, realistic_template
+from ingest_measure import pct, proc_cpu
+
+from hoptrace.contract import conventions as c_
+from hoptrace.settings import get_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "lookup_peers.json"
+SPANS_PER_PAYMENT = 16
+#: Jaeger's trace search needs a service: the payment's first (its HTTP request).
+SEARCH_SERVICE = "payment-service"
+#: A peer's lookups stop after this many seconds even if fewer than ``--lookups`` were made.
+LOOKUP_BUDGET_S = 180.0
+
+
+def build(payments: int) -> tuple[list[bytes], list[str], int]:
+    """The requests for ``payments`` payments, their correlation ids and the span count."""
+    template = realistic_template()
+    bodies: list[bytes] = []
+    cids: list[str] = []
+    spans = 0
+    while len(cids) < payments:
+        for body, n in template.fresh():
+            bodies.append(body)
+            spans += n
+        cids += template.last_cids
+    return bodies, cids, spans
+
+
+async def post_all(port: int, bodies: list[bytes], lanes: int = 4) -> int:
+    """Every request, over ``lanes`` keep-alive connections (503/429: retried after 50 ms);
+    returns the number of refusals."""
+    todo = list(reversed(bodies))
+    refused = 0
+
+    async def lane() -> None:
+        nonlocal refused
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while todo:
+                body = todo.pop()
+                while (status := await _post(reader, writer, "/v1/traces", body)) != 200:
+                    if status not in (429, 503):
+                        raise RuntimeError(f"unexpected HTTP {status}")
+                    refused += 1
+                    await asyncio.sleep(0.05)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(lane() for _ in range(lanes)))
+    return refused
+
+
+async def timed_lookups(
+    ids: list[str], one: object, budget_s: float = LOOKUP_BUDGET_S
+) -> dict[str, object]:
+    """``await one(cid)`` for each id but the first 20 (warm-up calls, untimed), timed; stops
+    after ``budget_s``."""
+    for cid in ids[:20]:
+        await one(cid)  # type: ignore[operator]
+    times: list[float] = []
+    start = time.perf_counter()
+    for cid in ids[20:]:
+        t0 = time.perf_counter()
+        await one(cid)  # type: ignore[operator]
+        times.append((time.perf_counter() - t0) * 1000)
+        if time.perf_counter() - start > budget_s:
+            break
+    return {
+        "lookups": len(times),
+        "p50_ms": round(pct(times, 50), 2),
+        "p95_ms": round(pct(times, 95), 2),
+        "p99_ms": round(pct(times, 99), 2),
+        "max_ms": round(max(times), 2),
+        "mean_ms": round(statistics.mean(times), 2),
+    }
+
+
+async def hoptrace_peer(args: argparse.Namespace, bodies: list[bytes], total: int, ids: list[str]):
+    base_url = get_settings().database_url
+    db_url = await create_database(base_url, f"hoptrace_lookup_{uuid.uuid4().hex[:8]}")
+    proc, port = start_collector(args, db_url, "lookup")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            await _wait_healthy(http, base)
+            cpu0 = proc_cpu(proc.pid)
+            t0 = time.perf_counter()
+            refused = await post_all(port, bodies)
+            conn = await asyncpg.connect(db_url)
+            try:  # stored means queryable: counted in the table
+                while (stored := await conn.fetchval("SELECT count(*) FROM spans")) < total:
+                    if time.perf_counter() - t0 > args.timeout:
+                        raise RuntimeError(f"hoptrace stored {stored} of {total} spans")
+                    await asyncio.sleep(0.2)
+                load_s = time.perf_counter() - t0
+                await conn.execute("VACUUM ANALYZE")
+                size = await conn.fetchval("SELECT pg_database_size(current_database())")
+            finally:
+                await conn.close()
+            load_cpu = proc_cpu(proc.pid) - cpu0
+
+            async def one(cid: str) -> None:
+                r = await http.get(f"{base}/api/v1/correlations/{cid}", params={"spans": "true"})
+                doc = r.json()
+                if r.status_code != 200 or len(doc.get("spans", ())) != SPANS_PER_PAYMENT:
+                    raise RuntimeError(
+                        f"hoptrace answered {r.status_code} for {cid}: {r.text[:300]}"
+                    )
+                if doc.get("correlation_id") != cid:
+                    raise RuntimeError(f"hoptrace answered another payment for {cid}")
+
+            figures = await timed_lookups(ids, one)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        await drop_database(base_url, db_url)
+    return {
+        "lookup": "GET /api/v1/correlations/{id}?spans=true (the diagnosis and the spans)",
+        "load_seconds": round(load_s, 1),
+        "load_spans_per_s": round(total / load_s),
+        "load_refused_503": refused,
+        "collector_cpu_us_per_span": round(load_cpu * 1e6 / total, 1),
+        "database_bytes": size,
+        **figures,
+    }
+
+
+async def jaeger_peer(
+    storage: str, bodies: list[bytes], total: int, ids: list[str], timeout: float
+) -> dict[str, object]:
+    try:
+        cm = running_jaeger(storage, tag="lookup")
+        jaeger = await cm.__aenter__()
+    except FileNotFoundError as exc:
+        return {"skipped": str(exc)}
+    try:
+        async with httpx.AsyncClient(timeout=60) as http:
+            cpu0 = proc_cpu(jaeger.proc.pid)
+            t0 = time.perf_counter()
+            refused = await post_all(jaeger.ports["OTLP_HTTP"], bodies)
+            while (stored := await jaeger.exported(http)) < total:
+                if time.perf_counter() - t0 > timeout:
+                    raise RuntimeError(f"jaeger ({storage}) stored {stored} of {total} spans")
+                await asyncio.sleep(0.2)
+            load_s = time.perf_counter() - t0
+            load_cpu = proc_cpu(jaeger.proc.pid) - cpu0
+            now_us = int(time.time() * 1e6)
+            window = {"start": str(now_us - 6 * 3600 * 10**6), "end": str(now_us + 3600 * 10**6)}
+
+            async def one(cid: str) -> None:
+                tags = json.dumps({c_.ATTR_CORRELATION_ID: cid})
+                query = urllib.parse.urlencode(
+                    {"service": SEARCH_SERVICE, "tags": tags, "limit": "20", **window}
+                )
+                r = await http.get(f"{jaeger.query}/api/traces?{query}")
+                traces = r.json().get("data") or []
+                if r.status_code != 200 or len(traces) != 1:
+                    raise RuntimeError(f"jaeger answered {r.status_code} for {cid}: {r.text[:300]}")
+                if len(traces[0]["spans"]) != SPANS_PER_PAYMENT:
+                    raise RuntimeError(f"jaeger returned {len(traces[0]['spans'])} spans for {cid}")
+
+            figures = await timed_lookups(ids, one)
+    finally:
+        await cm.__aexit__(None, None, None)
+    return {
+        "lookup": f"GET /api/traces?service={SEARCH_SERVICE}&tags={{correlation id}} (the spans)",
+        "load_seconds": round(load_s, 1),
+        "load_spans_per_s": round(total / load_s),
+        "load_refused": refused,
+        "jaeger_cpu_us_per_span": round(load_cpu * 1e6 / total, 1),
+        **figures,
+    }
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--payments", type=int, default=200_000)
+    ap.add_argument("--lookups", type=int, default=1000)
+    ap.add_argument("--writers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=5000)
+    ap.add_argument("--queue", type=int, default=50_000)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds to store the load")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    bodies, cids, total = build(args.payments)
+    print(f"{len(cids)} payments, {total} spans in {len(bodies)} requests "
+          f"(built in {time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
+    ids = random.Random(42).sample(cids, min(args.lookups + 20, len(cids)))
+    result: dict[str, object] = {
+        "benchmark": "lookup_peers",
+        "payments": len(cids),
+        "spans": total,
+        "mix": "realistic (benchmarks/ingest_trace.py: 16 spans per payment)",
+        "note": "every payment of the load starts at the same time (only ids differ)",
+        "cpus": os.cpu_count(),
+    }
+    peers: dict[str, dict[str, object]] = {}
+    for name in ("hoptrace", "jaeger_memory", "jaeger_badger"):
+        t = time.perf_counter()
+        if name == "hoptrace":
+            peers[name] = await hoptrace_peer(args, bodies, total, ids)
+        else:
+            storage = name.removeprefix("jaeger_")
+            peers[name] = await jaeger_peer(storage, bodies, total, ids, args.timeout)
+        print(f"{name}: {json.dumps(peers[name])} ({time.perf_counter() - t:.0f}s)", flush=True)
+    result["peers"] = peers
+    ours = peers["hoptrace"]
+    for other in ("jaeger_memory", "jaeger_badger"):
+        if "p50_ms" in peers[other]:
+            for q in ("p50_ms", "p99_ms"):
+                result[f"{q[:3]}_ratio_hoptrace_to_{other}"] = round(
+                    float(ours[q]) / float(peers[other][q]),
+                    2,  # type: ignore[arg-type]
+                )
+    result["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
