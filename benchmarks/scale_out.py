@@ -47,7 +47,8 @@ import httpx
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from common import create_database, drop_database, isolated_spec  # benchmarks/
-from ingest import pct, proc_cpu, realistic_template  # benchmarks/
+from ingest_load import realistic_template  # benchmarks/
+from ingest_measure import pct, proc_cpu  # benchmarks/
 from otlp_fuzz import CollectorProc  # benchmarks/
 
 from hoptrace import devstack
