@@ -84,11 +84,12 @@ def _set(attr, value: object) -> None:  # noqa: ANN001
         attr.value.string_value = str(value)
 
 
-def realistic_template(npay: int = 96) -> Template:
-    """One request per service of :data:`REAL_TRACE` for ``npay`` payments."""
+def realistic_template(npay: int = 96, start_ns: int | None = None) -> Template:
+    """One request per service of :data:`REAL_TRACE` for ``npay`` payments, starting now (or at
+    ``start_ns``)."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    now = time.time_ns()
+    now = time.time_ns() if start_ns is None else start_ns
     cids = [uuid.uuid4().hex for _ in range(npay)]
     tids = [os.urandom(16) for _ in range(npay)]
     sids = [[os.urandom(8) for _ in REAL_TRACE] for _ in range(npay)]

@@ -34,6 +34,7 @@ import sys
 import time
 import urllib.parse
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -42,23 +43,29 @@ from common import create_database, drop_database  # benchmarks/
 from ingest_hoptrace import _wait_healthy, start_collector
 from ingest_jaeger import running_jaeger
 from ingest_load import _post, realistic_template
-from ingest_measure import pct, proc_cpu
+from ingest_measure import pct, postgres_cpu, proc_cpu, stored_counter
 
 from hoptrace.contract import conventions as c_
 from hoptrace.settings import get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "lookup_peers.json"
+PEERS = ("hoptrace", "jaeger_memory", "jaeger_badger")
 SPANS_PER_PAYMENT = 16
 #: Jaeger's trace search needs a service: the payment's first (its HTTP request).
 SEARCH_SERVICE = "payment-service"
+#: The load's payments start this far ahead of the clock: the requests are built before the load
+#: and it takes minutes, and a payment whose spans claim a past start would be overdue (stalled,
+#: diagnosed and alerted by hoptrace's stall scan) while its later spans are still queued in the
+#: load generator.
+AHEAD_S = 3600
 #: A peer's lookups stop after this many seconds even if fewer than ``--lookups`` were made.
 LOOKUP_BUDGET_S = 180.0
 
 
 def build(payments: int) -> tuple[list[bytes], list[str], int]:
     """The requests for ``payments`` payments, their correlation ids and the span count."""
-    template = realistic_template()
+    template = realistic_template(start_ns=time.time_ns() + AHEAD_S * 10**9)
     bodies: list[bytes] = []
     cids: list[str] = []
     spans = 0
@@ -94,6 +101,44 @@ async def post_all(port: int, bodies: list[bytes], lanes: int = 4) -> int:
     return refused
 
 
+async def load_and_wait(
+    port: int,
+    bodies: list[bytes],
+    total: int,
+    stored: Callable[[], Awaitable[float]],
+    timeout: float,
+) -> dict[str, object]:
+    """Post every request and wait until ``stored()`` (the peer's own count of spans written to
+    its store) reaches ``total``; the load's seconds, spans/s overall and in each tenth of it
+    (how the rate holds up as the store grows), and the refusals."""
+    t0 = time.perf_counter()
+    poster = asyncio.create_task(post_all(port, bodies))
+    samples: list[tuple[float, float]] = []
+    while (n := await stored()) < total:
+        samples.append((time.perf_counter() - t0, n))
+        if poster.done() and poster.exception() is not None:
+            raise poster.exception()  # type: ignore[misc]
+        if time.perf_counter() - t0 > timeout:
+            raise RuntimeError(f"{n:.0f} of {total} spans stored after {timeout:.0f}s")
+        await asyncio.sleep(0.5)
+    load_s = time.perf_counter() - t0
+    samples.append((load_s, n))
+    refused = await poster
+
+    def rate(lo: float, hi: float) -> int:
+        """spans/s between the samples where the stored count crossed lo and hi of the total"""
+        a = next(s for s in samples if s[1] >= lo * total)
+        b = next(s for s in samples if s[1] >= hi * total)
+        return round((b[1] - a[1]) / (b[0] - a[0])) if b[0] > a[0] else 0
+
+    return {
+        "load_seconds": round(load_s, 1),
+        "load_spans_per_s": round(total / load_s),
+        "load_spans_per_s_by_tenth": [rate(i / 10, (i + 1) / 10) for i in range(10)],
+        "load_refused": refused,
+    }
+
+
 async def timed_lookups(
     ids: list[str], one: object, budget_s: float = LOOKUP_BUDGET_S
 ) -> dict[str, object]:
@@ -127,21 +172,28 @@ async def hoptrace_peer(args: argparse.Namespace, bodies: list[bytes], total: in
     try:
         async with httpx.AsyncClient(timeout=30) as http:
             await _wait_healthy(http, base)
-            cpu0 = proc_cpu(proc.pid)
-            t0 = time.perf_counter()
-            refused = await post_all(port, bodies)
             conn = await asyncpg.connect(db_url)
-            try:  # stored means queryable: counted in the table
-                while (stored := await conn.fetchval("SELECT count(*) FROM spans")) < total:
-                    if time.perf_counter() - t0 > args.timeout:
-                        raise RuntimeError(f"hoptrace stored {stored} of {total} spans")
-                    await asyncio.sleep(0.2)
-                load_s = time.perf_counter() - t0
+            try:
+                wal0 = await conn.fetchval("SELECT pg_current_wal_lsn()")
+            finally:
+                await conn.close()
+            cpu0, pg0 = proc_cpu(proc.pid), postgres_cpu()
+            load = await load_and_wait(
+                port, bodies, total, lambda: stored_counter(http, base), args.timeout
+            )
+            load_cpu, pg1 = proc_cpu(proc.pid) - cpu0, postgres_cpu()
+            conn = await asyncpg.connect(db_url)
+            try:  # stored means queryable: counted in the table, once (a scan of every span)
+                stored = await conn.fetchval("SELECT count(*) FROM spans")
+                if stored != total:
+                    raise RuntimeError(f"hoptrace stored {stored} of {total} spans")
+                wal = await conn.fetchval(
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)", wal0
+                )
                 await conn.execute("VACUUM ANALYZE")
                 size = await conn.fetchval("SELECT pg_database_size(current_database())")
             finally:
                 await conn.close()
-            load_cpu = proc_cpu(proc.pid) - cpu0
 
             async def one(cid: str) -> None:
                 r = await http.get(f"{base}/api/v1/correlations/{cid}", params={"spans": "true"})
@@ -160,10 +212,13 @@ async def hoptrace_peer(args: argparse.Namespace, bodies: list[bytes], total: in
         await drop_database(base_url, db_url)
     return {
         "lookup": "GET /api/v1/correlations/{id}?spans=true (the diagnosis and the spans)",
-        "load_seconds": round(load_s, 1),
-        "load_spans_per_s": round(total / load_s),
-        "load_refused_503": refused,
+        **load,
         "collector_cpu_us_per_span": round(load_cpu * 1e6 / total, 1),
+        # every PostgreSQL process of the server (an upper bound: other users' work included)
+        "postgres_cpu_us_per_span": round(
+            sum(v - pg0.get(p, 0.0) for p, v in pg1.items()) * 1e6 / total, 1
+        ),
+        "wal_bytes_per_span": round(float(wal) / total),
         "database_bytes": size,
         **figures,
     }
@@ -180,16 +235,13 @@ async def jaeger_peer(
     try:
         async with httpx.AsyncClient(timeout=60) as http:
             cpu0 = proc_cpu(jaeger.proc.pid)
-            t0 = time.perf_counter()
-            refused = await post_all(jaeger.ports["OTLP_HTTP"], bodies)
-            while (stored := await jaeger.exported(http)) < total:
-                if time.perf_counter() - t0 > timeout:
-                    raise RuntimeError(f"jaeger ({storage}) stored {stored} of {total} spans")
-                await asyncio.sleep(0.2)
-            load_s = time.perf_counter() - t0
+            load = await load_and_wait(
+                jaeger.ports["OTLP_HTTP"], bodies, total, lambda: jaeger.exported(http), timeout
+            )
             load_cpu = proc_cpu(jaeger.proc.pid) - cpu0
             now_us = int(time.time() * 1e6)
-            window = {"start": str(now_us - 6 * 3600 * 10**6), "end": str(now_us + 3600 * 10**6)}
+            hour = 3600 * 10**6
+            window = {"start": str(now_us - hour), "end": str(now_us + (AHEAD_S + 3600) * 10**6)}
 
             async def one(cid: str) -> None:
                 tags = json.dumps({c_.ATTR_CORRELATION_ID: cid})
@@ -208,9 +260,7 @@ async def jaeger_peer(
         await cm.__aexit__(None, None, None)
     return {
         "lookup": f"GET /api/traces?service={SEARCH_SERVICE}&tags={{correlation id}} (the spans)",
-        "load_seconds": round(load_s, 1),
-        "load_spans_per_s": round(total / load_s),
-        "load_refused": refused,
+        **load,
         "jaeger_cpu_us_per_span": round(load_cpu * 1e6 / total, 1),
         **figures,
     }
@@ -224,7 +274,13 @@ async def main() -> int:
     ap.add_argument("--batch", type=int, default=5000)
     ap.add_argument("--queue", type=int, default=50_000)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to store the load")
+    ap.add_argument(
+        "--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}"
+    )
     args = ap.parse_args()
+    peer_names = [p for p in args.peers.split(",") if p]
+    if unknown := set(peer_names) - set(PEERS):
+        ap.error(f"unknown peer {', '.join(sorted(unknown))}")
 
     t0 = time.perf_counter()
     bodies, cids, total = build(args.payments)
@@ -236,11 +292,12 @@ async def main() -> int:
         "payments": len(cids),
         "spans": total,
         "mix": "realistic (benchmarks/ingest_trace.py: 16 spans per payment)",
-        "note": "every payment of the load starts at the same time (only ids differ)",
+        "note": f"every payment of the load starts at the same time, {AHEAD_S} s ahead of the "
+        "clock (only ids differ)",
         "cpus": os.cpu_count(),
     }
     peers: dict[str, dict[str, object]] = {}
-    for name in ("hoptrace", "jaeger_memory", "jaeger_badger"):
+    for name in peer_names:
         t = time.perf_counter()
         if name == "hoptrace":
             peers[name] = await hoptrace_peer(args, bodies, total, ids)
@@ -249,14 +306,12 @@ async def main() -> int:
             peers[name] = await jaeger_peer(storage, bodies, total, ids, args.timeout)
         print(f"{name}: {json.dumps(peers[name])} ({time.perf_counter() - t:.0f}s)", flush=True)
     result["peers"] = peers
-    ours = peers["hoptrace"]
-    for other in ("jaeger_memory", "jaeger_badger"):
-        if "p50_ms" in peers[other]:
+    ours = peers.get("hoptrace", {})
+    for other in PEERS[1:]:
+        if "p50_ms" in ours and "p50_ms" in peers.get(other, {}):
             for q in ("p50_ms", "p99_ms"):
-                result[f"{q[:3]}_ratio_hoptrace_to_{other}"] = round(
-                    float(ours[q]) / float(peers[other][q]),
-                    2,  # type: ignore[arg-type]
-                )
+                ratio = float(ours[q]) / float(peers[other][q])  # type: ignore[arg-type]
+                result[f"{q[:3]}_ratio_hoptrace_to_{other}"] = round(ratio, 3)
     result["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
