@@ -5,7 +5,9 @@ and this module, never the tests."""
 from __future__ import annotations
 
 import re
+import signal
 import socket
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -14,6 +16,16 @@ import asyncpg
 from hoptrace.settings import PROJECT_ROOT
 
 REFERENCE_SPEC = PROJECT_ROOT / "pipelines" / "payments.toml"
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:  # type: ignore[type-arg]
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def free_port() -> int:

@@ -35,7 +35,7 @@ from pathlib import Path
 from common import create_database, drop_database  # benchmarks/
 from ingest_hoptrace import hoptrace_run
 from ingest_jaeger import jaeger_run
-from ingest_load import build_template, fresh  # noqa: F401 - benchmarks/decode.py imports them here
+from ingest_load import TEMPLATES, build_template, fresh  # noqa: F401 - benchmarks/decode.py imports them here
 from ingest_measure import median
 from ingest_scan import scan_phase
 
@@ -138,7 +138,7 @@ async def main_async(args: argparse.Namespace) -> dict:
         out["rounds"].append(await one_round(args, admin, k))
         out["summary"] = summarize(out["rounds"])
         save(out)
-    for mix in args.mix.split(","):
+    for mix in args.mixes:
         if mix == "realistic" and not (args.rate or args.rounds == 0):
             continue  # the rounds measured it; the probes need --rate
         out[mix] = await hoptrace_run(args, admin, mix, probes=bool(args.rate))
@@ -173,6 +173,9 @@ def main() -> None:
     )
     ap.add_argument("--timeout", type=float, default=300)
     args = ap.parse_args()
+    args.mixes = [m for m in args.mix.split(",") if m]  # --mix '': none
+    if unknown := sorted(set(args.mixes) - set(TEMPLATES)):
+        ap.error(f"unknown mix {', '.join(unknown)}: use {', '.join(TEMPLATES)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = asyncio.run(main_async(args))
     save(result)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import httpx
-from common import create_database, drop_database, free_port  # benchmarks/
+from common import create_database, drop_database, free_port, stop_process  # benchmarks/
 from ingest_load import collect, start_load
 from ingest_measure import (
     other_databases_pids,
@@ -213,10 +212,6 @@ async def hoptrace_run(
                 result["idle_receive_to_queryable_p50_ms"] = round(pct(idle, 50) * 1000, 1)
                 result["idle_receive_to_queryable_p99_ms"] = round(pct(idle, 99) * 1000, 1)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         await drop_database(admin, db_url)
     return result

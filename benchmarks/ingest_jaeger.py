@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from common import free_port  # benchmarks/
+from common import free_port, stop_process  # benchmarks/
 from ingest_load import collect, start_load
 from ingest_measure import proc_cpu, settled
 
@@ -118,13 +117,21 @@ class Jaeger:
         return total
 
 
+BINARY = ROOT / ".hoptrace" / "tools" / "bin" / "jaeger"
+
+
+def not_built() -> dict[str, str] | None:
+    """A peer's result when Jaeger is not built (None when it is)."""
+    if BINARY.exists():
+        return None
+    return {"skipped": f"{BINARY} not built (scripts/go-tools.sh jaeger)"}
+
+
 @asynccontextmanager
 async def running_jaeger(storage: str, tag: str = "ingest") -> AsyncIterator[Jaeger]:
-    """Jaeger v2 with ``storage`` (``memory`` or ``badger``), up and receiving; stopped (and its
-    Badger folder removed) on exit. Raises FileNotFoundError when the binary is not built."""
-    binary = ROOT / ".hoptrace" / "tools" / "bin" / "jaeger"
-    if not binary.exists():
-        raise FileNotFoundError(f"{binary} not built (scripts/go-tools.sh jaeger)")
+    """Jaeger v2 (built: see :func:`not_built`) with ``storage`` (``memory`` or ``badger``), up
+    and receiving; stopped (and its Badger folder removed) on exit."""
+    binary = BINARY
     ports = {k: free_port() for k in ("METRICS", "QUERY_HTTP", "QUERY_GRPC", "OTLP_HTTP")}
     cfg = RESULTS / f"{tag}-jaeger-{storage}.yaml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
@@ -155,39 +162,29 @@ async def running_jaeger(storage: str, tag: str = "ingest") -> AsyncIterator[Jae
                 raise RuntimeError(f"jaeger ({storage}) did not start")
         yield jaeger
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         shutil.rmtree(data, ignore_errors=True)
 
 
 async def jaeger_run(args: argparse.Namespace, mix: str, storage: str = "memory") -> dict:
     """The load of ``mix`` against Jaeger v2 with ``storage``, at saturation."""
-    try:
-        cm = running_jaeger(storage)
-        jaeger = await cm.__aenter__()
-    except FileNotFoundError as exc:
-        return {"skipped": str(exc)}
-    try:
-        async with httpx.AsyncClient(timeout=5) as http:
-            cpu0 = proc_cpu(jaeger.proc.pid)
-            procs, out = await start_load(
-                jaeger.ports["OTLP_HTTP"], mix, args.spans, args.workers, args.concurrency
-            )
-            t0 = time.perf_counter()
-            samples: list[tuple[float, float]] = []
-            while time.perf_counter() - t0 < args.timeout:
-                samples.append((time.perf_counter() - t0, await jaeger.exported(http)))
-                if all(not p.is_alive() for p in procs) and settled(samples):
-                    break
-                await asyncio.sleep(0.2)
-            cpu = proc_cpu(jaeger.proc.pid) - cpu0
-            loads = collect(procs, out)
+    if (skipped := not_built()) is not None:
+        return skipped
+    async with running_jaeger(storage) as jaeger, httpx.AsyncClient(timeout=5) as http:
+        cpu0 = proc_cpu(jaeger.proc.pid)
+        procs, out = await start_load(
+            jaeger.ports["OTLP_HTTP"], mix, args.spans, args.workers, args.concurrency
+        )
+        t0 = time.perf_counter()
+        samples: list[tuple[float, float]] = []
+        while time.perf_counter() - t0 < args.timeout:
+            samples.append((time.perf_counter() - t0, await jaeger.exported(http)))
+            if all(not p.is_alive() for p in procs) and settled(samples):
+                break
+            await asyncio.sleep(0.2)
+        cpu = proc_cpu(jaeger.proc.pid) - cpu0
+        loads = collect(procs, out)
         disk = _disk_bytes(jaeger.data)
-    finally:
-        await cm.__aexit__(None, None, None)
     sent = sum(r[0] for r in loads)
     total = samples[-1][1]
     first = next(t for t, n in samples if n > 0)

@@ -41,7 +41,7 @@ import asyncpg
 import httpx
 from common import create_database, drop_database  # benchmarks/
 from ingest_hoptrace import _wait_healthy, start_collector
-from ingest_jaeger import running_jaeger
+from ingest_jaeger import not_built, running_jaeger
 from ingest_load import _post, realistic_template
 from ingest_measure import pct, postgres_cpu, proc_cpu, stored_counter
 
@@ -227,37 +227,31 @@ async def hoptrace_peer(args: argparse.Namespace, bodies: list[bytes], total: in
 async def jaeger_peer(
     storage: str, bodies: list[bytes], total: int, ids: list[str], timeout: float
 ) -> dict[str, object]:
-    try:
-        cm = running_jaeger(storage, tag="lookup")
-        jaeger = await cm.__aenter__()
-    except FileNotFoundError as exc:
-        return {"skipped": str(exc)}
-    try:
-        async with httpx.AsyncClient(timeout=60) as http:
-            cpu0 = proc_cpu(jaeger.proc.pid)
-            load = await load_and_wait(
-                jaeger.ports["OTLP_HTTP"], bodies, total, lambda: jaeger.exported(http), timeout
+    if (skipped := not_built()) is not None:
+        return skipped
+    async with running_jaeger(storage, "lookup") as jaeger, httpx.AsyncClient(timeout=60) as http:
+        cpu0 = proc_cpu(jaeger.proc.pid)
+        load = await load_and_wait(
+            jaeger.ports["OTLP_HTTP"], bodies, total, lambda: jaeger.exported(http), timeout
+        )
+        load_cpu = proc_cpu(jaeger.proc.pid) - cpu0
+        now_us = int(time.time() * 1e6)
+        hour = 3600 * 10**6
+        window = {"start": str(now_us - hour), "end": str(now_us + (AHEAD_S + 3600) * 10**6)}
+
+        async def one(cid: str) -> None:
+            tags = json.dumps({c_.ATTR_CORRELATION_ID: cid})
+            query = urllib.parse.urlencode(
+                {"service": SEARCH_SERVICE, "tags": tags, "limit": "20", **window}
             )
-            load_cpu = proc_cpu(jaeger.proc.pid) - cpu0
-            now_us = int(time.time() * 1e6)
-            hour = 3600 * 10**6
-            window = {"start": str(now_us - hour), "end": str(now_us + (AHEAD_S + 3600) * 10**6)}
+            r = await http.get(f"{jaeger.query}/api/traces?{query}")
+            traces = r.json().get("data") or []
+            if r.status_code != 200 or len(traces) != 1:
+                raise RuntimeError(f"jaeger answered {r.status_code} for {cid}: {r.text[:300]}")
+            if len(traces[0]["spans"]) != SPANS_PER_PAYMENT:
+                raise RuntimeError(f"jaeger returned {len(traces[0]['spans'])} spans for {cid}")
 
-            async def one(cid: str) -> None:
-                tags = json.dumps({c_.ATTR_CORRELATION_ID: cid})
-                query = urllib.parse.urlencode(
-                    {"service": SEARCH_SERVICE, "tags": tags, "limit": "20", **window}
-                )
-                r = await http.get(f"{jaeger.query}/api/traces?{query}")
-                traces = r.json().get("data") or []
-                if r.status_code != 200 or len(traces) != 1:
-                    raise RuntimeError(f"jaeger answered {r.status_code} for {cid}: {r.text[:300]}")
-                if len(traces[0]["spans"]) != SPANS_PER_PAYMENT:
-                    raise RuntimeError(f"jaeger returned {len(traces[0]['spans'])} spans for {cid}")
-
-            figures = await timed_lookups(ids, one)
-    finally:
-        await cm.__aexit__(None, None, None)
+        figures = await timed_lookups(ids, one)
     return {
         "lookup": f"GET /api/traces?service={SEARCH_SERVICE}&tags={{correlation id}} (the spans)",
         **load,
