@@ -237,6 +237,20 @@ async def _post(
     return status
 
 
+async def post_accepted(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes
+) -> int:
+    """POST ``body`` until it is accepted, retrying 503/429 after 50 ms as an SDK exporter
+    would; returns how many times it was refused (any other answer raises)."""
+    refused = 0
+    while (status := await _post(reader, writer, path, body)) != 200:
+        if status not in (429, 503):
+            raise RuntimeError(f"unexpected HTTP {status}")
+        refused += 1
+        await asyncio.sleep(0.05)
+    return refused
+
+
 def worker(
     host: str, port: int, path: str, mix: str, spans: int, concurrency: int, rate: float,
     ready: mp.Queue, go: Any, out: mp.Queue,  # type: ignore[type-arg]
@@ -270,11 +284,7 @@ def worker(
                     ahead = sent / rate - (time.perf_counter() - t0)
                     if ahead > 0:
                         await asyncio.sleep(ahead)
-                while (status := await _post(reader, writer, path, body)) != 200:
-                    if status not in (429, 503):
-                        raise RuntimeError(f"unexpected HTTP {status}")
-                    refused += 1
-                    await asyncio.sleep(0.05)
+                refused += await post_accepted(reader, writer, path, body)
             writer.close()
 
         await asyncio.gather(*(lane() for _ in range(concurrency)))

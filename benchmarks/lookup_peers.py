@@ -39,10 +39,10 @@ from pathlib import Path
 
 import asyncpg
 import httpx
-from common import create_database, drop_database  # benchmarks/
+from common import create_database, drop_database, stop_process  # benchmarks/
 from ingest_hoptrace import _wait_healthy, start_collector
 from ingest_jaeger import not_built, running_jaeger
-from ingest_load import _post, realistic_template
+from ingest_load import post_accepted, realistic_template
 from ingest_measure import pct, postgres_cpu, proc_cpu, stored_counter
 
 from hoptrace.contract import conventions as c_
@@ -88,12 +88,7 @@ async def post_all(port: int, bodies: list[bytes], lanes: int = 4) -> int:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             while todo:
-                body = todo.pop()
-                while (status := await _post(reader, writer, "/v1/traces", body)) != 200:
-                    if status not in (429, 503):
-                        raise RuntimeError(f"unexpected HTTP {status}")
-                    refused += 1
-                    await asyncio.sleep(0.05)
+                refused += await post_accepted(reader, writer, "/v1/traces", todo.pop())
         finally:
             writer.close()
 
@@ -140,17 +135,17 @@ async def load_and_wait(
 
 
 async def timed_lookups(
-    ids: list[str], one: object, budget_s: float = LOOKUP_BUDGET_S
+    ids: list[str], one: Callable[[str], Awaitable[None]], budget_s: float = LOOKUP_BUDGET_S
 ) -> dict[str, object]:
     """``await one(cid)`` for each id but the first 20 (warm-up calls, untimed), timed; stops
     after ``budget_s``."""
     for cid in ids[:20]:
-        await one(cid)  # type: ignore[operator]
+        await one(cid)
     times: list[float] = []
     start = time.perf_counter()
     for cid in ids[20:]:
         t0 = time.perf_counter()
-        await one(cid)  # type: ignore[operator]
+        await one(cid)
         times.append((time.perf_counter() - t0) * 1000)
         if time.perf_counter() - start > budget_s:
             break
@@ -207,8 +202,7 @@ async def hoptrace_peer(args: argparse.Namespace, bodies: list[bytes], total: in
 
             figures = await timed_lookups(ids, one)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc)
         await drop_database(base_url, db_url)
     return {
         "lookup": "GET /api/v1/correlations/{id}?spans=true (the diagnosis and the spans)",
