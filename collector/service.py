@@ -114,6 +114,7 @@ class Collector:
             self.cause_for,
             spec=self.spec,
             grace=s.stall_grace,
+            behind=lambda: self.queue.behind(max(2.0, 2 * s.stall_scan_interval)),
         )
         self.dispatcher = AlertDispatcher(
             self.pool,

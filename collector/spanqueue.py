@@ -1,7 +1,9 @@
 """The bounded in-memory queue between the receivers and the writer, sized in spans.
 
 Receivers :meth:`offer` (never wait: a full queue means 429/503 to the sender, which retries);
-the Kafka source :meth:`put` (waits for room). An item may carry a future that the writer resolves
+the Kafka source :meth:`put` (waits for room). The queue remembers when it last turned spans away:
+:meth:`behind` tells the stall scan that spans are being held by their senders (or left in Kafka),
+so deadlines passing meanwhile may already be met by spans that have not arrived. An item may carry a future that the writer resolves
 once its spans are committed (the Kafka source commits offsets only then). An item holds either
 Python span rows or natively encoded COPY tuples (:class:`~.decode.Encoded`).
 """
@@ -9,6 +11,7 @@ Python span rows or natively encoded COPY tuples (:class:`~.decode.Encoded`).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -36,6 +39,8 @@ class SpanQueue:
         self._nonempty = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        #: ``time.monotonic()`` when a request last did not fit (refused, or made to wait)
+        self.refused_at: float | None = None
 
     @property
     def depth(self) -> int:
@@ -44,8 +49,19 @@ class SpanQueue:
 
     def fits(self, n: int) -> bool:
         """Would ``n`` spans be accepted now? (An oversized single request is accepted into an
-        empty queue rather than refused forever.)"""
-        return self._size == 0 or self._size + n <= self.max_spans
+        empty queue rather than refused forever.) Every caller turns away (or holds back) what
+        does not fit, so a False is remembered for :meth:`behind`."""
+        if self._size == 0 or self._size + n <= self.max_spans:
+            return True
+        self.refused_at = time.monotonic()
+        return False
+
+    def behind(self, within: float) -> bool:
+        """Is span intake behind: the queue full now, or spans turned away in the last
+        ``within`` seconds?"""
+        if self._size >= self.max_spans:
+            return True
+        return self.refused_at is not None and time.monotonic() - self.refused_at < within
 
     def offer(self, spans: Spans, done: asyncio.Future[None] | None = None) -> bool:
         """Enqueue without waiting; False when full (nothing enqueued)."""

@@ -30,6 +30,16 @@ for ``grace`` seconds instead of alerting on them: when the grace ends it judges
 times. A step that got done on time gets no alert; one done after its deadline gets one alert,
 fired at the deadline and resolved at the step's end (so every late payment is still announced
 once); one still not done is fired as stalled by the scan as usual.
+
+The same hold covers a collector whose span intake is behind (``behind()``: its write queue full,
+or spans turned away with 503 / UNAVAILABLE, or left in Kafka, in the last seconds): the spans that
+would show a step done on time are then queued here or held by their senders, and judging
+deadlines by what the store has would fire alerts for payments that are fine, and run a diagnosis
+for each while the store is already the bottleneck. Deadlines passing while intake is behind are
+held until ``grace`` seconds after it caught up, then judged by span times as above. A hold lasts
+at most :data:`BEHIND_MAX_HOLD`: a collector that stays behind for longer is under-provisioned,
+not catching up, and its scan goes back to judging deadlines by the store (with a warning) until
+intake has caught up once.
 """
 
 from __future__ import annotations
@@ -127,6 +137,11 @@ LEFT JOIN unnest($7::text[], $8::text[]) AS m(step, service) ON m.step = u.step
 
 #: No deadline is held.
 NO_TIME = datetime(1, 1, 1, tzinfo=UTC)
+#: What a hold's late-step alerts say about when their deadline passed.
+GAP_WHY = "while no collector was scanning"
+BEHIND_WHY = "while span intake was behind"
+#: The longest a hold for intake that is behind may last (from its first held deadline).
+BEHIND_MAX_HOLD = timedelta(seconds=120)
 #: Stuck correlations by (state, pipeline, step, cause): the cause is the firing alert's label
 #: (as first sent), else its diagnosis, else $1 once the diagnosis gave none, else '' (pending).
 _STUCK = """
@@ -223,7 +238,11 @@ def late_steps(
 
 
 async def alert_late(
-    conn: asyncpg.Connection, spec: PipelineSpec, since: datetime, until: datetime
+    conn: asyncpg.Connection,
+    spec: PipelineSpec,
+    since: datetime,
+    until: datetime,
+    why: str = GAP_WHY,
 ) -> int:
     """One resolved alert (fired at the deadline, resolved when the step got done) per step of
     a correlation that moved on since ``since`` and was late for a deadline in ``[since, until)``
@@ -238,8 +257,8 @@ async def alert_late(
             late = (done - due).total_seconds()
             cids.append(r["correlation_id"])
             for col, value in zip(
-                cols, (step, due, done, f"{step} done {late:.1f}s after its deadline, while no "
-                       "collector was scanning (judged from span times)"), strict=True
+                cols, (step, due, done, f"{step} done {late:.1f}s after its deadline, {why} "
+                       "(judged from span times)"), strict=True
             ):  # fmt: skip
                 col.append(value)  # type: ignore[arg-type]
     if cids:
@@ -273,6 +292,7 @@ class StallScanner:
         grace: float = 0.0,
         lease: float | None = None,
         diagnosis_flush: float = 1.0,
+        behind: Callable[[], bool] | None = None,
     ) -> None:
         self.dsn = dsn
         self.pool = pool
@@ -289,6 +309,10 @@ class StallScanner:
         # the blind window being held ([from, to) of deadlines) and when the hold ends
         self.hold: tuple[datetime, datetime] | None = None
         self.hold_until: datetime | None = None
+        self.hold_why = GAP_WHY
+        #: is span intake behind now? (None: never; see the module doc)
+        self.behind = behind
+        self._overlong = False  # a hold for intake behind reached BEHIND_MAX_HOLD
         self._failed_from = NO_TIME  # failed correlations updated since then are swept
         self._diag: set[asyncio.Task[None]] = set()
         self.scans = 0
@@ -314,6 +338,7 @@ class StallScanner:
         if gap and self.grace > 0 and self.spec is not None:
             self.hold_until = now + timedelta(seconds=self.grace)
             self.hold = (previous, self.hold_until)
+            self.hold_why = GAP_WHY
             await conn.execute(_HOLD, self.hold_until)
             log.info(
                 "stall scan leadership acquired after %.1fs without a scanner: deadlines "
@@ -369,6 +394,8 @@ class StallScanner:
 
     async def _scan(self, conn: asyncpg.Connection, now: datetime) -> _Pass:
         """The scan proper, in the lease's transaction (see :class:`_Pass`)."""
+        if self.behind is not None and self.grace > 0 and self.spec is not None:
+            await self._hold_while_behind(conn, now)
         hold_from, hold_to = NO_TIME, NO_TIME
         hold_over = False
         if self.hold is not None:
@@ -376,10 +403,10 @@ class StallScanner:
                 hold_from, hold_to = self.hold
             else:  # the grace is over: judge the held window by span times, then scan it
                 assert self.spec is not None
-                late = await alert_late(conn, self.spec, *self.hold)
+                late = await alert_late(conn, self.spec, *self.hold, self.hold_why)
                 if late:
                     metrics.ALERTS_FIRED.inc(late)
-                    log.info("%d step(s) were late while no collector scanned: alerted", late)
+                    log.info("%d step(s) were late %s: alerted", late, self.hold_why)
                 await conn.execute(_HOLD, None)
                 hold_over = True
         # recovered failures first: a payment redelivered and stalled again may alert again
@@ -390,6 +417,39 @@ class StallScanner:
         failed_from = self._failed_from if len(failed) >= self.limit else now - SWEEP_OVERLAP
         fired += failed
         return _Pass(fired, self.scans % 5 == 0 or bool(fired), failed_from, hold_over)
+
+    async def _hold_while_behind(self, conn: asyncpg.Connection, now: datetime) -> None:
+        """While span intake is behind, hold the deadlines from one scan ago until ``grace``
+        after it caught up (extending a hold already running), at most BEHIND_MAX_HOLD."""
+        assert self.behind is not None
+        if not self.behind():
+            self._overlong = False
+            return
+        if self._overlong:
+            return
+        until = now + timedelta(seconds=self.grace)
+        if self.hold is None:
+            self.hold = (now - timedelta(seconds=self.interval), now)  # `until` is set below
+            self.hold_why = BEHIND_WHY
+            log.warning(
+                "span intake is behind (the write queue is full, spans are turned away): "
+                "deadlines are held until %.1fs after it caught up, then judged by span times",
+                self.grace,
+            )
+        start = self.hold[0]
+        if until - start > BEHIND_MAX_HOLD:
+            until = max(self.hold[1], start + BEHIND_MAX_HOLD)
+            self._overlong = True
+            log.warning(
+                "span intake has been behind for over %ds: deadlines are judged by the store "
+                "again (stall alerts may include payments whose spans are still queued) "
+                "until it catches up",
+                BEHIND_MAX_HOLD.total_seconds(),
+            )
+        if until > self.hold[1]:
+            self.hold = (start, until)
+            self.hold_until = until
+            await conn.execute(_HOLD, until)
 
     async def _diagnose(self, fired: list[tuple[int, str]]) -> None:
         """Diagnose the alerts one scan fired (8 at a time) and record their causes together,

@@ -280,3 +280,130 @@ def test_late_steps_judges_by_span_times_and_trusts_later_steps(spec_path: Path)
     assert late_steps(spec, rec(t0 + 1, t0 + 1 + over, t0 + 3), since, until) == []
     # a deadline outside the held window is not this judgement's business
     assert late_steps(spec, rec(t0 + 1, t0 + 1 + over), until, until) == []
+
+
+async def test_deadlines_are_held_while_span_intake_is_behind(
+    make_collector, fast_spec: Path, db_url: str
+) -> None:  # type: ignore[no-untyped-def]
+    """The store stops taking spans (a lock on ``spans``), so the queue fills and senders get
+    503s while a payment's on-time spans wait in it: no alert is fired for it meanwhile (nor a
+    diagnosis run, which would read the store that is already behind). Once intake has caught up
+    and the grace is over, the held deadlines are judged by span times: the on-time payment gets
+    no alert, the payment that really stopped fires once."""
+    grace = 1.0
+    async with Receiver() as rx:
+        c = await make_collector(
+            pipeline=fast_spec,
+            alert_webhook_url=f"{rx.url}/hook",
+            stall_grace=grace,
+            queue_max_spans=8,
+        )
+        await wait_for(lambda: _true(c.scanner.is_leader), what="leadership")
+        pool = await asyncpg.create_pool(db_url, min_size=1, max_size=3)
+        lock = await pool.acquire()
+        tr = lock.transaction()
+        locked = False
+        try:
+            t0 = time.time_ns()
+            await _post(
+                c,
+                [step_span("behind-ok", 0, start_ns=t0), step_span("behind-stuck", 0, start_ns=t0)],
+            )
+            await wait_for(
+                lambda: pool.fetchval(
+                    "SELECT count(*) FROM correlations WHERE correlation_id LIKE 'behind-%'"
+                ),
+                what="both payments tracked",
+            )
+            await tr.start()
+            locked = True
+            await lock.execute("LOCK TABLE spans IN SHARE MODE")  # writers wait: intake backs up
+            ms = 1_000_000
+            # behind-ok's next steps, each done well within its 300 ms deadline, wait in the queue
+            await _post(
+                c, [step_span("behind-ok", i, start_ns=t0 + i * 100 * ms) for i in (1, 2, 3)]
+            )
+            refused = 0
+            async with httpx.AsyncClient() as h:
+                for i in range(50):  # fill the queue until the collector refuses (503)
+                    body = request([step_span(f"fill-{i}", s, start_ns=t0) for s in range(4)])
+                    r = await h.post(
+                        f"http://127.0.0.1:{c.http_port}/v1/traces",
+                        content=body.SerializeToString(),
+                        headers=PB,
+                    )
+                    if r.status_code == 503:
+                        refused += 1
+                        break
+            assert refused, "the queue never filled"
+            # well past both deadlines, several scans run while intake is behind
+            scans = c.scanner.scans
+            await wait_for(
+                lambda: _true(c.scanner.scans >= scans + 5 and time.time_ns() > t0 + 1000 * ms),
+                what="scans past the deadlines",
+            )
+            assert await pool.fetchval("SELECT count(*) FROM alerts") == 0, "fired while behind"
+            assert c.scanner.hold is not None
+        finally:
+            if locked:  # release the writers whatever happened
+                await tr.rollback()
+            await pool.release(lock)
+        try:
+            fired = await wait_for(
+                lambda: _ready(_alerts(rx, "firing")), timeout=15, what="the stuck payment's alert"
+            )
+            scans = c.scanner.scans
+            await wait_for(lambda: _true(c.scanner.scans >= scans + 3), what="3 more scans")
+            rows = {a.correlation_id: a for a in await store.alerts(pool)}
+            assert set(rows) == {"behind-stuck"}, rows  # behind-ok was on time by its spans
+            assert [a["labels"]["correlation_id"] for a in fired] == ["behind-stuck"]
+            assert rows["behind-stuck"].step == "purchase.created"
+            assert c.scanner.hold is None
+            state = await pool.fetchval(
+                "SELECT state FROM correlations WHERE correlation_id = 'behind-ok'"
+            )
+            assert state == "completed"
+        finally:
+            await pool.close()
+
+
+async def test_a_hold_for_intake_behind_is_bounded(spec_path: Path, db_url: str) -> None:
+    """Intake that stays behind does not silence the scan for good: the hold grows with each
+    scan until BEHIND_MAX_HOLD, then deadlines are judged again; a new hold can start only after
+    intake has caught up once."""
+    from hoptrace.collector.stalls import BEHIND_MAX_HOLD, StallScanner
+    from hoptrace.contract import load_spec
+
+    state = {"behind": True}
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await schema.migrate(conn, timedelta(days=7))
+            await conn.execute("INSERT INTO stall_scan (id, heartbeat) VALUES (1, now())")
+            s = StallScanner(
+                db_url, pool, 1.0, spec=load_spec(spec_path), grace=10.0,
+                behind=lambda: state["behind"],
+            )  # fmt: skip
+            t = await conn.fetchval("SELECT now()")
+            await s._hold_while_behind(conn, t)
+            assert s.hold is not None and s.hold_until == t + timedelta(seconds=10)
+            start = s.hold[0]
+            assert start == t - timedelta(seconds=1)
+            stored = await conn.fetchval("SELECT hold_until FROM stall_scan")
+            assert stored == s.hold_until
+            await s._hold_while_behind(conn, t + timedelta(seconds=30))  # still behind: extended
+            assert s.hold == (start, t + timedelta(seconds=40))
+            await s._hold_while_behind(conn, t + BEHIND_MAX_HOLD * 2)  # behind for too long
+            assert s.hold == (start, start + BEHIND_MAX_HOLD)
+            assert s.hold_until == start + BEHIND_MAX_HOLD
+            s.hold = s.hold_until = None  # the capped hold was judged and ended
+            await s._hold_while_behind(conn, t + BEHIND_MAX_HOLD * 3)
+            assert s.hold is None  # still behind: no new hold
+            state["behind"] = False
+            await s._hold_while_behind(conn, t + BEHIND_MAX_HOLD * 4)  # caught up once
+            state["behind"] = True
+            later = t + BEHIND_MAX_HOLD * 5
+            await s._hold_while_behind(conn, later)
+            assert s.hold == (later - timedelta(seconds=1), later + timedelta(seconds=10))
+    finally:
+        await pool.close()
