@@ -18,6 +18,12 @@ queryable), but ``benchmarks/ingest.py`` is the ingest benchmark; this one is ab
 
     .venv/bin/python benchmarks/lookup_peers.py [--payments 200000] [--lookups 1000]
 
+``--peers hoptrace --ahead 0 --out benchmarks/results/lookup_backlog.json`` is the backlog case:
+the payments start when the requests are built, so they are overdue while their spans are still
+queued in the load generator (its 503 retries reorder them), as after an outage; the figures
+then show the stall scan's alerts (``alerts_fired``: 0 when it holds deadlines while intake is
+behind) and what the load kept by tenth.
+
 Prints the figures and writes ``benchmarks/results/lookup_peers.json``. Needs the local stack
 (``hoptrace dev up --infra-only``) and Jaeger (``scripts/go-tools.sh jaeger``).
 """
@@ -63,9 +69,9 @@ AHEAD_S = 3600
 LOOKUP_BUDGET_S = 180.0
 
 
-def build(payments: int) -> tuple[list[bytes], list[str], int]:
+def build(payments: int, ahead_s: float = AHEAD_S) -> tuple[list[bytes], list[str], int]:
     """The requests for ``payments`` payments, their correlation ids and the span count."""
-    template = realistic_template(start_ns=time.time_ns() + AHEAD_S * 10**9)
+    template = realistic_template(start_ns=time.time_ns() + int(ahead_s * 10**9))
     bodies: list[bytes] = []
     cids: list[str] = []
     spans = 0
@@ -185,6 +191,7 @@ async def hoptrace_peer(args: argparse.Namespace, bodies: list[bytes], total: in
                 wal = await conn.fetchval(
                     "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)", wal0
                 )
+                alerts = await conn.fetchval("SELECT count(*) FROM alerts")
                 await conn.execute("VACUUM ANALYZE")
                 size = await conn.fetchval("SELECT pg_database_size(current_database())")
             finally:
@@ -213,6 +220,7 @@ async def hoptrace_peer(args: argparse.Namespace, bodies: list[bytes], total: in
             sum(v - pg0.get(p, 0.0) for p, v in pg1.items()) * 1e6 / total, 1
         ),
         "wal_bytes_per_span": round(float(wal) / total),
+        "alerts_fired": alerts,
         "database_bytes": size,
         **figures,
     }
@@ -262,6 +270,14 @@ async def main() -> int:
     ap.add_argument("--batch", type=int, default=5000)
     ap.add_argument("--queue", type=int, default=50_000)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to store the load")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    ap.add_argument(
+        "--ahead",
+        type=float,
+        default=AHEAD_S,
+        help="the payments start this many seconds after the requests are built (0: a load "
+        "that arrives late, as after an outage: payments overdue while their spans are queued)",
+    )
     ap.add_argument(
         "--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}"
     )
@@ -271,7 +287,7 @@ async def main() -> int:
         ap.error(f"unknown peer {', '.join(sorted(unknown))}")
 
     t0 = time.perf_counter()
-    bodies, cids, total = build(args.payments)
+    bodies, cids, total = build(args.payments, args.ahead)
     print(f"{len(cids)} payments, {total} spans in {len(bodies)} requests "
           f"(built in {time.perf_counter() - t0:.0f}s)", flush=True)  # fmt: skip
     ids = random.Random(42).sample(cids, min(args.lookups + 20, len(cids)))
@@ -280,8 +296,8 @@ async def main() -> int:
         "payments": len(cids),
         "spans": total,
         "mix": "realistic (benchmarks/ingest_trace.py: 16 spans per payment)",
-        "note": f"every payment of the load starts at the same time, {AHEAD_S} s ahead of the "
-        "clock (only ids differ)",
+        "note": f"every payment of the load starts at the same time, {args.ahead:g} s after the "
+        "requests were built (only ids differ)",
         "cpus": os.cpu_count(),
     }
     peers: dict[str, dict[str, object]] = {}
@@ -301,8 +317,8 @@ async def main() -> int:
                 ratio = float(ours[q]) / float(peers[other][q])  # type: ignore[arg-type]
                 result[f"{q[:3]}_ratio_hoptrace_to_{other}"] = round(ratio, 3)
     result["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 

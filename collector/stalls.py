@@ -24,22 +24,17 @@ The leader also keeps ``hoptrace_stalled_correlations`` / ``hoptrace_failed_corr
 ``{pipeline, step, cause}`` (a GROUP BY over the stuck correlations joined with their firing
 alert's cause) every fifth scan and whenever it fires; a replica that loses the lease drops them.
 
-A scanner that takes over after a gap (no collector scanned, e.g. the collector was down, so the
-spans the SDKs held are still on their way) holds the deadlines that passed in that blind window
-for ``grace`` seconds instead of alerting on them: when the grace ends it judges them by span
-times. A step that got done on time gets no alert; one done after its deadline gets one alert,
-fired at the deadline and resolved at the step's end (so every late payment is still announced
-once); one still not done is fired as stalled by the scan as usual.
+Some deadlines are held instead of judged (:mod:`.stall_hold`, which judges them by span times
+when the hold ends):
 
-The same hold covers a collector whose span intake is behind (``behind()``: its write queue full,
-or spans turned away with 503 / UNAVAILABLE, or left in Kafka, in the last seconds): the spans that
-would show a step done on time are then queued here or held by their senders, and judging
-deadlines by what the store has would fire alerts for payments that are fine, and run a diagnosis
-for each while the store is already the bottleneck. Deadlines passing while intake is behind are
-held until ``grace`` seconds after it caught up, then judged by span times as above. A hold lasts
-at most :data:`BEHIND_MAX_HOLD`: a collector that stays behind for longer is under-provisioned,
-not catching up, and its scan goes back to judging deadlines by the store (with a warning) until
-intake has caught up once.
+- after a gap (no collector scanned, e.g. the collector was down, so the spans the SDKs held are
+  still on their way), for ``grace`` seconds after the takeover;
+- while span intake is behind (``behind()``: the write queue full, or spans turned away with
+  503 / UNAVAILABLE, or left in Kafka, in the last seconds), until ``grace`` after it caught up.
+  Judging by what the store has would then fire alerts for payments that are fine, and run a
+  diagnosis for each while the store is already the bottleneck. At most
+  :data:`~.stall_hold.BEHIND_MAX_HOLD`: a collector behind for longer is under-provisioned, not
+  catching up; its scan judges by the store again (with a warning) until intake caught up once.
 """
 
 from __future__ import annotations
@@ -52,13 +47,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import orjson
 
 from hoptrace.contract import Cause, PipelineSpec, State
 
 from . import metrics
-from .decode import us_to_dt
 from .lease import Lease
+from .stall_hold import BEHIND_MAX_HOLD, BEHIND_WHY, GAP_WHY, HOLD_SQL, NO_TIME, alert_late
 
 log = logging.getLogger("hoptrace.collector.stalls")
 
@@ -112,36 +106,12 @@ WHERE a.status = 'firing' AND a.kind = 'failed'
 #: A correlation's ``updated_at`` is its writer's transaction start: a sweep looks back this far
 #: before the previous one, so a transaction that began before it and committed after is seen.
 SWEEP_OVERLAP = timedelta(seconds=60)
-_HOLD = "UPDATE stall_scan SET hold_until = $1 WHERE id = 1"
-_MOVED = """
-SELECT c.correlation_id, c.pipeline, c.steps::text AS steps,
-       coalesce(array_agg(a.step) FILTER (WHERE a.step IS NOT NULL), '{}') AS alerted
-FROM correlations c LEFT JOIN alerts a ON a.correlation_id = c.correlation_id
-WHERE c.updated_at >= $1 AND c.pipeline = $2
-GROUP BY c.correlation_id
-"""
 #: The causes of diagnosed alerts ($1 ids, $2 causes, $3 evidence), in one statement.
 _DIAGNOSED = """
 UPDATE alerts a SET cause = u.cause, evidence = u.evidence, diagnosed = true
 FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(id, cause, evidence)
 WHERE a.id = u.id
 """
-_LATE = """
-INSERT INTO alerts (correlation_id, pipeline, step, status, fired_at, resolved_at, evidence,
-                    diagnosed, service)
-SELECT u.cid, $1, u.step, 'resolved', u.due, u.done, u.evidence, true, m.service
-FROM unnest($2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::text[])
-     AS u(cid, step, due, done, evidence)
-LEFT JOIN unnest($7::text[], $8::text[]) AS m(step, service) ON m.step = u.step
-"""
-
-#: No deadline is held.
-NO_TIME = datetime(1, 1, 1, tzinfo=UTC)
-#: What a hold's late-step alerts say about when their deadline passed.
-GAP_WHY = "while no collector was scanning"
-BEHIND_WHY = "while span intake was behind"
-#: The longest a hold for intake that is behind may last (from its first held deadline).
-BEHIND_MAX_HOLD = timedelta(seconds=120)
 #: Stuck correlations by (state, pipeline, step, cause): the cause is the firing alert's label
 #: (as first sent), else its diagnosis, else $1 once the diagnosis gave none, else '' (pending).
 _STUCK = """
@@ -212,58 +182,6 @@ async def scan_once(
     judged by this scan)."""
     rows = await conn.fetch(SCAN_SQL, limit, hold_from, hold_to, *step_services(spec))
     return [(r["id"], r["correlation_id"]) for r in rows]
-
-
-def late_steps(
-    spec: PipelineSpec, steps: dict[str, dict[str, int | None]], since: datetime, until: datetime
-) -> list[tuple[str, datetime, datetime]]:
-    """(step, deadline, done) of each step of ``steps`` (a correlation's per-step record) done
-    after its deadline, for the deadlines in ``[since, until)``."""
-    # a later step done means this one was done by then (its own first span may be a
-    # redelivery's, after a crash lost the original one): done times only move earlier
-    done_at: list[int | None] = [(steps.get(s.id) or {}).get("done_at") for s in spec.steps]
-    for i in range(len(done_at) - 2, -1, -1):
-        later = done_at[i + 1]
-        if later is not None and (done_at[i] is None or later < done_at[i]):  # type: ignore[operator]
-            done_at[i] = later
-    out = []
-    for i, step in enumerate(spec.steps[1:], start=1):
-        a, b = done_at[i - 1], done_at[i]
-        if a is None or b is None:
-            continue
-        due, done = us_to_dt(a) + step.deadline, us_to_dt(b)
-        if since <= due < until and done > due:
-            out.append((step.id, due, done))
-    return out
-
-
-async def alert_late(
-    conn: asyncpg.Connection,
-    spec: PipelineSpec,
-    since: datetime,
-    until: datetime,
-    why: str = GAP_WHY,
-) -> int:
-    """One resolved alert (fired at the deadline, resolved when the step got done) per step of
-    a correlation that moved on since ``since`` and was late for a deadline in ``[since, until)``
-    without an alert for that step; returns the number inserted."""
-    cids: list[str] = []
-    cols: tuple[list[str], list[datetime], list[datetime], list[str]] = ([], [], [], [])
-    for r in await conn.fetch(_MOVED, since, spec.name):
-        steps = orjson.loads(r["steps"]) if r["steps"] else {}
-        for step, due, done in late_steps(spec, steps, since, until):
-            if step in r["alerted"]:
-                continue
-            late = (done - due).total_seconds()
-            cids.append(r["correlation_id"])
-            for col, value in zip(
-                cols, (step, due, done, f"{step} done {late:.1f}s after its deadline, {why} "
-                       "(judged from span times)"), strict=True
-            ):  # fmt: skip
-                col.append(value)  # type: ignore[arg-type]
-    if cids:
-        await conn.execute(_LATE, spec.name, cids, *cols, *step_services(spec))
-    return len(cids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +257,7 @@ class StallScanner:
             self.hold_until = now + timedelta(seconds=self.grace)
             self.hold = (previous, self.hold_until)
             self.hold_why = GAP_WHY
-            await conn.execute(_HOLD, self.hold_until)
+            await conn.execute(HOLD_SQL, self.hold_until)
             log.info(
                 "stall scan leadership acquired after %.1fs without a scanner: deadlines "
                 "since %s are judged in %.1fs, once the spans held meanwhile have arrived",
@@ -403,11 +321,13 @@ class StallScanner:
                 hold_from, hold_to = self.hold
             else:  # the grace is over: judge the held window by span times, then scan it
                 assert self.spec is not None
-                late = await alert_late(conn, self.spec, *self.hold, self.hold_why)
+                late = await alert_late(
+                    conn, self.spec, *self.hold, step_services(self.spec), self.hold_why
+                )
                 if late:
                     metrics.ALERTS_FIRED.inc(late)
                     log.info("%d step(s) were late %s: alerted", late, self.hold_why)
-                await conn.execute(_HOLD, None)
+                await conn.execute(HOLD_SQL, None)
                 hold_over = True
         # recovered failures first: a payment redelivered and stalled again may alert again
         await resolve_recovered(conn)
@@ -449,7 +369,7 @@ class StallScanner:
         if until > self.hold[1]:
             self.hold = (start, until)
             self.hold_until = until
-            await conn.execute(_HOLD, until)
+            await conn.execute(HOLD_SQL, until)
 
     async def _diagnose(self, fired: list[tuple[int, str]]) -> None:
         """Diagnose the alerts one scan fired (8 at a time) and record their causes together,

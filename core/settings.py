@@ -205,7 +205,8 @@ class Settings(KafkaSettings):
         default=15.0,
         ge=0,
         description="Seconds a scanner taking over after a gap without scans waits for the spans "
-        "the SDKs held before judging the deadlines that passed in the gap.",
+        "the SDKs held before judging the deadlines that passed in the gap (and a collector whose "
+        "span intake was behind waits as long after it caught up).",
     )
     max_body_bytes: int = Field(default=16 * 1024 * 1024, description="OTLP request size cap.")
     queue_max_spans: int = Field(default=50_000, description="Receive->write queue bound.")

@@ -259,7 +259,7 @@ async def test_handover_without_a_gap_holds_nothing(make_collector, fast_spec: P
 
 
 def test_late_steps_judges_by_span_times_and_trusts_later_steps(spec_path: Path) -> None:
-    from hoptrace.collector.stalls import late_steps
+    from hoptrace.collector.stall_hold import late_steps
     from hoptrace.contract import load_spec
 
     spec = load_spec(spec_path)
@@ -371,7 +371,8 @@ async def test_a_hold_for_intake_behind_is_bounded(spec_path: Path, db_url: str)
     """Intake that stays behind does not silence the scan for good: the hold grows with each
     scan until BEHIND_MAX_HOLD, then deadlines are judged again; a new hold can start only after
     intake has caught up once."""
-    from hoptrace.collector.stalls import BEHIND_MAX_HOLD, StallScanner
+    from hoptrace.collector.stall_hold import BEHIND_MAX_HOLD
+    from hoptrace.collector.stalls import StallScanner
     from hoptrace.contract import load_spec
 
     state = {"behind": True}
