@@ -1,9 +1,12 @@
 """Kafka span source: a consumer group reading OTLP protobuf ``ExportTraceServiceRequest`` records
 (what the OpenTelemetry Collector's Kafka exporter writes with ``encoding: otlp_proto``) into the
-same write queue. Offsets are committed only after the records' spans are written, so a crash
-re-delivers (duplicates are harmless) and nothing is lost. Undecodable records are counted and
-skipped; spans outside the store's time window (:class:`~.ingest.SpanWindow`) are counted and
-dropped, as the receivers do. Its consumer connects with the Kafka security settings
+same write queue. Records are fetched and queued while earlier ones are being written (the
+queue's bound holds the reading back), and a partition's offsets are committed only once every
+record before them is written, so a crash re-delivers (duplicates are harmless) and nothing is
+lost. Before its partitions move to another reader (a rebalance), it waits for the records it
+read from them to be written and commits them, so the new reader does not read them again.
+Undecodable records are counted and skipped; spans outside the store's time window
+(:class:`~.ingest.SpanWindow`) are counted and dropped, as the receivers do. Its consumer connects with the Kafka security settings
 (``HOPTRACE_KAFKA_*``, :mod:`hoptrace.kafka`); a start that fails is logged with its cause (a
 refused SASL login, say) and retried.
 
@@ -18,9 +21,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from hoptrace.contract.conventions import MESSAGING_SYSTEM_KAFKA
@@ -33,6 +39,42 @@ from .ingest import SpanWindow
 from .spanqueue import SpanQueue
 
 log = logging.getLogger("hoptrace.collector.kafka_source")
+
+#: How long a fetch waits for records: with nothing being written, and while writes are pending
+#: (their offsets are committed between fetches).
+WAIT_IDLE_MS = 500
+WAIT_WRITING_MS = 50
+#: Seconds a rebalance waits for the records read from the partitions leaving this reader to be
+#: written (and committed), so their new reader does not read them again.
+REVOKE_WAIT_S = 10.0
+
+
+@dataclass(slots=True)
+class _Fetched:
+    """One fetch's records being queued and written: the offsets to commit per partition once
+    all of them are queued and the futures of their spans' writes are done."""
+
+    offsets: dict[TopicPartition, int]
+    futures: list[asyncio.Future[None]] = field(default_factory=list)
+    queued: asyncio.Event = field(default_factory=asyncio.Event)  # every record queued
+
+    @property
+    def written(self) -> bool:
+        return self.queued.is_set() and all(f.done() for f in self.futures)
+
+
+class _CommitBeforeRevoke(ConsumerRebalanceListener):
+    """Partitions about to move to another reader: their records read here are written and
+    committed first (see :meth:`KafkaSpanSource.settle`)."""
+
+    def __init__(self, source: KafkaSpanSource) -> None:
+        self.source = source
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.source.settle()
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        pass
 
 
 class KafkaSpanSource:
@@ -67,6 +109,8 @@ class KafkaSpanSource:
         self.start_failures = 0  # starts that failed (broker unreachable)
         self.restarts = 0  # times run() died and was started again
         self.window = window or SpanWindow(max_age=None, max_ahead=None)
+        self._inflight: deque[_Fetched] = deque()  # fetched, oldest first, not yet committed
+        self._committing = asyncio.Lock()  # commits in fetch order (the loop, a rebalance)
 
     async def _start(self) -> AIOKafkaConsumer:
         """A started consumer. While the broker cannot be reached, says so and tries again with
@@ -75,13 +119,13 @@ class KafkaSpanSource:
         delay = self.retry_s
         while True:
             consumer = AIOKafkaConsumer(
-                self.topic,
                 bootstrap_servers=self.bootstrap,
                 group_id=self.group,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 **self.client_options,
             )
+            consumer.subscribe([self.topic], listener=_CommitBeforeRevoke(self))
             try:
                 await consumer.start()
                 return consumer
@@ -102,48 +146,100 @@ class KafkaSpanSource:
             delay = min(self.max_retry_s, delay * 2)
 
     async def run(self) -> None:
+        """Fetch, decode and queue records while earlier ones are being written (the write queue's
+        bound holds the reading back); commit each partition's offsets once every record before
+        them is written, in fetch order."""
         consumer = self.consumer = await self._start()
-        loop = asyncio.get_running_loop()
+        inflight = self._inflight = deque()
         try:
             while True:
-                batch = await consumer.getmany(timeout_ms=500, max_records=self.max_records)
+                await self._commit_written(consumer, inflight)
+                # while writes are pending, come back soon to commit them
+                wait_ms = WAIT_WRITING_MS if inflight else WAIT_IDLE_MS
+                batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.max_records)
                 if consumer.assignment():
                     self.assigned.set()
-                if not batch:
-                    continue
-                pending: list[asyncio.Future[None]] = []
-                now = datetime.now(UTC)
-                for records in batch.values():
-                    for rec in records:
-                        body = rec.value or b""
-                        try:
-                            decoded = decode_body(body, now, keys=self.keys)
-                        except DecodeFailure:
-                            metrics.SPANS_DROPPED.labels("undecodable").inc()
-                            continue
-                        decoded, outside = self.window.apply(
-                            decoded, lambda b=body: parse_protobuf(b), now, self.keys
-                        )
-                        metrics.SPANS_RECEIVED.labels(MESSAGING_SYSTEM_KAFKA).inc(
-                            decoded.count + decoded.rejected
-                        )
-                        if decoded.rejected > outside:
-                            metrics.SPANS_DROPPED.labels("invalid").inc(decoded.rejected - outside)
-                        if outside:
-                            metrics.SPANS_DROPPED.labels("out_of_window").inc(outside)
-                        if decoded.count:
-                            fut: asyncio.Future[None] = loop.create_future()
-                            spans = decoded.encoded if decoded.encoded is not None else decoded.rows
-                            await self.queue.put(spans, fut)
-                            pending.append(fut)
-                if pending:
-                    await asyncio.gather(*pending)
-                try:
-                    await consumer.commit()
-                except (CommitFailedError, KafkaError) as exc:
-                    log.warning("offset commit failed (records will be re-read): %s", exc)
+                if batch:  # in flight from now on: a rebalance waits for it (see settle)
+                    fetched = _Fetched({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
+                    inflight.append(fetched)
+                    await self._queue(batch.values(), fetched.futures)
+                    fetched.queued.set()
         finally:
             await consumer.stop()
+
+    async def _queue(
+        self, batches: Iterable[list[ConsumerRecord]], pending: list[asyncio.Future[None]]
+    ) -> None:
+        """Decode the records and queue their spans; adds to ``pending`` the futures the writer
+        resolves once each record's spans are committed."""
+        loop = asyncio.get_running_loop()
+        now = datetime.now(UTC)
+        for records in batches:
+            for rec in records:
+                body = rec.value or b""
+                try:
+                    decoded = decode_body(body, now, keys=self.keys)
+                except DecodeFailure:
+                    metrics.SPANS_DROPPED.labels("undecodable").inc()
+                    continue
+                decoded, outside = self.window.apply(
+                    decoded, lambda b=body: parse_protobuf(b), now, self.keys
+                )
+                metrics.SPANS_RECEIVED.labels(MESSAGING_SYSTEM_KAFKA).inc(
+                    decoded.count + decoded.rejected
+                )
+                if decoded.rejected > outside:
+                    metrics.SPANS_DROPPED.labels("invalid").inc(decoded.rejected - outside)
+                if outside:
+                    metrics.SPANS_DROPPED.labels("out_of_window").inc(outside)
+                if decoded.count:
+                    fut: asyncio.Future[None] = loop.create_future()
+                    spans = decoded.encoded if decoded.encoded is not None else decoded.rows
+                    pending.append(fut)
+                    await self.queue.put(spans, fut)
+
+    async def _commit_written(self, consumer: AIOKafkaConsumer, inflight: deque[_Fetched]) -> None:
+        """Commit the offsets of the fetches written so far, oldest first, stopping at the first
+        one still being written (a write that failed for good raises here, as it would have
+        in the writer). Offsets of partitions no longer assigned (after a rebalance) are left to
+        their new reader, which reads those records again (the store drops the duplicates)."""
+        async with self._committing:
+            await self._commit_in_order(consumer, inflight)
+
+    async def _commit_in_order(self, consumer: AIOKafkaConsumer, inflight: deque[_Fetched]) -> None:
+        offsets: dict[TopicPartition, int] = {}
+        while inflight and inflight[0].written:
+            done = inflight.popleft()
+            for f in done.futures:
+                f.result()
+            offsets.update(done.offsets)  # a later fetch's offset of a partition is higher
+        assigned = consumer.assignment()
+        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            log.warning("offset commit failed (records will be re-read): %s", exc)
+
+    async def settle(self) -> None:
+        """Before a rebalance: wait (at most REVOKE_WAIT_S in all) for the records read so far
+        to be queued and written, oldest first, and commit them."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + REVOKE_WAIT_S
+        for fetched in list(self._inflight):
+            try:
+                await asyncio.wait_for(fetched.queued.wait(), max(0.0, end - loop.time()))
+            except TimeoutError:
+                break
+            if fetched.futures:
+                _, waiting = await asyncio.wait(
+                    fetched.futures, timeout=max(0.001, end - loop.time())
+                )
+                if waiting:
+                    break
+        if self.consumer is not None:
+            await self._commit_written(self.consumer, self._inflight)
 
     async def run_forever(self) -> None:
         """:meth:`run`, started again (after a backoff, reset once a run lasted a minute) each
