@@ -3,9 +3,8 @@
 same write queue. Records are fetched and queued while earlier ones are being written (the
 queue's bound holds the reading back), and a partition's offsets are committed only once every
 record before them is written, so a crash re-delivers (duplicates are harmless) and nothing is
-lost. Before its partitions move to another reader (a rebalance), it waits for the records it
-read from them to be written and commits them, so the new reader does not read them again.
-Undecodable records are counted and skipped; spans outside the store's time window
+lost. Records read but not yet committed when partitions move to another reader (a rebalance)
+are read again by it (the store drops the duplicates). Undecodable records are counted and skipped; spans outside the store's time window
 (:class:`~.ingest.SpanWindow`) are counted and dropped, as the receivers do. Its consumer connects with the Kafka security settings
 (``HOPTRACE_KAFKA_*``, :mod:`hoptrace.kafka`); a start that fails is logged with its cause (a
 refused SASL login, say) and retried.
@@ -26,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from hoptrace.contract.conventions import MESSAGING_SYSTEM_KAFKA
@@ -44,37 +43,19 @@ log = logging.getLogger("hoptrace.collector.kafka_source")
 #: (their offsets are committed between fetches).
 WAIT_IDLE_MS = 500
 WAIT_WRITING_MS = 50
-#: Seconds a rebalance waits for the records read from the partitions leaving this reader to be
-#: written (and committed), so their new reader does not read them again.
-REVOKE_WAIT_S = 10.0
 
 
 @dataclass(slots=True)
 class _Fetched:
-    """One fetch's records being queued and written: the offsets to commit per partition once
-    all of them are queued and the futures of their spans' writes are done."""
+    """One fetch's records being written: the futures of their spans' writes, and the offsets
+    to commit per partition once all of them are done."""
 
     offsets: dict[TopicPartition, int]
     futures: list[asyncio.Future[None]] = field(default_factory=list)
-    queued: asyncio.Event = field(default_factory=asyncio.Event)  # every record queued
 
     @property
     def written(self) -> bool:
-        return self.queued.is_set() and all(f.done() for f in self.futures)
-
-
-class _CommitBeforeRevoke(ConsumerRebalanceListener):
-    """Partitions about to move to another reader: their records read here are written and
-    committed first (see :meth:`KafkaSpanSource.settle`)."""
-
-    def __init__(self, source: KafkaSpanSource) -> None:
-        self.source = source
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self.source.settle()
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        pass
+        return all(f.done() for f in self.futures)
 
 
 class KafkaSpanSource:
@@ -109,8 +90,6 @@ class KafkaSpanSource:
         self.start_failures = 0  # starts that failed (broker unreachable)
         self.restarts = 0  # times run() died and was started again
         self.window = window or SpanWindow(max_age=None, max_ahead=None)
-        self._inflight: deque[_Fetched] = deque()  # fetched, oldest first, not yet committed
-        self._committing = asyncio.Lock()  # commits in fetch order (the loop, a rebalance)
 
     async def _start(self) -> AIOKafkaConsumer:
         """A started consumer. While the broker cannot be reached, says so and tries again with
@@ -119,13 +98,13 @@ class KafkaSpanSource:
         delay = self.retry_s
         while True:
             consumer = AIOKafkaConsumer(
+                self.topic,
                 bootstrap_servers=self.bootstrap,
                 group_id=self.group,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 **self.client_options,
             )
-            consumer.subscribe([self.topic], listener=_CommitBeforeRevoke(self))
             try:
                 await consumer.start()
                 return consumer
@@ -150,7 +129,7 @@ class KafkaSpanSource:
         bound holds the reading back); commit each partition's offsets once every record before
         them is written, in fetch order."""
         consumer = self.consumer = await self._start()
-        inflight = self._inflight = deque()
+        inflight: deque[_Fetched] = deque()  # fetched, oldest first, not yet committed
         try:
             while True:
                 await self._commit_written(consumer, inflight)
@@ -159,11 +138,10 @@ class KafkaSpanSource:
                 batch = await consumer.getmany(timeout_ms=wait_ms, max_records=self.max_records)
                 if consumer.assignment():
                     self.assigned.set()
-                if batch:  # in flight from now on: a rebalance waits for it (see settle)
+                if batch:
                     fetched = _Fetched({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
-                    inflight.append(fetched)
                     await self._queue(batch.values(), fetched.futures)
-                    fetched.queued.set()
+                    inflight.append(fetched)
         finally:
             await consumer.stop()
 
@@ -195,18 +173,14 @@ class KafkaSpanSource:
                 if decoded.count:
                     fut: asyncio.Future[None] = loop.create_future()
                     spans = decoded.encoded if decoded.encoded is not None else decoded.rows
-                    pending.append(fut)
                     await self.queue.put(spans, fut)
+                    pending.append(fut)
 
     async def _commit_written(self, consumer: AIOKafkaConsumer, inflight: deque[_Fetched]) -> None:
         """Commit the offsets of the fetches written so far, oldest first, stopping at the first
         one still being written (a write that failed for good raises here, as it would have
         in the writer). Offsets of partitions no longer assigned (after a rebalance) are left to
         their new reader, which reads those records again (the store drops the duplicates)."""
-        async with self._committing:
-            await self._commit_in_order(consumer, inflight)
-
-    async def _commit_in_order(self, consumer: AIOKafkaConsumer, inflight: deque[_Fetched]) -> None:
         offsets: dict[TopicPartition, int] = {}
         while inflight and inflight[0].written:
             done = inflight.popleft()
@@ -221,25 +195,6 @@ class KafkaSpanSource:
             await consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:
             log.warning("offset commit failed (records will be re-read): %s", exc)
-
-    async def settle(self) -> None:
-        """Before a rebalance: wait (at most REVOKE_WAIT_S in all) for the records read so far
-        to be queued and written, oldest first, and commit them."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + REVOKE_WAIT_S
-        for fetched in list(self._inflight):
-            try:
-                await asyncio.wait_for(fetched.queued.wait(), max(0.0, end - loop.time()))
-            except TimeoutError:
-                break
-            if fetched.futures:
-                _, waiting = await asyncio.wait(
-                    fetched.futures, timeout=max(0.001, end - loop.time())
-                )
-                if waiting:
-                    break
-        if self.consumer is not None:
-            await self._commit_written(self.consumer, self._inflight)
 
     async def run_forever(self) -> None:
         """:meth:`run`, started again (after a backoff, reset once a run lasted a minute) each

@@ -1,11 +1,15 @@
-"""Builders for OTLP requests and a collector-on-free-ports fixture helper."""
+"""Builders for OTLP requests, a collector-on-free-ports fixture helper, and a store that stops
+taking spans."""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
@@ -62,3 +66,27 @@ def request(spans: list[tuple[str, Span]]) -> ExportTraceServiceRequest:
         ss.scope.name = "test"
         ss.spans.append(span)
     return req
+
+
+@asynccontextmanager
+async def spans_locked(pool: asyncpg.Pool) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """A lock on ``spans`` that makes the collector's span writes wait (reads go on, and so does
+    everything else), held until the yielded ``release()`` is awaited or the block ends. Take it
+    after the collector started: its start needs the table too."""
+    conn = await pool.acquire()
+    tr = conn.transaction()
+    await tr.start()
+    held = True
+
+    async def release() -> None:
+        nonlocal held
+        if held:
+            held = False
+            await tr.rollback()
+
+    try:
+        await conn.execute("LOCK TABLE spans IN SHARE MODE")
+        yield release
+    finally:
+        await release()
+        await pool.release(conn)

@@ -6,16 +6,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from hoptrace.collector import store
+from hoptrace.collector.service import Collector
 
 from ..support import create_topics, delete_topics, wait_for
-from .helpers import request, step_span
+from .helpers import request, spans_locked, step_span
 
 
 async def test_kafka_topic_spans_stored_and_committed(
@@ -169,72 +174,88 @@ def _received_from_kafka() -> float:
     return REGISTRY.get_sample_value("hoptrace_spans_received_total", {"transport": "kafka"}) or 0.0
 
 
+@dataclass
+class _Locked:
+    """A collector reading a new 2-partition span topic whose span writes wait until
+    ``release()``; a producer and a pool on its store; the spans received from Kafka before."""
+
+    bootstrap: str
+    topic: str
+    group: str
+    collector: Collector
+    producer: AIOKafkaProducer
+    pool: asyncpg.Pool
+    release: Callable[[], Awaitable[None]]
+    before: float
+
+    def received(self) -> float:
+        return _received_from_kafka() - self.before
+
+    async def produce(self, cids: list[str], **send: Any) -> None:
+        for k, cid in enumerate(cids):
+            req = request([step_span(cid, 0), step_span(cid, 1)])
+            where = {key: value(k) for key, value in send.items()}
+            await self.producer.send_and_wait(self.topic, req.SerializeToString(), **where)
+
+    async def spans(self) -> int:
+        return await self.pool.fetchval("SELECT count(*) FROM spans")
+
+    async def committed(self) -> int:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            offsets = await admin.list_consumer_group_offsets(self.group)
+        finally:
+            await admin.close()
+        return sum(o.offset for tp, o in offsets.items() if tp.topic == self.topic)
+
+
+@asynccontextmanager
+async def _collector_on_a_locked_store(
+    make_collector, bootstrap: str, suffix: str, db_url: str
+) -> AsyncIterator[_Locked]:  # type: ignore[no-untyped-def]
+    topic, group = f"otlp-spans-{suffix}", f"hoptrace-collector-{suffix}"
+    await create_topics(bootstrap, [topic], partitions=2)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=3)
+    try:
+        c = await make_collector(span_topic=topic, span_group=group, kafka_bootstrap=bootstrap)
+        assert c.kafka is not None
+        await wait_for(lambda: _async(c.kafka.assigned.is_set()), timeout=30, what="assignment")
+        async with spans_locked(pool) as release:
+            yield _Locked(
+                bootstrap, topic, group, c, producer, pool, release, _received_from_kafka()
+            )
+    finally:
+        await producer.stop()
+        await pool.close()
+        await delete_topics(bootstrap, [topic])
+
+
 async def test_the_source_reads_ahead_while_writes_are_pending_and_commits_only_written(
     make_collector, kafka_bootstrap: str, suffix: str, db_url: str
 ) -> None:  # type: ignore[no-untyped-def]
     """The store stops taking spans (a lock on ``spans``): records produced after the first ones
     are still read and queued (the source does not wait for one fetch's write before the next),
     and no offset is committed until their spans are written; then every offset is."""
-    topic, group = f"otlp-spans-{suffix}", f"hoptrace-collector-{suffix}"
-    await create_topics(kafka_bootstrap, [topic], partitions=2)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
-    await producer.start()
-    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=3)
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-
-    async def produce(first: int) -> None:
-        for k in range(first, first + 5):
-            req = request([step_span(f"ahead-{k}", 0), step_span(f"ahead-{k}", 1)])
-            await producer.send_and_wait(topic, req.SerializeToString(), key=f"ahead-{k}".encode())
-
-    async def committed() -> int:
-        offsets = await admin.list_consumer_group_offsets(group)
-        return sum(o.offset for tp, o in offsets.items() if tp.topic == topic and o.offset > 0)
-
-    lock = await pool.acquire()
-    tr = lock.transaction()
-    locked = False
-    try:
-        c = await make_collector(
-            span_topic=topic, span_group=group, kafka_bootstrap=kafka_bootstrap
-        )
-        assert c.kafka is not None
-        await wait_for(lambda: _async(c.kafka.assigned.is_set()), timeout=30, what="assignment")
-        await tr.start()
-        locked = True
-        await lock.execute("LOCK TABLE spans IN SHARE MODE")  # writers wait
-        before = _received_from_kafka()
-        await produce(0)
+    async with _collector_on_a_locked_store(make_collector, kafka_bootstrap, suffix, db_url) as s:
+        key = {"key": lambda k: f"ahead-{k}".encode()}
+        await s.produce([f"ahead-{k}" for k in range(5)], **key)
+        await wait_for(lambda: _async(s.received() >= 2), what="a first record queued")
+        await s.produce([f"ahead-{k}" for k in range(5, 10)], **key)  # read while it waits
         await wait_for(
-            lambda: _async(_received_from_kafka() - before >= 2), what="a first record queued"
-        )
-        await produce(5)  # the rest is read while the first record's write waits
-        await wait_for(
-            lambda: _async(_received_from_kafka() - before >= 20),
+            lambda: _async(s.received() >= 20),
             timeout=10,
             what="the other records read ahead of the pending write",
         )
-        assert await committed() == 0  # nothing written, nothing committed
-        assert await pool.fetchval("SELECT count(*) FROM spans") == 0
-        await tr.rollback()
-        locked = False
+        assert await s.committed() == 0  # nothing written, nothing committed
+        assert await s.spans() == 0
+        await s.release()
+        await wait_for(lambda: _async_eq(s.spans(), 20), timeout=30, what="20 spans written")
         await wait_for(
-            lambda: _async_eq(pool.fetchval("SELECT count(*) FROM spans"), 20),
-            timeout=30,
-            what="20 spans written",
+            lambda: _async_eq(s.committed(), 10), timeout=15, what="offsets committed past all 10"
         )
-        await wait_for(
-            lambda: _async_eq(committed(), 10), timeout=15, what="offsets committed past all 10"
-        )
-    finally:
-        if locked:
-            await tr.rollback()
-        await pool.release(lock)
-        await producer.stop()
-        await admin.close()
-        await pool.close()
-        await delete_topics(kafka_bootstrap, [topic])
 
 
 async def _async(value: object) -> object:
@@ -243,75 +264,3 @@ async def _async(value: object) -> object:
 
 async def _async_eq(value, expected: object) -> bool:  # type: ignore[no-untyped-def]
     return await value == expected
-
-
-async def test_a_rebalance_waits_for_the_records_in_flight_and_commits_them(
-    make_collector, kafka_bootstrap: str, suffix: str, db_url: str, caplog: pytest.LogCaptureFixture
-) -> None:  # type: ignore[no-untyped-def]
-    """Records read by the collector are still being written (a lock on ``spans``) when another
-    consumer joins its group: the collector writes and commits them before its partitions move,
-    so the new reader starts after them (nothing read twice, nothing lost)."""
-    topic, group = f"otlp-spans-{suffix}", f"hoptrace-collector-{suffix}"
-    await create_topics(kafka_bootstrap, [topic], partitions=2)
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
-    await producer.start()
-    other = AIOKafkaConsumer(
-        topic, bootstrap_servers=kafka_bootstrap, group_id=group, enable_auto_commit=False
-    )
-    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=3)
-    caplog.set_level(logging.INFO, logger="aiokafka.consumer.group_coordinator")
-    lock = await pool.acquire()
-    tr = lock.transaction()
-    locked = False
-    try:
-        c = await make_collector(
-            span_topic=topic, span_group=group, kafka_bootstrap=kafka_bootstrap
-        )
-        assert c.kafka is not None
-        await wait_for(lambda: _async(c.kafka.assigned.is_set()), timeout=30, what="assigned")
-        await tr.start()
-        locked = True
-        await lock.execute("LOCK TABLE spans IN SHARE MODE")  # the collector's writes wait
-        before = _received_from_kafka()
-        for k in range(6):  # both partitions
-            req = request([step_span(f"moved-{k}", 0), step_span(f"moved-{k}", 1)])
-            await producer.send_and_wait(topic, req.SerializeToString(), partition=k % 2)
-        await wait_for(
-            lambda: _async(_received_from_kafka() - before >= 12), what="every record read"
-        )
-        revoking = _revoking_partitions(caplog.text)
-        await other.start()  # joins the group: the collector gives partitions back
-        await wait_for(
-            lambda: _async(_revoking_partitions(caplog.text) > revoking),
-            timeout=30,
-            what="the collector's partitions being revoked",
-        )
-        await tr.rollback()  # its writes go through while the rebalance waits for them
-        locked = False
-        await wait_for(lambda: _async(bool(other.assignment())), timeout=30, what="a new reader")
-        for tp in other.assignment():  # it starts after the records the collector read
-            end = (await other.end_offsets([tp]))[tp]
-            assert end == 3 and await other.position(tp) == end, tp
-        await wait_for(
-            lambda: _async_eq(pool.fetchval("SELECT count(*) FROM spans"), 12),
-            timeout=30,
-            what="12 spans written",
-        )
-        assert _received_from_kafka() - before == 12
-    finally:
-        if locked:
-            await tr.rollback()
-        await pool.release(lock)
-        await other.stop()
-        await producer.stop()
-        await pool.close()
-        await delete_topics(kafka_bootstrap, [topic])
-
-
-def _revoking_partitions(log_text: str) -> int:
-    """How many times a consumer began giving partitions back (b's first join gives back none)."""
-    return sum(
-        "TopicPartition" in line
-        for line in log_text.splitlines()
-        if "Revoking previously assigned partitions" in line
-    )

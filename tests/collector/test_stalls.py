@@ -15,7 +15,7 @@ from hoptrace.collector.decode import us_to_dt
 from hoptrace.collector.service import Collector
 
 from ..support import wait_for
-from .helpers import request, step_span
+from .helpers import request, spans_locked, step_span
 from .receiver import Receiver
 
 PB = {"content-type": "application/x-protobuf"}
@@ -300,9 +300,6 @@ async def test_deadlines_are_held_while_span_intake_is_behind(
         )
         await wait_for(lambda: _true(c.scanner.is_leader), what="leadership")
         pool = await asyncpg.create_pool(db_url, min_size=1, max_size=3)
-        lock = await pool.acquire()
-        tr = lock.transaction()
-        locked = False
         try:
             t0 = time.time_ns()
             await _post(
@@ -315,40 +312,33 @@ async def test_deadlines_are_held_while_span_intake_is_behind(
                 ),
                 what="both payments tracked",
             )
-            await tr.start()
-            locked = True
-            await lock.execute("LOCK TABLE spans IN SHARE MODE")  # writers wait: intake backs up
-            ms = 1_000_000
-            # behind-ok's next steps, each done well within its 300 ms deadline, wait in the queue
-            await _post(
-                c, [step_span("behind-ok", i, start_ns=t0 + i * 100 * ms) for i in (1, 2, 3)]
-            )
-            refused = 0
-            async with httpx.AsyncClient() as h:
-                for i in range(50):  # fill the queue until the collector refuses (503)
-                    body = request([step_span(f"fill-{i}", s, start_ns=t0) for s in range(4)])
-                    r = await h.post(
-                        f"http://127.0.0.1:{c.http_port}/v1/traces",
-                        content=body.SerializeToString(),
-                        headers=PB,
-                    )
-                    if r.status_code == 503:
-                        refused += 1
-                        break
-            assert refused, "the queue never filled"
-            # well past both deadlines, several scans run while intake is behind
-            scans = c.scanner.scans
-            await wait_for(
-                lambda: _true(c.scanner.scans >= scans + 5 and time.time_ns() > t0 + 1000 * ms),
-                what="scans past the deadlines",
-            )
-            assert await pool.fetchval("SELECT count(*) FROM alerts") == 0, "fired while behind"
-            assert c.scanner.hold is not None
-        finally:
-            if locked:  # release the writers whatever happened
-                await tr.rollback()
-            await pool.release(lock)
-        try:
+            async with spans_locked(pool):  # the writers wait: intake backs up
+                ms = 1_000_000
+                # behind-ok's next steps, done well within their 300 ms deadlines, wait in the queue
+                await _post(
+                    c, [step_span("behind-ok", i, start_ns=t0 + i * 100 * ms) for i in (1, 2, 3)]
+                )
+                refused = 0
+                async with httpx.AsyncClient() as h:
+                    for i in range(50):  # fill the queue until the collector refuses (503)
+                        body = request([step_span(f"fill-{i}", s, start_ns=t0) for s in range(4)])
+                        r = await h.post(
+                            f"http://127.0.0.1:{c.http_port}/v1/traces",
+                            content=body.SerializeToString(),
+                            headers=PB,
+                        )
+                        if r.status_code == 503:
+                            refused += 1
+                            break
+                assert refused, "the queue never filled"
+                # well past both deadlines, several scans run while intake is behind
+                scans = c.scanner.scans
+                await wait_for(
+                    lambda: _true(c.scanner.scans >= scans + 5 and time.time_ns() > t0 + 1000 * ms),
+                    what="scans past the deadlines",
+                )
+                assert await pool.fetchval("SELECT count(*) FROM alerts") == 0, "fired while behind"
+                assert c.scanner.hold is not None
             fired = await wait_for(
                 lambda: _ready(_alerts(rx, "firing")), timeout=15, what="the stuck payment's alert"
             )
