@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 
 from common import create_database, drop_database  # benchmarks/
-from ingest_hoptrace import hoptrace_run
+from ingest_hoptrace import add_collector_options, hoptrace_run
 from ingest_jaeger import jaeger_run
 from ingest_load import TEMPLATES, build_template, fresh  # noqa: F401 - benchmarks/decode.py imports them here
 from ingest_measure import median
@@ -160,9 +160,7 @@ def main() -> None:
     ap.add_argument("--spans", type=int, default=300_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=4)
-    ap.add_argument("--writers", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=5000)
-    ap.add_argument("--queue", type=int, default=50_000)
+    add_collector_options(ap)
     ap.add_argument("--rate", type=float, default=50_000, help="fixed-rate phase, spans/s (0: off)")
     ap.add_argument("--rate-seconds", type=float, default=8)
     ap.add_argument(

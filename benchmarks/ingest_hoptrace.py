@@ -39,6 +39,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 Prepare = Callable[[asyncpg.Connection], Awaitable[None]]
 
 
+def add_collector_options(ap: argparse.ArgumentParser) -> None:
+    """The collector settings :func:`start_collector` reads from the parsed arguments."""
+    ap.add_argument("--writers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=5000)
+    ap.add_argument("--queue", type=int, default=50_000)
+
+
 def start_collector(
     args: argparse.Namespace, db_url: str, tag: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen, int]:  # type: ignore[type-arg]

@@ -46,7 +46,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 from common import create_database, drop_database, stop_process  # benchmarks/
-from ingest_hoptrace import _wait_healthy, start_collector
+from ingest_hoptrace import _wait_healthy, add_collector_options, start_collector
 from ingest_jaeger import not_built, running_jaeger
 from ingest_load import post_accepted, realistic_template
 from ingest_measure import pct, postgres_cpu, proc_cpu, stored_counter
@@ -266,9 +266,7 @@ async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--payments", type=int, default=200_000)
     ap.add_argument("--lookups", type=int, default=1000)
-    ap.add_argument("--writers", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=5000)
-    ap.add_argument("--queue", type=int, default=50_000)
+    add_collector_options(ap)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to store the load")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     ap.add_argument(

@@ -4,8 +4,9 @@ same write queue. Records are fetched and queued while earlier ones are being wr
 queue's bound holds the reading back), and a partition's offsets are committed only once every
 record before them is written, so a crash re-delivers (duplicates are harmless) and nothing is
 lost. Records read but not yet committed when partitions move to another reader (a rebalance)
-are read again by it (the store drops the duplicates). Undecodable records are counted and skipped; spans outside the store's time window
-(:class:`~.ingest.SpanWindow`) are counted and dropped, as the receivers do. Its consumer connects with the Kafka security settings
+are read again by it (the store drops the duplicates). Undecodable records are counted and
+skipped; spans outside the store's time window (:class:`~.ingest.SpanWindow`) are counted and
+dropped, as the receivers do. Its consumer connects with the Kafka security settings
 (``HOPTRACE_KAFKA_*``, :mod:`hoptrace.kafka`); a start that fails is logged with its cause (a
 refused SASL login, say) and retried.
 

@@ -1,11 +1,12 @@
 """The bounded in-memory queue between the receivers and the writer, sized in spans.
 
 Receivers :meth:`offer` (never wait: a full queue means 429/503 to the sender, which retries);
-the Kafka source :meth:`put` (waits for room). The queue remembers when it last turned spans away:
-:meth:`behind` tells the stall scan that spans are being held by their senders (or left in Kafka),
-so deadlines passing meanwhile may already be met by spans that have not arrived. An item may carry a future that the writer resolves
-once its spans are committed (the Kafka source commits offsets only then). An item holds either
-Python span rows or natively encoded COPY tuples (:class:`~.decode.Encoded`).
+the Kafka source :meth:`put` (waits for room). The queue remembers when it last turned spans
+away: :meth:`behind` tells the stall scan that spans are being held by their senders (or left in
+Kafka), so deadlines passing meanwhile may already be met by spans that have not arrived. An item
+may carry a future that the writer resolves once its spans are committed (the Kafka source
+commits offsets only then). An item holds either Python span rows or natively encoded COPY
+tuples (:class:`~.decode.Encoded`).
 """
 
 from __future__ import annotations
